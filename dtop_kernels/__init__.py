@@ -1,0 +1,25 @@
+"""dtop_kernels: ragged-batch kernels that turn DToP token pruning into wall-clock speed.
+
+Importing this package neither initializes CUDA nor compiles anything.
+"""
+
+from dtop_kernels.backends import BackendError
+from dtop_kernels.ops.attention import varlen_attention
+from dtop_kernels.ops.block import pruned_block, pruned_stage
+from dtop_kernels.ops.gather import gather_tokens, scatter_tokens
+from dtop_kernels.ops.select import Selection, dtop_select
+from dtop_kernels.tokens import TokenSet
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendError",
+    "Selection",
+    "TokenSet",
+    "dtop_select",
+    "gather_tokens",
+    "pruned_block",
+    "pruned_stage",
+    "scatter_tokens",
+    "varlen_attention",
+]

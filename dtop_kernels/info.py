@@ -1,0 +1,91 @@
+"""``python -m dtop_kernels.info``: versions, the compiled module, and what each backend can run.
+
+Nothing here initializes CUDA unless a GPU is present and asked about (device name/capability).
+"""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+import dtop_kernels
+from dtop_kernels.backends import BACKENDS, triton_import_error, triton_interpret
+from dtop_kernels.cuda import build_info, unavailable_reasons
+from dtop_kernels.ops import attention, block, gather, select
+
+_DISPATCHERS = (gather._gather, gather._scatter, attention._dispatch, block._dispatch,
+                select._dispatch)
+
+
+def _probe_tensors(device: str) -> dict[str, object]:
+    """Small inputs on ``device`` to ask each op's backends about."""
+    from dtop_kernels.tokens import TokenSet
+
+    t = TokenSet.all_active(1, 4, device=device)
+    x = torch.zeros(1, 4, 8, device=device, dtype=torch.float16)
+    q = torch.zeros(4, 1, 8, device=device, dtype=torch.float16)
+    return {
+        "gather_tokens": (x, t),
+        "scatter_tokens": (x[0], t),
+        "varlen_attention": (q, q, q),
+        "pruned_block": (x, t),
+        "dtop_select": (torch.zeros(1, 2, 2, device=device), torch.zeros(2, 4, device=device), t),
+    }
+
+
+def report() -> str:
+    lines = [f"dtop_kernels {dtop_kernels.__version__}"]
+    lines.append(f"python {platform.python_version()}, torch {torch.__version__} "
+                 f"(CUDA {torch.version.cuda or 'none'})")
+    terr = triton_import_error()
+    if terr:
+        lines.append(f"triton: unavailable ({terr})")
+    else:
+        import triton
+
+        lines.append(f"triton {triton.__version__}" +
+                     (" (TRITON_INTERPRET=1: CPU interpreter)" if triton_interpret() else ""))
+    info = build_info()
+    if info.get("cuda_built"):
+        from dtop_kernels.cuda import load_C
+
+        archs = info.get("archs", "?")
+        try:
+            mod = load_C()
+            archs = mod.built_archs()
+            rt = mod.cuda_runtime_version()
+            lines.append(f"_C: built for {archs} with CUDA runtime {rt // 1000}.{rt % 1000 // 10}"
+                         f" (nvcc {info.get('nvcc_version', '?')})")
+        except Exception as e:  # noqa: BLE001 - reported, not raised
+            lines.append(f"_C: built for {archs} but fails to import: {e}")
+    else:
+        lines.append(f"_C: not built ({info.get('reason', 'unknown')})")
+    has_gpu = torch.cuda.is_available()
+    if has_gpu:
+        cap = torch.cuda.get_device_capability()
+        lines.append(f"GPU: {torch.cuda.get_device_name()} (sm_{cap[0]}{cap[1]})")
+    else:
+        lines.append("GPU: none visible to torch")
+    cuda_r = unavailable_reasons()
+    lines.append("compiled module: " + ("importable" if not cuda_r else "; ".join(cuda_r)))
+    for device in ["cpu"] + (["cuda"] if has_gpu else []):
+        probes = _probe_tensors(device)
+        lines.append(f"\nbackends on {device} tensors (auto order in brackets):")
+        for d in _DISPATCHERS:
+            reasons = d.reasons(*probes[d.op])
+            lines.append(f"  {d.op} [auto: {' > '.join(d.auto_order)}]")
+            for name in BACKENDS:
+                r = reasons[name]
+                ok = "can run" + (" (unverified on a GPU: explicit backend only)"
+                                  if name in d.unverified else "")
+                lines.append(f"    {name:6s} " + (ok if not r else "no: " + "; ".join(r)))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    print(report())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Public ops: checks, autograd and backend dispatch; one module per op."""

@@ -1,0 +1,100 @@
+"""``varlen_attention``: per-image attention over packed, ragged queries and keys."""
+
+from __future__ import annotations
+
+import torch
+
+from dtop_kernels import _checks
+from dtop_kernels.backends import Dispatcher, not_implemented
+from dtop_kernels.reference import attention as ref
+
+_dispatch = Dispatcher(
+    "varlen_attention",
+    {"torch": lambda *a, **k: [],
+     "triton": not_implemented("varlen_attention", "triton"),
+     "cuda": not_implemented("varlen_attention", "cuda")},
+    auto_order=("torch",),
+)
+
+
+def _check_cu(name: str, cu: torch.Tensor, rows: int, max_seqlen: int) -> None:
+    _checks.tensor(name, cu, dim=1)
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32; got {cu.dtype} (use .int())")
+    if cu.shape[0] < 1:
+        raise ValueError(f"{name} must have B + 1 >= 1 entries")
+    if not isinstance(max_seqlen, int) or max_seqlen < 0:
+        raise ValueError(f"max_seqlen for {name} must be a non-negative int; got {max_seqlen!r}")
+    if max_seqlen > rows and rows > 0:
+        raise ValueError(f"max_seqlen {max_seqlen} exceeds the {rows} packed rows of {name}")
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    return_logits: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention where each image's queries see only that image's keys.
+
+    q: [Tq, H, D], k: [Tk, H, D], v: [Tk, H, Dv], packed image after image; image b owns query
+    rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` and key rows ``cu_seqlens_k[b]:cu_seqlens_k[b+1]``
+    (int32, [B + 1]). Rows past ``cu_seqlens[-1]`` are padding: ignored as keys, zero as output.
+    ``max_seqlen_q/k`` are host-side upper bounds on any image's count. ``scale`` defaults to
+    ``D ** -0.5``. ``dropout_p`` drops attention probabilities (training only; the torch backend
+    only). An image with no keys gets zero output.
+
+    Returns out [Tq, H, Dv]. With ``return_logits=True`` also the head-averaged pre-softmax
+    logits ``mean_h(q·k) * scale`` as [Kq, Tk] for a uniform query layout of Kq =
+    ``max_seqlen_q`` queries per image (``cu_seqlens_q = arange(B + 1) * Kq``, the DToP heads'
+    class queries): column j holds the logits of key row j against the Kq queries of its image;
+    padding columns are zero.
+
+    Equivalent PyTorch, per image b::
+
+        out_b = F.scaled_dot_product_attention(q_b.transpose(0, 1), k_b.transpose(0, 1),
+                                               v_b.transpose(0, 1), scale=scale).transpose(0, 1)
+    """
+    q = _checks.float_tensor("q", q, dim=3)
+    k = _checks.float_tensor("k", k, dim=3)
+    v = _checks.float_tensor("v", v, dim=3)
+    _checks.same_dtype(q=q, k=k, v=v)
+    _checks.same_device(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    if q.shape[1:] != k.shape[1:]:
+        raise ValueError(f"q [Tq, H, D] and k [Tk, H, D] must agree on H and D; got "
+                         f"{tuple(q.shape)} and {tuple(k.shape)}")
+    if v.shape[:2] != k.shape[:2]:
+        raise ValueError(f"v [Tk, H, Dv] must match k [Tk, H, D] on Tk and H; got "
+                         f"{tuple(v.shape)} and {tuple(k.shape)}")
+    _check_cu("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q)
+    _check_cu("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must both be [B + 1]; got "
+                         f"{tuple(cu_seqlens_q.shape)} and {tuple(cu_seqlens_k.shape)}")
+    b = cu_seqlens_q.shape[0] - 1
+    if return_logits and q.shape[0] != b * max_seqlen_q:
+        raise ValueError(
+            f"return_logits needs max_seqlen_q queries in every image (Tq = B * max_seqlen_q = "
+            f"{b * max_seqlen_q}); got Tq = {q.shape[0]}"
+        )
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1); got {dropout_p!r}")
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    q, k, v = (_checks.last_dim_contiguous(t) for t in (q, k, v))
+    _dispatch.select(backend, q, k, v, dropout_p=dropout_p)
+    if b == 0:  # no images: every row is padding
+        out = q.new_zeros(*q.shape[:2], v.shape[-1])
+        if return_logits:
+            return out, q.new_zeros(max_seqlen_q, k.shape[0])
+        return out
+    return ref.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                max_seqlen_k, scale, return_logits, dropout_p)

@@ -1,0 +1,115 @@
+"""``pruned_block`` / ``pruned_stage``: ViT blocks run on the active tokens only."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from dtop_kernels import _checks
+from dtop_kernels.backends import Dispatcher, not_implemented
+from dtop_kernels.ops.attention import varlen_attention
+from dtop_kernels.ops.gather import gather_tokens, scatter_tokens
+from dtop_kernels.reference.block import block_packed
+from dtop_kernels.tokens import TokenSet
+
+_dispatch = Dispatcher(
+    "pruned_block",
+    {"torch": lambda *a, **k: [],
+     "triton": not_implemented("pruned_block", "triton"),
+     "cuda": not_implemented("pruned_block", "cuda")},
+    auto_order=("torch",),
+)
+
+_REQUIRED = ("norm1", "attn", "attn.qkv", "attn.proj", "attn.num_heads", "norm2", "mlp")
+
+
+def check_block(block: nn.Module, dim: int) -> None:
+    """Raise if ``block`` lacks timm ``Block`` names, does not match ``dim``, or would need
+    dropout / drop-path (not applied on the packed path)."""
+    for name in _REQUIRED:
+        obj = block
+        for part in name.split("."):
+            if not hasattr(obj, part):
+                raise TypeError(
+                    f"block has no `{name}`: pruned_block needs a pre-norm ViT block with timm's "
+                    f"Block attribute names {_REQUIRED} (optional ls1/ls2)"
+                )
+            obj = getattr(obj, part)
+    qkv = block.attn.qkv
+    if getattr(qkv, "in_features", dim) != dim or getattr(qkv, "out_features", 3 * dim) != 3 * dim:
+        raise ValueError(
+            f"block.attn.qkv maps {qkv.in_features} -> {qkv.out_features}; the tokens have C = "
+            f"{dim}, so it must map {dim} -> {3 * dim}"
+        )
+    if dim % block.attn.num_heads:
+        raise ValueError(f"C = {dim} is not divisible by num_heads = {block.attn.num_heads}")
+    if block.training:
+        for name, m in block.named_modules():
+            p = m.p if isinstance(m, nn.Dropout) else getattr(m, "drop_prob", 0.0)
+            if p and p > 0:
+                raise ValueError(
+                    f"block.{name} drops with p={p} in training mode; pruned_block applies no "
+                    "dropout or drop-path: set them to 0 or call block.eval()"
+                )
+
+
+def _attention(backend: str):
+    return functools.partial(_attn_positional, backend=backend)
+
+
+def _attn_positional(q, k, v, cu_q, cu_k, mq, mk, scale, *, backend):
+    return varlen_attention(q, k, v, cu_q, cu_k, mq, mk, scale=scale, backend=backend)
+
+
+def pruned_stage(
+    x: torch.Tensor,
+    tokens: TokenSet,
+    blocks: Sequence[nn.Module],
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Run ``blocks`` in order on the active tokens only.
+
+    x: dense [B, N, C] -> dense [B, N, C] (gathered once, scattered once; inactive tokens come
+    out unchanged), or packed [capacity, C] -> packed [capacity, C] (padding rows carry no
+    meaning). Each active token attends only to the active tokens of its own image.
+
+    Equivalent PyTorch, per image b with keep mask m_b::
+
+        y = x.clone(); y[b, m_b] = blocks(x[b, m_b][None])[0]
+    """
+    _checks.token_set(tokens)
+    _checks.float_tensor("x", x)
+    _checks.same_device(x=x, indices=tokens.indices)
+    if x.dim() == 3:
+        _checks.dense_matches("x", x, tokens)
+    elif x.dim() == 2:
+        _checks.packed_matches("x", x, tokens)
+    else:
+        raise ValueError(f"x must be dense [B, N, C] or packed [capacity, C]; got "
+                         f"{_checks.describe(x)}")
+    for blk in blocks:
+        check_block(blk, x.shape[-1])
+    be = _dispatch.select(backend, x, tokens)
+    attention = _attention(be)
+    packed = gather_tokens(x, tokens, backend=be) if x.dim() == 3 else x
+    for blk in blocks:
+        packed = block_packed(packed, tokens, blk, attention)
+    if x.dim() == 2:
+        return packed
+    return scatter_tokens(packed, tokens, x.clone(), backend=be)
+
+
+def pruned_block(
+    x: torch.Tensor, tokens: TokenSet, block: nn.Module, *, backend: str = "auto"
+) -> torch.Tensor:
+    """A pre-norm ViT block (timm ``Block`` names) applied to the active tokens only.
+
+    LayerNorm -> multi-head self-attention -> residual -> LayerNorm -> MLP -> residual (with
+    ``ls1``/``ls2`` layer scale when present). x: dense [B, N, C] -> dense (inactive tokens
+    unchanged) or packed [capacity, C] -> packed. Same as ``pruned_stage(x, tokens, [block])``.
+    """
+    return pruned_stage(x, tokens, [block], backend=backend)

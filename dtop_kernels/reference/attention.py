@@ -1,0 +1,64 @@
+"""Reference varlen attention: pad each image to the host bound, run SDPA, pack again."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _slots(cu_seqlens: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image, position in image) of every packed slot; padding slots get image B."""
+    slots = torch.arange(capacity, device=cu_seqlens.device, dtype=torch.int32)
+    image = torch.searchsorted(cu_seqlens[1:], slots, right=True)
+    start = cu_seqlens.long()[image.clamp(max=cu_seqlens.shape[0] - 2)]
+    return image, slots.long() - start
+
+
+def _pad(x: torch.Tensor, image: torch.Tensor, pos: torch.Tensor, b: int, m: int) -> torch.Tensor:
+    """[capacity, H, D] packed -> [B, H, m, D] zero-padded (padding slots dropped)."""
+    cap, h, d = x.shape
+    dest = torch.where(image < b, image * m + pos, b * m)
+    buf = x.new_zeros(b * m + 1, h, d).index_copy(0, dest, x)
+    return buf[: b * m].view(b, m, h, d).transpose(1, 2)
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    scale: float,
+    return_logits: bool = False,
+    dropout_p: float = 0.0,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """See :func:`dtop_kernels.varlen_attention`. Images with no keys give zero output."""
+    b = cu_seqlens_q.shape[0] - 1
+    mq, mk = max(max_seqlen_q, 1), max(max_seqlen_k, 1)
+    img_q, pos_q = _slots(cu_seqlens_q, q.shape[0])
+    img_k, pos_k = _slots(cu_seqlens_k, k.shape[0])
+    qp = _pad(q, img_q, pos_q, b, mq)  # [B, H, mq, D]
+    kp = _pad(k, img_k, pos_k, b, mk)
+    vp = _pad(v, img_k, pos_k, b, mk)
+    nk = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()  # [B]
+    ar = torch.arange(mk, device=q.device)
+    # Key padding mask. An image with no keys may see its first (all-zero) padded key, so its
+    # softmax is finite and its output is exactly zero.
+    allowed = (ar[None, :] < nk[:, None]) | ((ar[None, :] == 0) & (nk[:, None] == 0))
+    out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=allowed[:, None, None, :],
+                                         dropout_p=dropout_p, scale=scale)  # [B, H, mq, Dv]
+    flat = out.transpose(1, 2).reshape(b * mq, *out.shape[1:2], out.shape[-1])
+    src = torch.where(img_q < b, img_q * mq + pos_q, 0)
+    res = flat.index_select(0, src)
+    res = torch.where((img_q < b)[:, None, None], res, res.new_zeros(()))
+    if not return_logits:
+        return res
+    # Head-averaged pre-softmax logits, [Kq, capacity_k] with Kq = max_seqlen_q queries/image.
+    logits = torch.matmul(qp, kp.transpose(-1, -2)).mean(dim=1) * scale  # [B, mq, mk]
+    cols = logits.transpose(1, 2).reshape(b * mk, mq)
+    src_k = torch.where(img_k < b, img_k * mk + pos_k, 0)
+    lg = cols.index_select(0, src_k)
+    lg = torch.where((img_k < b)[:, None], lg, lg.new_zeros(()))
+    return res, lg[:, :max_seqlen_q].t()

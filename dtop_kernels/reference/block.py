@@ -1,0 +1,43 @@
+"""Reference pre-norm ViT block on packed tokens (timm ``Block`` attribute names)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from dtop_kernels.reference.attention import varlen_attention
+from dtop_kernels.tokens import TokenSet
+
+
+def block_packed(
+    packed: torch.Tensor,
+    tokens: TokenSet,
+    block: nn.Module,
+    attention: Callable[..., torch.Tensor] = varlen_attention,
+) -> torch.Tensor:
+    """One block on packed tokens [capacity, C] -> [capacity, C].
+
+    ``x + ls1(proj(attn(norm1(x))))`` then ``x + ls2(mlp(norm2(x)))``; each token attends to the
+    active tokens of its own image only. ``attention`` has the signature of
+    :func:`dtop_kernels.reference.attention.varlen_attention`.
+    """
+    attn = block.attn
+    cap, c = packed.shape
+    h = attn.num_heads
+    d = c // h
+    qkv = attn.qkv(block.norm1(packed)).view(cap, 3, h, d)
+    q, k, v = qkv.unbind(1)
+    q, k = _apply(attn, "q_norm", q), _apply(attn, "k_norm", k)
+    cu, m = tokens.cu_seqlens, tokens.max_seqlen
+    scale = getattr(attn, "scale", d**-0.5)
+    o = attention(q, k, v, cu, cu, m, m, scale).reshape(cap, c)
+    o = attn.proj(_apply(attn, "norm", o))
+    packed = packed + _apply(block, "ls1", o)
+    return packed + _apply(block, "ls2", block.mlp(block.norm2(packed)))
+
+
+def _apply(mod: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    sub = getattr(mod, name, None)
+    return x if sub is None else sub(x)

@@ -1,0 +1,308 @@
+"""The ragged token layout shared by every op: :class:`TokenSet`.
+
+B images of N tokens each; each image keeps its own subset of active tokens. The active tokens
+of all images are packed one image after another:
+
+- ``indices``: int32 ``[capacity]``, flat row index ``b * N + n`` of each active token, sorted by
+  image then position (so strictly increasing over the valid part);
+- ``cu_seqlens``: int32 ``[B + 1]``, image ``b`` owns ``indices[cu_seqlens[b]:cu_seqlens[b + 1]]``;
+- ``capacity`` (host int, the length of ``indices``) and ``max_seqlen`` (host int) are upper
+  bounds on the total and per-image counts.
+
+The true total ``T = cu_seqlens[B]`` lives on the device and may be smaller than ``capacity``:
+slots ``T..capacity-1`` are padding, ignored by every op (their ``indices`` entries are -1 when
+built here). This is what lets :func:`dtop_kernels.dtop_select` produce the next set without
+reading counts back to the host. :meth:`TokenSet.tighten` trades one host sync for exact bounds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+PAD_INDEX = -1
+
+
+@dataclass(frozen=True, eq=False)
+class TokenSet:
+    """Active tokens of a batch of B images with N tokens each (see module docstring).
+
+    Build with :meth:`from_mask`, :meth:`from_lists`, :meth:`all_active` or :meth:`from_indices`.
+    """
+
+    indices: torch.Tensor  # int32 [capacity]
+    cu_seqlens: torch.Tensor  # int32 [B + 1]
+    batch_size: int  # B
+    seq_len: int  # N, tokens per image in the dense layout
+    max_seqlen: int  # host upper bound on any image's count (<= N)
+
+    def __post_init__(self) -> None:
+        _check_metadata(self)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def capacity(self) -> int:
+        """Host upper bound on the total number of active tokens (= len(indices))."""
+        return self.indices.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.indices.device
+
+    @property
+    def num_active(self) -> torch.Tensor:
+        """Total active tokens T, a 0-d int32 device tensor (no host sync)."""
+        return self.cu_seqlens[-1]
+
+    @property
+    def seqlens(self) -> torch.Tensor:
+        """Active tokens per image, int32 ``[B]`` on the device."""
+        return self.cu_seqlens[1:] - self.cu_seqlens[:-1]
+
+    def slot_image(self) -> torch.Tensor:
+        """Image of each packed slot, int64 ``[capacity]``; padding slots get B."""
+        slots = torch.arange(self.capacity, device=self.device, dtype=torch.int32)
+        return torch.searchsorted(self.cu_seqlens[1:], slots, right=True)
+
+    def valid_slots(self) -> torch.Tensor:
+        """Bool ``[capacity]``: True for the first T slots (real tokens), False for padding."""
+        slots = torch.arange(self.capacity, device=self.device, dtype=torch.int32)
+        return slots < self.cu_seqlens[-1]
+
+    def keep_mask(self) -> torch.Tensor:
+        """Bool ``[B, N]`` mask of the active tokens (no host sync)."""
+        return self.dense_mask(self.valid_slots())
+
+    def dense_mask(self, slots: torch.Tensor) -> torch.Tensor:
+        """Bool ``[B, N]``: True at the tokens of the valid slots where ``slots`` [capacity] is
+        True (no host sync)."""
+        n = self.batch_size * self.seq_len
+        flat = torch.zeros(n + 1, dtype=torch.bool, device=self.device)
+        idx = torch.where(slots & self.valid_slots(), self.indices, n).long()
+        flat[idx] = True
+        return flat[:n].view(self.batch_size, self.seq_len)
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def all_active(
+        cls, batch_size: int, seq_len: int, device: torch.device | str | None = None
+    ) -> TokenSet:
+        """Every token of every image is active (the dense layout, packed)."""
+        _check_sizes(batch_size, seq_len)
+        total = batch_size * seq_len
+        _check_int32(total)
+        indices = torch.arange(total, dtype=torch.int32, device=device)
+        cu = torch.arange(batch_size + 1, dtype=torch.int32, device=device) * seq_len
+        return cls(indices, cu, batch_size, seq_len, seq_len)
+
+    @classmethod
+    def from_mask(cls, keep: torch.Tensor, *, capacity: int | None = None) -> TokenSet:
+        """From a bool keep mask ``[B, N]`` (True = active).
+
+        Without ``capacity`` the set is exact, which reads the count back to the host once.
+        With ``capacity`` (>= the true total, e.g. ``B * N``) there is no host sync; padding fills
+        the rest. ``max_seqlen`` is N in that case.
+        """
+        if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.dim() != 2:
+            raise TypeError(
+                f"keep must be a bool tensor [B, N]; got {_describe(keep)}"
+            )
+        b, n = keep.shape
+        _check_sizes(b, n)
+        _check_int32(b * n)
+        counts = keep.sum(dim=1, dtype=torch.int32)
+        cu = torch.zeros(b + 1, dtype=torch.int32, device=keep.device)
+        torch.cumsum(counts, dim=0, out=cu[1:])
+        if capacity is None:
+            indices = keep.reshape(-1).nonzero().squeeze(1).to(torch.int32)  # host sync
+            max_seqlen = int(counts.max()) if b > 0 else 0
+            return cls(indices, cu, b, n, max_seqlen)
+        if not isinstance(capacity, int) or capacity < 0 or capacity > b * n:
+            raise ValueError(f"capacity must be an int in [0, B*N={b * n}]; got {capacity!r}")
+        flat = keep.reshape(-1)
+        dest = torch.cumsum(flat, dim=0, dtype=torch.int64) - 1
+        dest = torch.where(flat, dest, capacity)  # dropped tokens land in a spare slot
+        dest = dest.clamp_(max=capacity)  # tokens past capacity are an error, caught below
+        buf = torch.full((capacity + 1,), PAD_INDEX, dtype=torch.int32, device=keep.device)
+        buf.scatter_(0, dest, torch.arange(b * n, dtype=torch.int32, device=keep.device))
+        indices = buf[:capacity]
+        if keep.device.type == "cpu" and int(cu[-1]) > capacity:
+            raise ValueError(f"{int(cu[-1])} active tokens do not fit in capacity={capacity}")
+        return cls(indices, cu, b, n, n)
+
+    @classmethod
+    def from_lists(
+        cls,
+        per_image: Sequence[Sequence[int] | torch.Tensor],
+        seq_len: int,
+        device: torch.device | str | None = None,
+    ) -> TokenSet:
+        """From one list of token positions (0..N-1) per image; positions are sorted here.
+
+        Raises if a position is out of range or repeated.
+        """
+        b = len(per_image)
+        _check_sizes(b, seq_len)
+        _check_int32(b * seq_len)
+        flat: list[torch.Tensor] = []
+        counts = []
+        for i, pos in enumerate(per_image):
+            p = torch.as_tensor(pos, dtype=torch.int64).reshape(-1).cpu()
+            if p.numel() and (int(p.min()) < 0 or int(p.max()) >= seq_len):
+                raise ValueError(
+                    f"image {i}: token positions must lie in [0, {seq_len}); got "
+                    f"min {int(p.min())}, max {int(p.max())}"
+                )
+            p = torch.sort(p).values
+            if p.numel() > 1 and bool((p[1:] == p[:-1]).any()):
+                raise ValueError(f"image {i}: token positions contain duplicates")
+            flat.append(p + i * seq_len)
+            counts.append(p.numel())
+        indices = torch.cat(flat) if flat else torch.zeros(0, dtype=torch.int64)
+        cu = torch.zeros(b + 1, dtype=torch.int64)
+        if b:
+            cu[1:] = torch.cumsum(torch.tensor(counts, dtype=torch.int64), 0)
+        return cls(
+            indices.to(device=device, dtype=torch.int32),
+            cu.to(device=device, dtype=torch.int32),
+            b,
+            seq_len,
+            max(counts, default=0),
+        )
+
+    @classmethod
+    def from_indices(
+        cls,
+        indices: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        seq_len: int,
+        max_seqlen: int | None = None,
+        *,
+        validate: bool = True,
+    ) -> TokenSet:
+        """From raw ``indices`` [capacity] and ``cu_seqlens`` [B + 1] (int32, same device).
+
+        ``validate=True`` checks every invariant (one host sync); pass False on a hot path when
+        the arrays come from a trusted producer.
+        """
+        b = cu_seqlens.shape[0] - 1 if cu_seqlens.dim() == 1 else -1
+        ts = cls(indices, cu_seqlens, b, seq_len, seq_len if max_seqlen is None else max_seqlen)
+        if validate:
+            ts.validate()
+        return ts
+
+    # ------------------------------------------------------------------ utilities
+    def validate(self) -> TokenSet:
+        """Check the device-side invariants (one host sync); raise ValueError naming the fault."""
+        cu = self.cu_seqlens.long().cpu()
+        idx = self.indices.long().cpu()
+        b, n = self.batch_size, self.seq_len
+        if int(cu[0]) != 0:
+            raise ValueError(f"cu_seqlens[0] must be 0; got {int(cu[0])}")
+        counts = cu[1:] - cu[:-1]
+        if b and bool((counts < 0).any()):
+            raise ValueError("cu_seqlens must be non-decreasing")
+        total = int(cu[-1])
+        if total > self.capacity:
+            raise ValueError(
+                f"cu_seqlens[-1] = {total} exceeds capacity (len(indices)) = {self.capacity}"
+            )
+        if b and int(counts.max()) > self.max_seqlen:
+            raise ValueError(
+                f"an image has {int(counts.max())} active tokens, more than max_seqlen = "
+                f"{self.max_seqlen}"
+            )
+        valid = idx[:total]
+        image = torch.repeat_interleave(torch.arange(b), counts) if b else valid
+        lo, hi = image * n, (image + 1) * n
+        bad = (valid < lo) | (valid >= hi)
+        if bool(bad.any()):
+            j = int(bad.nonzero()[0])
+            raise ValueError(
+                f"indices[{j}] = {int(valid[j])} does not belong to image {int(image[j])} "
+                f"(expected a flat index in [{int(lo[j])}, {int(hi[j])}) = b*N + position)"
+            )
+        if total > 1 and bool((valid[1:] <= valid[:-1]).any()):
+            j = int((valid[1:] <= valid[:-1]).nonzero()[0])
+            raise ValueError(
+                f"indices must be strictly increasing within the valid part (sorted by image, "
+                f"then position, no duplicates); indices[{j}] = {int(valid[j])} >= "
+                f"indices[{j + 1}] = {int(valid[j + 1])}"
+            )
+        return self
+
+    def tighten(self) -> TokenSet:
+        """Exact capacity and max_seqlen, read back from the device (one host sync).
+
+        Worth it where a host sync is cheap (CPU) or once per stage when the saved work outweighs
+        the stall; padding is dropped.
+        """
+        cu = self.cu_seqlens.cpu()
+        total = int(cu[-1])
+        counts = cu[1:] - cu[:-1]
+        max_seqlen = int(counts.max()) if self.batch_size else 0
+        return TokenSet(self.indices[:total], self.cu_seqlens, self.batch_size, self.seq_len,
+                        max_seqlen)
+
+    def to(self, device: torch.device | str) -> TokenSet:
+        return TokenSet(self.indices.to(device), self.cu_seqlens.to(device), self.batch_size,
+                        self.seq_len, self.max_seqlen)
+
+    def __repr__(self) -> str:
+        return (
+            f"TokenSet(batch_size={self.batch_size}, seq_len={self.seq_len}, "
+            f"capacity={self.capacity}, max_seqlen={self.max_seqlen}, device={self.device})"
+        )
+
+
+# ---------------------------------------------------------------------- checks
+def _describe(t: object) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"tensor of shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+    return type(t).__name__
+
+
+def _check_sizes(b: int, n: int) -> None:
+    if not isinstance(b, int) or b < 0:
+        raise ValueError(f"batch size must be a non-negative int; got {b!r}")
+    if not isinstance(n, int) or n <= 0:
+        raise ValueError(f"seq_len (tokens per image) must be a positive int; got {n!r}")
+
+
+def _check_int32(total: int) -> None:
+    if total >= 2**31:
+        raise ValueError(f"B*N = {total} tokens overflows the int32 indices; split the batch")
+
+
+def _check_metadata(ts: TokenSet) -> None:
+    """Host-side checks only (no sync): dtypes, shapes, devices, bounds."""
+    for name in ("indices", "cu_seqlens"):
+        t = getattr(ts, name)
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"TokenSet.{name} must be a tensor; got {type(t).__name__}")
+        if t.dtype != torch.int32:
+            raise TypeError(f"TokenSet.{name} must be int32; got {t.dtype} (use .int())")
+        if t.dim() != 1:
+            raise ValueError(f"TokenSet.{name} must be 1-D; got shape {tuple(t.shape)}")
+        if t.stride(0) != 1 and t.numel() > 1:
+            raise ValueError(f"TokenSet.{name} must be contiguous")
+    if ts.indices.device != ts.cu_seqlens.device:
+        raise ValueError(
+            f"indices ({ts.indices.device}) and cu_seqlens ({ts.cu_seqlens.device}) must be on "
+            "the same device"
+        )
+    _check_sizes(ts.batch_size, ts.seq_len)
+    if ts.cu_seqlens.shape[0] != ts.batch_size + 1:
+        raise ValueError(
+            f"cu_seqlens must have B + 1 = {ts.batch_size + 1} entries; got "
+            f"{ts.cu_seqlens.shape[0]}"
+        )
+    if ts.capacity > ts.batch_size * ts.seq_len:
+        raise ValueError(
+            f"capacity (len(indices)) = {ts.capacity} exceeds B*N = "
+            f"{ts.batch_size * ts.seq_len}"
+        )
+    if not isinstance(ts.max_seqlen, int) or not 0 <= ts.max_seqlen <= ts.seq_len:
+        raise ValueError(f"max_seqlen must be an int in [0, N={ts.seq_len}]; got {ts.max_seqlen!r}")
