@@ -111,22 +111,25 @@ class Dispatcher:
         return {name: list(self.why_not[name](*args, **kwargs)) for name in BACKENDS}
 
     def select(self, backend: str, *args, **kwargs) -> str:
-        """The backend that runs this call; raises BackendError listing every reason."""
+        """The backend that runs this call; raises BackendError listing every reason.
+
+        Asks only the backends it needs on success; the full table is built for the error.
+        """
         choice = requested_backend(backend)
-        table = self.reasons(*args, **kwargs)
         if choice == "auto":
             for name in self.auto_order:
-                if not table[name] and name not in self.unverified:
+                if name not in self.unverified and not self.why_not[name](*args, **kwargs):
                     return name
+            table = self.reasons(*args, **kwargs)
             for name in BACKENDS:
                 if not table[name]:
                     table[name] = [
-                        "not yet verified on a GPU: pass backend=%r explicitly" % name
+                        f"not yet verified on a GPU: pass backend={name!r} explicitly"
                         if name in self.unverified else "not in the auto order for this op"
                     ]
             raise BackendError(_format(self.op, "auto", table))
-        if table[choice]:
-            raise BackendError(_format(self.op, choice, table))
+        if self.why_not[choice](*args, **kwargs):
+            raise BackendError(_format(self.op, choice, self.reasons(*args, **kwargs)))
         if choice in self.unverified:
             warnings.warn(
                 f"dtop_kernels.{self.op}: the {choice} kernel has not yet passed its tests on a "

@@ -5,15 +5,32 @@ from __future__ import annotations
 import torch
 
 from dtop_kernels import _checks
-from dtop_kernels.backends import Dispatcher, not_implemented
+from dtop_kernels.backends import Dispatcher, device_reasons_triton, not_implemented
 from dtop_kernels.reference import attention as ref
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _why_not_triton(q, k, v, dropout_p=0.0) -> list[str]:
+    r = device_reasons_triton([q, k, v])
+    if q.dtype not in KERNEL_DTYPES:
+        r.append(f"dtype {q.dtype} not supported (float32, float16, bfloat16)")
+    if v.shape[-1] != q.shape[-1]:
+        r.append(f"v head dim {v.shape[-1]} differs from q/k head dim {q.shape[-1]}")
+    if q.shape[-1] > 256:
+        r.append(f"head dim {q.shape[-1]} > 256")
+    if dropout_p:
+        r.append("attention dropout is not implemented in the kernel")
+    return r
+
 
 _dispatch = Dispatcher(
     "varlen_attention",
     {"torch": lambda *a, **k: [],
-     "triton": not_implemented("varlen_attention", "triton"),
+     "triton": _why_not_triton,
      "cuda": not_implemented("varlen_attention", "cuda")},
-    auto_order=("torch",),
+    auto_order=("triton", "torch"),
+    unverified=("triton",),
 )
 
 
@@ -90,11 +107,16 @@ def varlen_attention(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     q, k, v = (_checks.last_dim_contiguous(t) for t in (q, k, v))
-    _dispatch.select(backend, q, k, v, dropout_p=dropout_p)
+    be = _dispatch.select(backend, q, k, v, dropout_p=dropout_p)
     if b == 0:  # no images: every row is padding
         out = q.new_zeros(*q.shape[:2], v.shape[-1])
         if return_logits:
             return out, q.new_zeros(max_seqlen_q, k.shape[0])
         return out
+    if be == "triton":
+        from dtop_kernels.triton.attention import varlen_attention as triton_attention
+
+        return triton_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                scale, return_logits)
     return ref.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                 max_seqlen_k, scale, return_logits, dropout_p)

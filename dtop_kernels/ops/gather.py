@@ -5,87 +5,96 @@ from __future__ import annotations
 import torch
 
 from dtop_kernels import _checks
-from dtop_kernels.backends import (
-    Dispatcher,
-    device_reasons_cuda,
-    not_implemented,
-)
+from dtop_kernels.backends import Dispatcher, device_reasons_cuda, device_reasons_triton
 from dtop_kernels.reference import gather as ref
 from dtop_kernels.tokens import TokenSet
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _why_not_cuda(x: torch.Tensor, tokens: TokenSet, *rest) -> list[str]:
-    r = device_reasons_cuda([x, tokens.indices])
-    if x.dtype not in KERNEL_DTYPES:
-        r.append(f"dtype {x.dtype} not supported (float32, float16, bfloat16)")
+def _kernel_reasons(t: torch.Tensor, out: torch.Tensor | None) -> list[str]:
+    r = []
+    if t.dtype not in KERNEL_DTYPES:
+        r.append(f"dtype {t.dtype} not supported (float32, float16, bfloat16)")
+    if out is not None and not out.is_contiguous():
+        r.append("`out` is not contiguous")
     return r
 
 
-def _why_not_torch(*args) -> list[str]:
+def _why_not_cuda(t: torch.Tensor, tokens: TokenSet, out: torch.Tensor | None = None):
+    return device_reasons_cuda([t, tokens.indices]) + _kernel_reasons(t, out)
+
+
+def _why_not_triton(t: torch.Tensor, tokens: TokenSet, out: torch.Tensor | None = None):
+    return device_reasons_triton([t, tokens.indices]) + _kernel_reasons(t, out)
+
+
+def _why_not_torch(*args, **kwargs) -> list[str]:
     return []
 
 
-_gather = Dispatcher(
-    "gather_tokens",
-    {"torch": _why_not_torch, "triton": not_implemented("gather_tokens", "triton"),
-     "cuda": _why_not_cuda},
-    auto_order=("cuda", "torch"),
-    unverified=("cuda",),
-)
-_scatter = Dispatcher(
-    "scatter_tokens",
-    {"torch": _why_not_torch, "triton": not_implemented("scatter_tokens", "triton"),
-     "cuda": _why_not_cuda},
-    auto_order=("cuda", "torch"),
-    unverified=("cuda",),
-)
+_WHY_NOT = {"torch": _why_not_torch, "triton": _why_not_triton, "cuda": _why_not_cuda}
+# Auto order: the Triton and CUDA kernels leave "auto" until they pass their GPU tests.
+_gather = Dispatcher("gather_tokens", _WHY_NOT, auto_order=("cuda", "triton", "torch"),
+                     unverified=("cuda", "triton"))
+_scatter = Dispatcher("scatter_tokens", _WHY_NOT, auto_order=("cuda", "triton", "torch"),
+                      unverified=("cuda", "triton"))
 
 
-class _GatherCuda(torch.autograd.Function):
+def _kernels(backend: str):
+    """(gather_rows(x2d, tokens) -> packed, scatter_rows(packed, tokens, out2d, add)) of a
+    kernel backend."""
+    if backend == "triton":
+        from dtop_kernels.triton import gather as tg
+
+        return tg.gather_rows, tg.scatter_rows
+    from dtop_kernels.cuda import gather as cg
+
+    def gather_rows(x2d, tokens):
+        return cg.gather_rows(x2d[None], tokens.indices, tokens.cu_seqlens)
+
+    def scatter_rows(packed, tokens, out2d, add):
+        cg.scatter_rows(packed, tokens.indices, tokens.cu_seqlens, out2d[None], add=add)
+
+    return gather_rows, scatter_rows
+
+
+class _Gather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, tokens: TokenSet) -> torch.Tensor:
-        from dtop_kernels.cuda.gather import gather_rows
-
-        ctx.tokens = tokens
-        ctx.dense_shape = x.shape
-        return gather_rows(x, tokens.indices, tokens.cu_seqlens)
+    def forward(ctx, x: torch.Tensor, tokens: TokenSet, backend: str) -> torch.Tensor:
+        ctx.tokens, ctx.shape, ctx.backend = tokens, x.shape, backend
+        gather_rows, _ = _kernels(backend)
+        return gather_rows(x.reshape(-1, x.shape[-1]), tokens)
 
     @staticmethod
     def backward(ctx, grad_packed: torch.Tensor):
-        from dtop_kernels.cuda.gather import scatter_rows
-
-        t = ctx.tokens
-        grad_x = grad_packed.new_zeros(ctx.dense_shape)
-        scatter_rows(grad_packed.contiguous(), t.indices, t.cu_seqlens, grad_x, add=False)
-        return grad_x, None  # d/dx: packed rows back to their places; tokens: none
+        _, scatter_rows = _kernels(ctx.backend)
+        grad_x = grad_packed.new_zeros(ctx.shape)
+        scatter_rows(grad_packed.contiguous(), ctx.tokens, grad_x.view(-1, ctx.shape[-1]), False)
+        return grad_x, None, None  # x: packed grads back in place; tokens, backend: none
 
 
-class _ScatterCuda(torch.autograd.Function):
+class _Scatter(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, packed: torch.Tensor, tokens: TokenSet, out: torch.Tensor, add: bool):
-        from dtop_kernels.cuda.gather import scatter_rows
-
-        ctx.tokens, ctx.add = tokens, add
-        scatter_rows(packed, tokens.indices, tokens.cu_seqlens, out, add=add)
+    def forward(ctx, packed, tokens: TokenSet, out: torch.Tensor, add: bool, backend: str):
+        ctx.tokens, ctx.add, ctx.backend = tokens, add, backend
+        _, scatter_rows = _kernels(backend)
+        scatter_rows(packed, tokens, out.view(-1, out.shape[-1]), add)
         ctx.mark_dirty(out)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        from dtop_kernels.cuda.gather import gather_rows, scatter_rows
-
-        t = ctx.tokens
+        gather_rows, scatter_rows = _kernels(ctx.backend)
         grad_out = grad_out.contiguous()
-        grad_packed = gather_rows(grad_out, t.indices, t.cu_seqlens)
+        grad_packed = gather_rows(grad_out.view(-1, grad_out.shape[-1]), ctx.tokens)
         if ctx.add:
             grad_base = grad_out
         else:  # overwritten rows do not reach the old values
             grad_base = grad_out.clone()
-            zeros = grad_packed.new_zeros(grad_packed.shape)
-            scatter_rows(zeros, t.indices, t.cu_seqlens, grad_base, add=False)
-        return grad_packed, None, grad_base, None  # packed, tokens, out, add
+            scatter_rows(torch.zeros_like(grad_packed), ctx.tokens,
+                         grad_base.view(-1, grad_base.shape[-1]), False)
+        return grad_packed, None, grad_base, None, None  # packed, tokens, out, add, backend
 
 
 def gather_tokens(x: torch.Tensor, tokens: TokenSet, *, backend: str = "auto") -> torch.Tensor:
@@ -103,8 +112,8 @@ def gather_tokens(x: torch.Tensor, tokens: TokenSet, *, backend: str = "auto") -
     _checks.same_device(x=x, indices=tokens.indices)
     x = _checks.last_dim_contiguous(x)
     be = _gather.select(backend, x, tokens)
-    if be == "cuda":
-        return _GatherCuda.apply(x, tokens)
+    if be != "torch":
+        return _Gather.apply(x, tokens, be)
     return ref.gather_tokens(x, tokens)
 
 
@@ -140,9 +149,7 @@ def scatter_tokens(
     _checks.same_dtype(packed=packed, out=out)
     _checks.same_device(packed=packed, out=out, indices=tokens.indices)
     packed = _checks.last_dim_contiguous(packed)
-    be = _scatter.select(backend, packed, tokens)
-    if be == "cuda":
-        if not out.is_contiguous():
-            raise ValueError("the cuda backend of scatter_tokens needs a contiguous `out`")
-        return _ScatterCuda.apply(packed, tokens, out, add)
+    be = _scatter.select(backend, packed, tokens, out)
+    if be != "torch":
+        return _Scatter.apply(packed, tokens, out, add, be)
     return out.copy_(ref.scatter_tokens(packed, tokens, out, add=add))

@@ -7,16 +7,25 @@ from typing import NamedTuple
 import torch
 
 from dtop_kernels import _checks
-from dtop_kernels.backends import Dispatcher, not_implemented
+from dtop_kernels.backends import Dispatcher, device_reasons_triton, not_implemented
 from dtop_kernels.reference import select as ref
 from dtop_kernels.tokens import TokenSet
+
+
+def _why_not_triton(class_logits, mask_logits, tokens) -> list[str]:
+    r = device_reasons_triton([class_logits, mask_logits, tokens.indices])
+    if mask_logits.dtype == torch.float64 or class_logits.dtype == torch.float64:
+        r.append("float64 logits not supported (float32, float16, bfloat16)")
+    return r
+
 
 _dispatch = Dispatcher(
     "dtop_select",
     {"torch": lambda *a, **k: [],
-     "triton": not_implemented("dtop_select", "triton"),
+     "triton": _why_not_triton,
      "cuda": not_implemented("dtop_select", "cuda")},
-    auto_order=("torch",),
+    auto_order=("triton", "torch"),
+    unverified=("triton",),
 )
 
 
@@ -64,8 +73,12 @@ def dtop_select(
     threshold = float(threshold)
     if threshold != threshold:
         raise ValueError("threshold is NaN")
-    _dispatch.select(backend, class_logits, mask_logits, tokens)
+    be = _dispatch.select(backend, class_logits, mask_logits, tokens)
     if b == 0 or k == 0:
         none = torch.zeros(b, tokens.seq_len, dtype=torch.bool, device=tokens.device)
         return Selection(tokens, none)
+    if be == "triton":
+        from dtop_kernels.triton.select import dtop_select as triton_select
+
+        return Selection(*triton_select(class_logits, mask_logits, tokens, threshold, top_k))
     return Selection(*ref.dtop_select(class_logits, mask_logits, tokens, threshold, top_k))

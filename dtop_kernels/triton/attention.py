@@ -1,0 +1,335 @@
+"""Triton varlen flash attention over packed, ragged images (forward and backward).
+
+Grid ``(cdiv(max_seqlen, BLOCK), B, H)``: each program owns one tile of one image and head and
+reads the image's offsets from ``cu_seqlens`` on the device; tiles past the image's length exit
+at once, so the host only needs the upper bound. Online softmax in fp32 with base-2 exponentials;
+the log-sum-exp (base 2) is kept for the backward, which recomputes the probabilities
+(FlashAttention-2 scheme): one kernel for dK/dV (loop over query tiles) and one for dQ (loop over
+key tiles), so no atomics and deterministic results.
+
+The head-averaged pre-softmax logits (``return_logits``) are one per-image GEMM over all heads,
+``mean_h(q_h · k_h) * scale = (Q_b K_b^T) * scale / H``, computed by its own kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dtop_kernels.triton._utils import dot_precision, interpret_blocks
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _seg(cu_ptr, b, cap):
+    """(start, length) of image b, clamped to the packed capacity."""
+    start = tl.minimum(tl.load(cu_ptr + b), cap)
+    end = tl.minimum(tl.load(cu_ptr + b + 1), cap)
+    return start, end - start
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE, cu_q, cu_k, cap_q, cap_k, qk_scale_log2,
+    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h, slse_h,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    q0, len_q = _seg(cu_q, b, cap_q)
+    k0, len_k = _seg(cu_k, b, cap_k)
+    if pid_m * BLOCK_M >= len_q:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < len_q
+    d_mask = offs_d < D
+    rows_q = (q0 + offs_m).to(tl.int64)
+    q = tl.load(Q + rows_q[:, None] * sq_t + h * sq_h + offs_d[None, :],
+                mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for n0 in range(0, len_k, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < len_k
+        rows_k = (k0 + offs_n).to(tl.int64)
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(K + rows_k[:, None] * sk_t + h * sk_h + offs_d[None, :], mask=kv_mask,
+                    other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale_log2
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(V + rows_k[:, None] * sv_t + h * sv_h + offs_d[None, :], mask=kv_mask,
+                    other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # an image with no keys: zero output
+    out = acc / l_safe[:, None]
+    tl.store(O + rows_q[:, None] * so_t + h * so_h + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+    tl.store(LSE + h * slse_h + rows_q, m_i + tl.log2(l_safe), mask=m_mask)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, cu_q, cu_k, cap_q, cap_k, qk_scale_log2, scale,
+    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, slse_h, sdk_t, sdk_h, sdv_t, sdv_h,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    q0, len_q = _seg(cu_q, b, cap_q)
+    k0, len_k = _seg(cu_k, b, cap_k)
+    if pid_n * BLOCK_N >= len_k:
+        return
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_mask = offs_n < len_k
+    d_mask = offs_d < D
+    rows_k = (k0 + offs_n).to(tl.int64)
+    kv_mask = n_mask[:, None] & d_mask[None, :]
+    k = tl.load(K + rows_k[:, None] * sk_t + h * sk_h + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + rows_k[:, None] * sv_t + h * sv_h + offs_d[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for m0 in range(0, len_q, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < len_q
+        rows_q = (q0 + offs_m).to(tl.int64)
+        qd_mask = m_mask[:, None] & d_mask[None, :]
+        q = tl.load(Q + rows_q[:, None] * sq_t + h * sq_h + offs_d[None, :], mask=qd_mask,
+                    other=0.0)
+        do = tl.load(DO + rows_q[:, None] * sdo_t + h * sdo_h + offs_d[None, :], mask=qd_mask,
+                     other=0.0)
+        lse = tl.load(LSE + h * slse_h + rows_q, mask=m_mask, other=0.0)
+        delta = tl.load(DELTA + h * slse_h + rows_q, mask=m_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale_log2
+        p = tl.exp2(s - lse[:, None])
+        p = tl.where(m_mask[:, None] & n_mask[None, :], p, 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+    tl.store(DK + rows_k[:, None] * sdk_t + h * sdk_h + offs_d[None, :],
+             (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + rows_k[:, None] * sdv_t + h * sdv_h + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, cu_q, cu_k, cap_q, cap_k, qk_scale_log2, scale,
+    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, slse_h, sdq_t, sdq_h,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    q0, len_q = _seg(cu_q, b, cap_q)
+    k0, len_k = _seg(cu_k, b, cap_k)
+    if pid_m * BLOCK_M >= len_q:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < len_q
+    d_mask = offs_d < D
+    rows_q = (q0 + offs_m).to(tl.int64)
+    qd_mask = m_mask[:, None] & d_mask[None, :]
+    q = tl.load(Q + rows_q[:, None] * sq_t + h * sq_h + offs_d[None, :], mask=qd_mask, other=0.0)
+    do = tl.load(DO + rows_q[:, None] * sdo_t + h * sdo_h + offs_d[None, :], mask=qd_mask,
+                 other=0.0)
+    lse = tl.load(LSE + h * slse_h + rows_q, mask=m_mask, other=0.0)
+    delta = tl.load(DELTA + h * slse_h + rows_q, mask=m_mask, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for n0 in range(0, len_k, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < len_k
+        rows_k = (k0 + offs_n).to(tl.int64)
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(K + rows_k[:, None] * sk_t + h * sk_h + offs_d[None, :], mask=kv_mask,
+                    other=0.0)
+        v = tl.load(V + rows_k[:, None] * sv_t + h * sv_h + offs_d[None, :], mask=kv_mask,
+                    other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale_log2
+        p = tl.exp2(s - lse[:, None])
+        p = tl.where(m_mask[:, None] & n_mask[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    tl.store(DQ + rows_q[:, None] * sdq_t + h * sdq_h + offs_d[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
+
+
+@triton.jit
+def _logits_kernel(
+    Q, K, L, cu_k, cap_k, num_q, logit_scale,
+    sq_t, sq_h, sk_t, sk_h, sl_c,
+    H, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """L[c, k0 + j] = sum_h q[b*num_q + c, h] · k[k0 + j, h] * logit_scale for image b."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = tl.program_id(2)
+    k0, len_k = _seg(cu_k, b, cap_k)
+    if pid_n * BLOCK_N >= len_k:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < num_q
+    n_mask = offs_n < len_k
+    d_mask = offs_d < D
+    rows_q = (b * num_q + offs_m).to(tl.int64)
+    rows_k = (k0 + offs_n).to(tl.int64)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for h in range(0, H):
+        q = tl.load(Q + rows_q[:, None] * sq_t + h * sq_h + offs_d[None, :],
+                    mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+        k = tl.load(K + rows_k[:, None] * sk_t + h * sk_h + offs_d[None, :],
+                    mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        acc += tl.dot(q, tl.trans(k), input_precision=PREC)
+    tl.store(L + offs_m[:, None].to(tl.int64) * sl_c + rows_k[None, :],
+             (acc * logit_scale).to(L.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def _blocks(d: int) -> tuple[int, int, int]:
+    block_d = max(16, triton.next_power_of_2(d))
+    small = interpret_blocks()
+    if small:
+        return small, small, block_d
+    return (64, 64, block_d) if block_d <= 64 else (64, 32, block_d)
+
+
+def attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+    max_q: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """out [Tq, H, D] (zero on padding rows) and lse [H, Tq] (fp32, base 2)."""
+    tq, h, d = q.shape
+    b = cu_q.shape[0] - 1
+    out = torch.zeros_like(q)
+    lse = torch.zeros(h, tq, device=q.device, dtype=torch.float32)
+    bm, bn, bd = _blocks(d)
+    grid = (triton.cdiv(max_q, bm), b, h)
+    if tq and b and max_q:
+        _fwd_kernel[grid](
+            q, k, v, out, lse, cu_q, cu_k, tq, k.shape[0], scale * LOG2E,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1), lse.stride(0),
+            D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PREC=dot_precision(q.dtype),
+        )
+    return out, lse
+
+
+def attention_bwd(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv (zero on padding rows)."""
+    tq, h, d = q.shape
+    b = cu_q.shape[0] - 1
+    do = do if do.stride(-1) == 1 else do.contiguous()
+    delta = (out.float() * do.float()).sum(-1).t().contiguous()  # [H, Tq]
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    bm, bn, bd = _blocks(d)
+    prec = dot_precision(q.dtype)
+    common = (cu_q, cu_k, tq, k.shape[0], scale * LOG2E, scale,
+              q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+              do.stride(0), do.stride(1), lse.stride(0))
+    if b and max_k and tq:
+        _bwd_dkdv_kernel[(triton.cdiv(max_k, bn), b, h)](
+            q, k, v, do, lse, delta, dk, dv, *common,
+            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+            D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PREC=prec,
+        )
+    if b and max_q and k.shape[0]:
+        _bwd_dq_kernel[(triton.cdiv(max_q, bm), b, h)](
+            q, k, v, do, lse, delta, dq, *common, dq.stride(0), dq.stride(1),
+            D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PREC=prec,
+        )
+    return dq, dk, dv
+
+
+def head_mean_logits(
+    q: torch.Tensor, k: torch.Tensor, cu_k: torch.Tensor, num_q: int, max_k: int, scale: float
+) -> torch.Tensor:
+    """[num_q, Tk] fp32-accumulated ``mean_h(q·k) * scale`` for uniform queries, in q's dtype."""
+    tq, h, d = q.shape
+    b = cu_k.shape[0] - 1
+    out = torch.zeros(num_q, k.shape[0], device=q.device, dtype=q.dtype)
+    bm, bn, bd = _blocks(d)
+    bm = min(bm, max(16, triton.next_power_of_2(num_q)))
+    if b and num_q and max_k:
+        _logits_kernel[(triton.cdiv(num_q, bm), triton.cdiv(max_k, bn), b)](
+            q, k, out, cu_k, k.shape[0], num_q, scale / h,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0),
+            h, D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PREC=dot_precision(q.dtype),
+        )
+    return out
+
+
+def _head_mean_logits_bwd(
+    dl: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cu_k: torch.Tensor, num_q: int,
+    max_k: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``head_mean_logits`` w.r.t. q and k, with padded batched GEMMs (PyTorch)."""
+    from dtop_kernels.reference.attention import _pad, _slots
+
+    tq, h, d = q.shape
+    b = cu_k.shape[0] - 1
+    mk = max(max_k, 1)
+    img, pos = _slots(cu_k, k.shape[0])
+    kp = _pad(k, img, pos, b, mk).transpose(1, 2).reshape(b, mk, h * d)  # [B, mk, HD]
+    dlp = _pad(dl.t()[:, None, :], img, pos, b, mk)[:, 0].transpose(1, 2)  # [B, num_q, mk]
+    c = scale / h
+    dq = torch.bmm(dlp.float(), kp.float()) * c  # [B, num_q, HD]
+    qb = q.reshape(b, num_q, h * d).float()
+    dkp = torch.bmm(dlp.float().transpose(1, 2), qb) * c  # [B, mk, HD]
+    src = torch.where(img < b, img * mk + pos, 0)
+    dk = dkp.reshape(b * mk, h, d).index_select(0, src)
+    dk = torch.where((img < b)[:, None, None], dk, dk.new_zeros(()))
+    return dq.reshape(tq, h, d).to(q.dtype), dk.to(k.dtype)
+
+
+class VarlenAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, scale, return_logits):
+        out, lse = attention_fwd(q, k, v, cu_q, cu_k, max_q, scale)
+        logits = head_mean_logits(q, k, cu_k, max_q, max_k, scale) if return_logits else None
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+        ctx.max_q, ctx.max_k, ctx.scale = max_q, max_k, scale
+        ctx.mark_non_differentiable(cu_q, cu_k)
+        if logits is None:
+            return out
+        return out, logits
+
+    @staticmethod
+    def backward(ctx, dout, dlogits=None):
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, cu_q, cu_k, ctx.max_q, ctx.max_k,
+                                   ctx.scale)
+        if dlogits is not None:
+            dq2, dk2 = _head_mean_logits_bwd(dlogits, q, k, cu_k, ctx.max_q, ctx.max_k,
+                                             ctx.scale)
+            dq, dk = dq + dq2, dk + dk2
+        # q, k, v, cu_q, cu_k, max_q, max_k, scale, return_logits
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, return_logits=False):
+    """Triton backend of :func:`dtop_kernels.varlen_attention` (inputs already checked)."""
+    return VarlenAttention.apply(q, k, v, cu_q, cu_k, max_q, max_k, scale, return_logits)
+
