@@ -9,18 +9,31 @@ import torch
 from torch import nn
 
 from dtop_kernels import _checks
-from dtop_kernels.backends import Dispatcher, not_implemented
+from dtop_kernels.backends import Dispatcher, device_reasons_triton, not_implemented
 from dtop_kernels.ops.attention import varlen_attention
 from dtop_kernels.ops.gather import gather_tokens, scatter_tokens
 from dtop_kernels.reference.block import block_packed
 from dtop_kernels.tokens import TokenSet
 
+def _why_not_triton(x: torch.Tensor, tokens: TokenSet, blocks: Sequence[nn.Module] = ()):
+    r = device_reasons_triton([x, tokens.indices])
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        r.append(f"dtype {x.dtype} not supported (float32, float16, bfloat16)")
+    for i, blk in enumerate(blocks):
+        for name in ("norm1", "norm2"):
+            m = getattr(blk, name, None)
+            if not isinstance(m, nn.LayerNorm) or m.weight is None or m.bias is None:
+                r.append(f"blocks[{i}].{name} is not an affine nn.LayerNorm")
+    return r
+
+
 _dispatch = Dispatcher(
     "pruned_block",
     {"torch": lambda *a, **k: [],
-     "triton": not_implemented("pruned_block", "triton"),
+     "triton": _why_not_triton,
      "cuda": not_implemented("pruned_block", "cuda")},
-    auto_order=("torch",),
+    auto_order=("triton", "torch"),
+    unverified=("triton",),
 )
 
 _REQUIRED = ("norm1", "attn", "attn.qkv", "attn.proj", "attn.num_heads", "norm2", "mlp")
@@ -93,14 +106,41 @@ def pruned_stage(
                          f"{_checks.describe(x)}")
     for blk in blocks:
         check_block(blk, x.shape[-1])
-    be = _dispatch.select(backend, x, tokens)
+    be = _dispatch.select(backend, x, tokens, blocks)
     attention = _attention(be)
+    x = _checks.last_dim_contiguous(x)
+    if be == "triton":
+        return _stage_triton(x, tokens, blocks, attention)
     packed = gather_tokens(x, tokens, backend=be) if x.dim() == 3 else x
     for blk in blocks:
         packed = block_packed(packed, tokens, blk, attention)
     if x.dim() == 2:
         return packed
     return scatter_tokens(packed, tokens, x.clone(), backend=be)
+
+
+def _stage_triton(x, tokens, blocks, attention):
+    """Triton LayerNorms (the first fused with the gather), Triton attention, cuBLAS linears."""
+    from dtop_kernels.triton.layernorm import layer_norm_tokens
+
+    def norm(mod: nn.LayerNorm, t: torch.Tensor) -> torch.Tensor:
+        return layer_norm_tokens(t, mod.weight, mod.bias, tokens, mod.eps)[0]
+
+    if not blocks:
+        return x if x.dim() == 2 else x.clone()
+    normed1 = None
+    if x.dim() == 3:
+        n1 = blocks[0].norm1
+        normed1, packed = layer_norm_tokens(x.reshape(-1, x.shape[-1]), n1.weight, n1.bias,
+                                            tokens, n1.eps, gather=True, store_x=True)
+    else:
+        packed = x
+    for blk in blocks:
+        packed = block_packed(packed, tokens, blk, attention, norm=norm, normed1=normed1)
+        normed1 = None
+    if x.dim() == 2:
+        return packed
+    return scatter_tokens(packed, tokens, x.clone(), backend="triton")
 
 
 def pruned_block(

@@ -16,18 +16,26 @@ def block_packed(
     tokens: TokenSet,
     block: nn.Module,
     attention: Callable[..., torch.Tensor] = varlen_attention,
+    norm: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
+    normed1: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One block on packed tokens [capacity, C] -> [capacity, C].
 
     ``x + ls1(proj(attn(norm1(x))))`` then ``x + ls2(mlp(norm2(x)))``; each token attends to the
     active tokens of its own image only. ``attention`` has the signature of
-    :func:`dtop_kernels.reference.attention.varlen_attention`.
+    :func:`dtop_kernels.reference.attention.varlen_attention`; ``norm(module, x)`` applies a
+    LayerNorm module (default: calling it); ``normed1`` is ``norm1(packed)`` when already computed
+    (e.g. fused with the gather).
     """
+    if norm is None:
+        norm = _call
     attn = block.attn
     cap, c = packed.shape
     h = attn.num_heads
     d = c // h
-    qkv = attn.qkv(block.norm1(packed)).view(cap, 3, h, d)
+    if normed1 is None:
+        normed1 = norm(block.norm1, packed)
+    qkv = attn.qkv(normed1).view(cap, 3, h, d)
     q, k, v = qkv.unbind(1)
     q, k = _apply(attn, "q_norm", q), _apply(attn, "k_norm", k)
     cu, m = tokens.cu_seqlens, tokens.max_seqlen
@@ -35,7 +43,11 @@ def block_packed(
     o = attention(q, k, v, cu, cu, m, m, scale).reshape(cap, c)
     o = attn.proj(_apply(attn, "norm", o))
     packed = packed + _apply(block, "ls1", o)
-    return packed + _apply(block, "ls2", block.mlp(block.norm2(packed)))
+    return packed + _apply(block, "ls2", block.mlp(norm(block.norm2, packed)))
+
+
+def _call(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return mod(x)
 
 
 def _apply(mod: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:

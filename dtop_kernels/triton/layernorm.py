@@ -1,0 +1,151 @@
+"""Triton LayerNorm over packed token rows, optionally fused with the gather from dense.
+
+Forward: one program per row; ``GATHER`` reads row ``indices[i]`` of the dense ``[B*N, C]``
+input (and can also write the raw gathered row, for the residual stream). Rows past
+``T = cu_seqlens[B]`` are padding: written as zeros, never normalized. Mean and rstd are kept in
+fp32 for the backward, which computes dx per row and accumulates per-program partial sums of
+dweight / dbias that PyTorch then reduces (no atomics, deterministic).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dtop_kernels.tokens import TokenSet
+
+
+@triton.jit
+def _ln_fwd_kernel(X, IDX, CU, Y, XOUT, W, Bias, MEAN, RSTD, B, cap, C, sx, sy, eps,
+                   GATHER: tl.constexpr, STORE_X: tl.constexpr, BLOCK_C: tl.constexpr):
+    row = tl.program_id(0)
+    total = tl.minimum(tl.load(CU + B), cap)
+    cols = tl.arange(0, BLOCK_C)
+    cm = cols < C
+    out_ptr = Y + row.to(tl.int64) * sy + cols
+    if row >= total:
+        tl.store(out_ptr, tl.zeros([BLOCK_C], dtype=Y.dtype.element_ty), mask=cm)
+        if STORE_X:
+            tl.store(XOUT + row.to(tl.int64) * sy + cols,
+                     tl.zeros([BLOCK_C], dtype=XOUT.dtype.element_ty), mask=cm)
+        return
+    if GATHER:
+        src = tl.load(IDX + row).to(tl.int64)
+    else:
+        src = row.to(tl.int64)
+    x_raw = tl.load(X + src * sx + cols, mask=cm, other=0.0)
+    if STORE_X:
+        tl.store(XOUT + row.to(tl.int64) * sy + cols, x_raw, mask=cm)
+    x = x_raw.to(tl.float32)
+    mean = tl.sum(x, axis=0) / C
+    xc = tl.where(cm, x - mean, 0.0)
+    var = tl.sum(xc * xc, axis=0) / C
+    rstd = 1.0 / tl.sqrt(var + eps)
+    w = tl.load(W + cols, mask=cm, other=0.0).to(tl.float32)
+    bias = tl.load(Bias + cols, mask=cm, other=0.0).to(tl.float32)
+    tl.store(out_ptr, (xc * rstd * w + bias).to(Y.dtype.element_ty), mask=cm)
+    tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _ln_bwd_kernel(DY, X, IDX, CU, W, MEAN, RSTD, DX, DW, DB, B, cap, C, sdy, sx, sdx,
+                   rows_per_prog, GATHER: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid = tl.program_id(0)
+    total = tl.minimum(tl.load(CU + B), cap)
+    cols = tl.arange(0, BLOCK_C)
+    cm = cols < C
+    w = tl.load(W + cols, mask=cm, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_C], dtype=tl.float32)
+    db = tl.zeros([BLOCK_C], dtype=tl.float32)
+    row0 = pid * rows_per_prog
+    row_end = tl.minimum(row0 + rows_per_prog, total)
+    for r in range(row0, row_end):
+        row = tl.cast(r, tl.int64)
+        if GATHER:
+            src = tl.load(IDX + row).to(tl.int64)
+        else:
+            src = row
+        x = tl.load(X + src * sx + cols, mask=cm, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row * sdy + cols, mask=cm, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + row)
+        rstd = tl.load(RSTD + row)
+        xhat = tl.where(cm, (x - mean) * rstd, 0.0)
+        g = dy * w
+        c1 = tl.sum(xhat * g, axis=0) / C
+        c2 = tl.sum(g, axis=0) / C
+        dx = (g - (xhat * c1 + c2)) * rstd
+        tl.store(DX + row * sdx + cols, dx.to(DX.dtype.element_ty), mask=cm)
+        dw += dy * xhat
+        db += dy
+    tl.store(DW + pid * C + cols, dw, mask=cm)
+    tl.store(DB + pid * C + cols, db, mask=cm)
+
+
+def _block_c(c: int) -> int:
+    return triton.next_power_of_2(max(c, 16))
+
+
+class LayerNormTokens(torch.autograd.Function):
+    """LayerNorm of packed rows; with ``gather`` the input is dense and rows are gathered.
+
+    Returns (y [capacity, C], x_packed [capacity, C] or None when ``store_x`` is False).
+    """
+
+    @staticmethod
+    def forward(ctx, x2d, weight, bias, tokens: TokenSet, eps: float, gather: bool,
+                store_x: bool):
+        cap, c = tokens.capacity, x2d.shape[1]
+        dev = x2d.device
+        y = torch.empty(cap, c, device=dev, dtype=x2d.dtype)
+        xout = torch.empty_like(y) if store_x else y
+        mean = torch.zeros(cap, device=dev, dtype=torch.float32)
+        rstd = torch.zeros(cap, device=dev, dtype=torch.float32)
+        if cap:
+            _ln_fwd_kernel[(cap,)](
+                x2d, tokens.indices, tokens.cu_seqlens, y, xout, weight, bias, mean, rstd,
+                tokens.batch_size, cap, c, x2d.stride(0), y.stride(0), eps,
+                GATHER=gather, STORE_X=store_x, BLOCK_C=_block_c(c),
+            )
+        ctx.save_for_backward(x2d, weight, mean, rstd)
+        ctx.tokens, ctx.gather, ctx.shape = tokens, gather, x2d.shape
+        if store_x:
+            return y, xout
+        return y, None
+
+    @staticmethod
+    def backward(ctx, dy, dxout):
+        x2d, weight, mean, rstd = ctx.saved_tensors
+        tokens = ctx.tokens
+        cap, c = tokens.capacity, x2d.shape[1]
+        dy = dy.contiguous()
+        dx_packed = torch.zeros(cap, c, device=dy.device, dtype=x2d.dtype)
+        rows_per_prog = 64
+        progs = max(1, triton.cdiv(cap, rows_per_prog))
+        dw = torch.zeros(progs, c, device=dy.device, dtype=torch.float32)
+        db = torch.zeros(progs, c, device=dy.device, dtype=torch.float32)
+        if cap:
+            _ln_bwd_kernel[(progs,)](
+                dy, x2d, tokens.indices, tokens.cu_seqlens, weight, mean, rstd, dx_packed, dw,
+                db, tokens.batch_size, cap, c, dy.stride(0), x2d.stride(0), dx_packed.stride(0),
+                rows_per_prog, GATHER=ctx.gather, BLOCK_C=_block_c(c),
+            )
+        if dxout is not None:
+            dx_packed = dx_packed + dxout
+        if ctx.gather:
+            from dtop_kernels.triton.gather import scatter_rows
+
+            dx = torch.zeros(ctx.shape, device=dy.device, dtype=x2d.dtype)
+            scatter_rows(dx_packed.contiguous(), tokens, dx, add=False)
+        else:
+            dx = dx_packed
+        # x, weight, bias, tokens, eps, gather, store_x
+        return (dx, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype), None, None, None,
+                None)
+
+
+def layer_norm_tokens(x2d, weight, bias, tokens: TokenSet, eps: float, gather: bool = False,
+                      store_x: bool = False):
+    """See :class:`LayerNormTokens`."""
+    return LayerNormTokens.apply(x2d, weight, bias, tokens, eps, gather, store_x)
