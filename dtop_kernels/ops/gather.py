@@ -50,11 +50,14 @@ def _kernels(backend: str):
         return tg.gather_rows, tg.scatter_rows
     from dtop_kernels.cuda import gather as cg
 
+    def dense(t2d, tokens):
+        return t2d.view(tokens.batch_size, tokens.seq_len, t2d.shape[-1])
+
     def gather_rows(x2d, tokens):
-        return cg.gather_rows(x2d[None], tokens.indices, tokens.cu_seqlens)
+        return cg.gather_rows(dense(x2d, tokens), tokens.indices, tokens.cu_seqlens)
 
     def scatter_rows(packed, tokens, out2d, add):
-        cg.scatter_rows(packed, tokens.indices, tokens.cu_seqlens, out2d[None], add=add)
+        cg.scatter_rows(packed, tokens.indices, tokens.cu_seqlens, dense(out2d, tokens), add=add)
 
     return gather_rows, scatter_rows
 

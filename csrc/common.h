@@ -1,0 +1,95 @@
+// Shared helpers for the CUDA sources: error checks, dtype codes, dtype dispatch, conversions.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace dtop {
+
+// ---------------------------------------------------------------------------- errors
+inline void check_cuda(cudaError_t err, const char* expr, const char* file, int line) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("CUDA error ") + cudaGetErrorName(err) + ": " +
+                             cudaGetErrorString(err) + " (" + expr + ") at " + file + ":" +
+                             std::to_string(line));
+  }
+}
+
+}  // namespace dtop
+
+// Throws std::runtime_error (RuntimeError in Python) when a CUDA runtime call fails.
+#define DTOP_CUDA_CHECK(expr) ::dtop::check_cuda((expr), #expr, __FILE__, __LINE__)
+// Call right after a kernel launch: raises on a bad launch configuration or a missing kernel image.
+#define DTOP_CHECK_LAUNCH() DTOP_CUDA_CHECK(cudaGetLastError())
+
+namespace dtop {
+
+// ---------------------------------------------------------------------------- dtypes
+// Codes shared with Python (dtop_kernels.cuda.DTYPE_CODES).
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Throws std::invalid_argument (ValueError in Python) for an unknown code.
+inline DType dtype_from_code(int code) {
+  if (code < 0 || code > 2) {
+    throw std::invalid_argument("unsupported dtype code " + std::to_string(code) +
+                                " (expected 0 = float32, 1 = float16, 2 = bfloat16)");
+  }
+  return static_cast<DType>(code);
+}
+
+inline int64_t dtype_size(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
+
+// Runs the statement(s) with T = float / __half / __nv_bfloat16 for the given DType:
+//   DTOP_DISPATCH_DTYPE(dtype, T, launch<T>(args));
+#define DTOP_DISPATCH_DTYPE(dtype, T, ...)          \
+  switch (dtype) {                                  \
+    case ::dtop::DType::kFloat32: {                 \
+      using T = float;                              \
+      __VA_ARGS__;                                  \
+      break;                                        \
+    }                                               \
+    case ::dtop::DType::kFloat16: {                 \
+      using T = __half;                             \
+      __VA_ARGS__;                                  \
+      break;                                        \
+    }                                               \
+    case ::dtop::DType::kBFloat16: {                \
+      using T = __nv_bfloat16;                      \
+      __VA_ARGS__;                                  \
+      break;                                        \
+    }                                               \
+    default:                                        \
+      throw std::invalid_argument("unsupported dtype"); \
+  }
+
+// ---------------------------------------------------------------------------- conversions
+// Arithmetic is done in float: load with to_float, store with from_float (round to nearest).
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// kVec elements moved as one aligned load/store (16 bytes when kVec * sizeof(T) == 16).
+template <typename T, int kVec>
+struct alignas(sizeof(T) * kVec) Pack {
+  T v[kVec];
+};
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace dtop
