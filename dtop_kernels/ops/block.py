@@ -119,8 +119,49 @@ def pruned_stage(
     return scatter_tokens(packed, tokens, x.clone(), backend=be)
 
 
+def _identity(m: nn.Module | None) -> bool:
+    return m is None or isinstance(m, nn.Identity)
+
+
+def _fusable(blk: nn.Module) -> bool:
+    """The standard timm block: plain Linear layers, exact GELU MLP, no extra norms, no layer
+    scale. Such blocks run with fused Triton linear epilogues; others call their modules."""
+    attn, mlp = blk.attn, blk.mlp
+    return (
+        all(isinstance(getattr(m, name, None), nn.Linear)
+            for m, name in ((attn, "qkv"), (attn, "proj"), (mlp, "fc1"), (mlp, "fc2")))
+        and isinstance(getattr(mlp, "act", None), nn.GELU) and mlp.act.approximate == "none"
+        and all(_identity(getattr(attn, n, None)) for n in ("q_norm", "k_norm", "norm"))
+        and _identity(getattr(mlp, "norm", None))
+        and all(_identity(getattr(blk, n, None)) for n in ("ls1", "ls2"))
+    )
+
+
+def _block_fused(packed, normed1, tokens, blk, attention, norm, dense_out=None):
+    """One standard block with Triton linears: bias, GELU and residual in the GEMM epilogues;
+    with ``dense_out`` the last GEMM scatters its rows straight into it."""
+    from dtop_kernels.triton.linear import ACT_GELU, packed_linear
+
+    attn, mlp = blk.attn, blk.mlp
+    cap, c = packed.shape
+    h = attn.num_heads
+    d = c // h
+    if normed1 is None:
+        normed1 = norm(blk.norm1, packed)
+    qkv = packed_linear(normed1, attn.qkv.weight, attn.qkv.bias, tokens).view(cap, 3, h, d)
+    q, k, v = qkv.unbind(1)
+    cu, m = tokens.cu_seqlens, tokens.max_seqlen
+    o = attention(q, k, v, cu, cu, m, m, getattr(attn, "scale", d**-0.5)).reshape(cap, c)
+    packed = packed_linear(o, attn.proj.weight, attn.proj.bias, tokens, residual=packed)
+    hid = packed_linear(norm(blk.norm2, packed), mlp.fc1.weight, mlp.fc1.bias, tokens,
+                        act=ACT_GELU)
+    return packed_linear(hid, mlp.fc2.weight, mlp.fc2.bias, tokens, residual=packed,
+                         dense_out=dense_out)
+
+
 def _stage_triton(x, tokens, blocks, attention):
-    """Triton LayerNorms (the first fused with the gather), Triton attention, cuBLAS linears."""
+    """Triton LayerNorms (the first fused with the gather), attention and linears; the last
+    block scatters into the dense output from its final GEMM epilogue."""
     from dtop_kernels.triton.layernorm import layer_norm_tokens
 
     def norm(mod: nn.LayerNorm, t: torch.Tensor) -> torch.Tensor:
@@ -128,17 +169,25 @@ def _stage_triton(x, tokens, blocks, attention):
 
     if not blocks:
         return x if x.dim() == 2 else x.clone()
+    dense = x.dim() == 3
     normed1 = None
-    if x.dim() == 3:
+    if dense:
         n1 = blocks[0].norm1
         normed1, packed = layer_norm_tokens(x.reshape(-1, x.shape[-1]), n1.weight, n1.bias,
                                             tokens, n1.eps, gather=True, store_x=True)
     else:
         packed = x
-    for blk in blocks:
-        packed = block_packed(packed, tokens, blk, attention, norm=norm, normed1=normed1)
+    for i, blk in enumerate(blocks):
+        last = i == len(blocks) - 1
+        if _fusable(blk):
+            out = x.clone() if dense and last else None
+            packed = _block_fused(packed, normed1, tokens, blk, attention, norm, out)
+            if out is not None:
+                return packed
+        else:
+            packed = block_packed(packed, tokens, blk, attention, norm=norm, normed1=normed1)
         normed1 = None
-    if x.dim() == 2:
+    if not dense:
         return packed
     return scatter_tokens(packed, tokens, x.clone(), backend="triton")
 

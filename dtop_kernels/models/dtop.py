@@ -1,0 +1,314 @@
+"""ViT-DToP: a plain ViT split into stages by SegViT heads, with DToP token exits between them.
+
+Three execution modes on the same weights, chosen per call:
+
+- ``"dense"``: no pruning (SegViT); batched dense attention (SDPA) on every token.
+- ``"loop"``: the official semantics and speed: one image at a time, boolean-mask indexing.
+- ``"packed"``: all images at once on their own ragged token sets (:class:`TokenSet`) through the
+  package ops (``pruned_stage``, ``varlen_attention(return_logits=True)`` in the heads,
+  ``dtop_select``, ``scatter_tokens`` for the canvas), with a ``backend`` passed through.
+
+They agree within dtype tolerance (``"dense"`` with ``"packed"`` at threshold 1.0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dtop_kernels.models.head import SegHead
+from dtop_kernels.models.vit import Block, PatchEmbed, init_backbone_, resize_pos_embed
+from dtop_kernels.ops.block import pruned_stage
+from dtop_kernels.ops.gather import scatter_tokens
+from dtop_kernels.ops.select import dtop_select
+from dtop_kernels.tokens import TokenSet
+
+MODES = ("dense", "loop", "packed")
+
+
+class DToPOutput(NamedTuple):
+    """What :meth:`ViTDToP.forward` returns (S heads, K classes, token grid Hg x Wg)."""
+
+    pred: torch.Tensor  # [B, K, H, W]: softmax(final class logits)[present] * sigmoid(canvas)
+    class_logits: tuple[torch.Tensor, ...]  # S x [B, K, 2]: [present, no object] per head
+    mask_logits: tuple[torch.Tensor, ...]  # S x [B, K, Hg, Wg]: the canvas after head s wrote
+    active_counts: torch.Tensor  # int64 [S, B]: tokens each stage's blocks and head ran on
+    exit_stage: torch.Tensor  # int64 [B, Hg, Wg]: head at which each token exited (else S - 1)
+
+
+class ViTDToP(nn.Module):
+    """SegViT with Dynamic Token Pruning (DToP): ViT backbone, one head after each stage.
+
+    Backbone: ``patch_embed.proj`` (conv, stride = patch), ``pos_embed`` [1, 1 + gh*gw, C] with a
+    class-token slot (learned on a ``pos_grid`` = (gh, gw) grid, 24 x 24 for 384-pixel training;
+    resized bicubically to the input grid, the slot is dropped: no class token in the blocks),
+    ``blocks.{i}`` pre-norm timm-named blocks, no final norm. Head ``heads[s]`` runs after block
+    ``stage_ends[s]`` (1-based); the last head is the decode head. At every head but the last,
+    the DToP rule (``threshold``, ``top_k``) removes confident tokens from all later layers.
+    ``threshold >= 1`` never prunes (dense SegViT).
+
+    ``tighten``: read exact token counts back after each selection in packed mode (one host
+    sync, shrinks later work to the real counts). None = only for CPU tensors; on CUDA the
+    default keeps the whole forward free of host syncs.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 150,
+        *,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        stage_ends: Sequence[int] = (6, 8, 12),
+        head_width: int = 384,
+        head_heads: int = 6,
+        head_layers: int = 3,
+        threshold: float = 0.9,
+        top_k: int = 5,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        mlp_ratio: float = 4.0,
+        pos_grid: int | tuple[int, int] = 24,
+        head_attn_drop: float = 0.1,
+        tighten: bool | None = None,
+    ) -> None:
+        super().__init__()
+        stage_ends = tuple(int(e) for e in stage_ends)
+        if not stage_ends or any(b <= a for a, b in zip((0,) + stage_ends, stage_ends)) \
+                or stage_ends[-1] != depth:
+            raise ValueError(f"stage_ends must increase strictly from >= 1 and end at depth = "
+                             f"{depth}; got {stage_ends}")
+        if not isinstance(top_k, int) or top_k < 0:
+            raise ValueError(f"top_k must be a non-negative int; got {top_k!r}")
+        self.num_classes = num_classes
+        self.embed_dim = embed_dim
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.pos_grid = (pos_grid, pos_grid) if isinstance(pos_grid, int) else tuple(pos_grid)
+        self.stage_ends = stage_ends
+        self.threshold = float(threshold)
+        self.top_k = top_k
+        self.tighten = tighten
+
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        gh, gw = self.pos_grid
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + gh * gw, embed_dim))
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
+        self.heads = nn.ModuleList(
+            SegHead(embed_dim, head_width, head_heads, num_classes, head_layers, head_attn_drop)
+            for _ in stage_ends)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        init_backbone_(self.blocks)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stage_ends)
+
+    def stage_blocks(self, s: int) -> nn.ModuleList:
+        """The blocks of stage ``s`` (those before head ``s``)."""
+        lo = self.stage_ends[s - 1] if s else 0
+        return self.blocks[lo:self.stage_ends[s]]
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        img: torch.Tensor,
+        mode: str = "packed",
+        *,
+        backend: str = "auto",
+        threshold: float | None = None,
+    ) -> DToPOutput:
+        """img: [B, in_chans, H, W], H and W multiples of the patch size, the model's dtype.
+
+        ``mode``: "dense" | "loop" | "packed" (module docstring); ``backend`` goes to the ops
+        in packed mode; ``threshold`` overrides the model's for this call ("dense" ignores it).
+        """
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
+        grid = self._check_input(img)
+        thr = self.threshold if threshold is None else float(threshold)
+        x = self.embed(img)
+        if mode == "dense":
+            cls, canvases, counts, exit_stage = self._run_dense(x)
+        elif mode == "loop":
+            cls, canvases, counts, exit_stage = self._run_loop(x, thr)
+        else:
+            cls, canvases, counts, exit_stage = self._run_packed(x, thr, backend)
+        b = img.shape[0]
+        masks = tuple(c.reshape(b, self.num_classes, *grid) for c in canvases)
+        present = cls[-1].softmax(dim=-1)[..., 0]  # [B, K]
+        prob = present[..., None, None] * masks[-1].sigmoid()
+        pred = F.interpolate(prob, size=img.shape[-2:], mode="bilinear", align_corners=False)
+        return DToPOutput(pred, tuple(cls), masks, counts, exit_stage.view(b, *grid))
+
+    def embed(self, img: torch.Tensor) -> torch.Tensor:
+        """Patch tokens plus position embedding: img [B, 3, H, W] -> x [B, N, C]."""
+        grid = (img.shape[-2] // self.patch_size, img.shape[-1] // self.patch_size)
+        return self.patch_embed(img) + resize_pos_embed(self.pos_embed, self.pos_grid, grid)
+
+    def forward_backbone(self, img: torch.Tensor) -> torch.Tensor:
+        """Dense features after the last block (no pruning, no heads): [B, N, C]."""
+        self._check_input(img)
+        x = self.embed(img)
+        for blk in self.blocks:
+            x = blk(x)
+        return x
+
+    def _check_input(self, img: torch.Tensor) -> tuple[int, int]:
+        if not isinstance(img, torch.Tensor):
+            raise TypeError(f"img must be a torch.Tensor [B, {self.in_chans}, H, W]; got "
+                            f"{type(img).__name__}")
+        if not img.is_floating_point():
+            raise TypeError(f"img must be a floating-point tensor (normalized pixels); got "
+                            f"{img.dtype}: convert with img.float() and normalize")
+        if img.dim() != 4 or img.shape[1] != self.in_chans:
+            raise ValueError(f"img must be [B, {self.in_chans}, H, W]; got shape "
+                             f"{tuple(img.shape)}")
+        h, w = img.shape[-2:]
+        p = self.patch_size
+        if h == 0 or w == 0 or h % p or w % p:
+            raise ValueError(f"image height and width must be positive multiples of the patch "
+                             f"size {p}; got {h} x {w} (pad or resize the input)")
+        weight = self.patch_embed.proj.weight
+        if img.device != weight.device:
+            raise ValueError(f"img is on {img.device} but the model is on {weight.device}")
+        if img.dtype != weight.dtype and not torch.is_autocast_enabled(img.device.type):
+            raise TypeError(f"img is {img.dtype} but the model is {weight.dtype}: cast one to "
+                            "the other (or run under torch.autocast)")
+        return h // p, w // p
+
+    # ------------------------------------------------------------------ execution modes
+    def _run_dense(self, x: torch.Tensor):
+        b, n, _ = x.shape
+        cls, canvases = [], []
+        for s, head in enumerate(self.heads):
+            for blk in self.stage_blocks(s):
+                x = blk(x)
+            c, m = head(x)
+            cls.append(c)
+            canvases.append(m)  # every token is active: the head writes the whole canvas
+        counts = torch.full((self.num_stages, b), n, dtype=torch.long, device=x.device)
+        exit_stage = torch.full((b, n), self.num_stages - 1, dtype=torch.long, device=x.device)
+        return cls, canvases, counts, exit_stage
+
+    def _run_loop(self, x: torch.Tensor, threshold: float):
+        """One image at a time with boolean masks, as the official code (exited tokens' features
+        are zeroed there and here; nothing reads them)."""
+        b, n, c = x.shape
+        last = self.num_stages - 1
+        keep = torch.ones(b, n, dtype=torch.bool, device=x.device)
+        exit_stage = torch.full((b, n), last, dtype=torch.long, device=x.device)
+        cls, canvases, counts = [], [], []
+        canvas = None
+        for s, head in enumerate(self.heads):
+            counts.append(keep.sum(dim=1))
+            rows = []
+            for i in range(b):
+                xi = x[i, keep[i]].unsqueeze(0)
+                for blk in self.stage_blocks(s):
+                    xi = blk(xi)
+                rows.append(x.new_zeros(n, c).index_put((keep[i],), xi[0]))
+            x = torch.stack(rows)
+            outs = [head(x[i, keep[i]].unsqueeze(0)) for i in range(b)]  # ([1,K,2], [1,K,n_i])
+            canvas = outs[0][1].new_zeros(b, self.num_classes, n) if canvas is None \
+                else canvas.clone()
+            for i, (_, m) in enumerate(outs):
+                canvas[i][:, keep[i]] = m[0]
+            c_s = torch.cat([o[0] for o in outs])
+            cls.append(c_s)
+            canvases.append(canvas)
+            if s < last and threshold < 1.0:
+                with torch.no_grad():
+                    for i, (_, m) in enumerate(outs):
+                        gone = keep[i].nonzero().squeeze(1)[
+                            _official_exits(c_s[i], m[0], threshold, self.top_k)]
+                        keep[i, gone] = False
+                        exit_stage[i, gone] = s
+        return cls, canvases, torch.stack(counts), exit_stage
+
+    def _run_packed(self, x: torch.Tensor, threshold: float, backend: str):
+        b, n, c = x.shape
+        last = self.num_stages - 1
+        tighten = x.device.type == "cpu" if self.tighten is None else self.tighten
+        tokens = TokenSet.all_active(b, n, device=x.device)
+        packed = x.reshape(b * n, c)  # all active: the packed layout is the dense one
+        exit_stage = torch.full((b, n), last, dtype=torch.long, device=x.device)
+        cls, canvases, counts = [], [], []
+        canvas = None
+        for s, head in enumerate(self.heads):
+            counts.append(tokens.seqlens.long())
+            packed = pruned_stage(packed, tokens, self.stage_blocks(s), backend=backend)
+            c_s, m = head(packed, tokens, backend)  # [B, K, 2], [K, capacity]
+            base = m.new_zeros(b, n, self.num_classes) if canvas is None else canvas.clone()
+            canvas = scatter_tokens(m.t(), tokens, base, backend=backend)  # [B, N, K]
+            cls.append(c_s)
+            canvases.append(canvas.transpose(1, 2))
+            if s < last and threshold < 1.0:
+                sel = dtop_select(c_s.detach(), m.detach(), tokens, threshold, self.top_k,
+                                  backend=backend)
+                exit_stage = torch.where(sel.exited, s, exit_stage)
+                new = sel.tokens.tighten() if tighten else sel.tokens
+                packed = repack(packed, tokens, new)
+                tokens = new
+        return cls, canvases, torch.stack(counts), exit_stage
+
+
+def repack(packed: torch.Tensor, old: TokenSet, new: TokenSet) -> torch.Tensor:
+    """Rows for ``new`` (a subset of ``old``'s tokens) taken from ``packed`` [old.capacity, C].
+
+    Returns [new.capacity, C]; padding rows copy an arbitrary row of ``packed`` (they carry no
+    meaning). One index map over the B*N token positions; no host sync.
+    """
+    nn_ = old.batch_size * old.seq_len
+    dev = packed.device
+    slot_of = torch.zeros(nn_ + 1, dtype=torch.long, device=dev)
+    dest = torch.where(old.valid_slots(), old.indices.long(), nn_)
+    slot_of.scatter_(0, dest, torch.arange(old.capacity, device=dev))
+    src = slot_of[torch.where(new.valid_slots(), new.indices.long(), nn_)]
+    return packed.index_select(0, src)
+
+
+def _official_exits(
+    class_logits: torch.Tensor, mask_logits: torch.Tensor, threshold: float, top_k: int
+) -> torch.Tensor:
+    """The exit rule for one image, written as the official per-class loop.
+
+    class_logits [K, 2], mask_logits [K, n] of the active tokens -> bool [n]: tokens that exit.
+    """
+    score = class_logits.float().softmax(dim=-1)[:, :1] * mask_logits.float().sigmoid()
+    conf, label = score.max(dim=0)
+    exits = conf > threshold
+    for c in label[exits].unique():
+        members = (exits & (label == c)).nonzero().squeeze(1)
+        stay = conf[members].topk(min(top_k, members.numel())).indices
+        exits[members[stay]] = False
+    return exits
+
+
+# ---------------------------------------------------------------------- configurations
+def vit_dtop_base(num_classes: int = 150, threshold: float = 0.9, **kw) -> ViTDToP:
+    """ViT-B/16 + DToP: 12 layers, 768 wide, 12 heads; heads after layers 6, 8, 12 (384 wide,
+    6 heads); p0 0.9, top-k 5. ``threshold=1.0`` is the dense SegViT."""
+    cfg = dict(embed_dim=768, depth=12, num_heads=12, stage_ends=(6, 8, 12), head_width=384,
+               head_heads=6, top_k=5)
+    return ViTDToP(num_classes, threshold=threshold, **{**cfg, **kw})
+
+
+def vit_dtop_large(num_classes: int = 150, threshold: float = 0.95, **kw) -> ViTDToP:
+    """ViT-L/16 + DToP: 24 layers, 1024 wide, 16 heads; heads after layers 8, 16, 24 (512 wide,
+    8 heads); p0 0.95, top-k 5."""
+    cfg = dict(embed_dim=1024, depth=24, num_heads=16, stage_ends=(8, 16, 24), head_width=512,
+               head_heads=8, top_k=5)
+    return ViTDToP(num_classes, threshold=threshold, **{**cfg, **kw})
+
+
+def vit_dtop_tiny(num_classes: int = 5, threshold: float = 0.9, **kw) -> ViTDToP:
+    """A tiny configuration for tests and examples: 4 layers, 64 wide, 2 heads; heads after
+    layers 2, 3, 4 (32 wide, 2 heads, head dim 16); 6 x 6 position grid."""
+    cfg = dict(embed_dim=64, depth=4, num_heads=2, stage_ends=(2, 3, 4), head_width=32,
+               head_heads=2, top_k=5, pos_grid=6)
+    return ViTDToP(num_classes, threshold=threshold, **{**cfg, **kw})

@@ -1,0 +1,167 @@
+"""Triton linear layer over packed token rows with fused epilogues.
+
+``y = act(x @ W^T + b) (+ residual)``, optionally scattered straight into a dense ``[B*N, C]``
+output (``out[indices[i]] = y[i]``). The grid covers ``capacity`` rows, but tiles past
+``T = cu_seqlens[B]`` (read on the device) skip the matmul and write zeros, so the pruned rows
+cost no FLOPs and no host sync is needed to know how many rows there are. The backward runs on
+cuBLAS (torch.matmul) with the padding rows' gradients zeroed.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dtop_kernels.tokens import TokenSet
+from dtop_kernels.triton._utils import dot_precision, interpret_blocks
+
+ACT_NONE, ACT_GELU = 0, 1
+
+
+@triton.jit
+def _linear_kernel(
+    X, W, Bias, R, Y, Z, IDX, CU, B, cap, N, K, sx, sw, sr, sy, sz,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SAVE_PRE: tl.constexpr,
+    SCATTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, PREC: tl.constexpr,
+):
+    # Grouped tile order: consecutive programs share rows of X (L2 reuse).
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(cap, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
+    pid_n = (pid % (GROUP_M * num_n)) // size_m
+
+    total = tl.minimum(tl.load(CU + B), cap)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = offs_m < total
+    n_ok = offs_n < N
+    rows = offs_m.to(tl.int64)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if pid_m * BLOCK_M < total:
+        offs_k = tl.arange(0, BLOCK_K)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + offs_k
+            k_ok = kk < K
+            a = tl.load(X + rows[:, None] * sx + kk[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            w = tl.load(W + offs_n[:, None].to(tl.int64) * sw + kk[None, :],
+                        mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            acc += tl.dot(a, tl.trans(w), input_precision=PREC)
+        if HAS_BIAS:
+            acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if SAVE_PRE:
+            tl.store(Z + rows[:, None] * sz + offs_n[None, :], acc.to(Z.dtype.element_ty),
+                     mask=(offs_m < cap)[:, None] & n_ok[None, :])
+        if ACT == 1:  # exact GELU
+            acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+        if HAS_RES:
+            acc += tl.load(R + rows[:, None] * sr + offs_n[None, :],
+                           mask=row_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+        acc = tl.where(row_ok[:, None], acc, 0.0)
+    if SCATTER:
+        dst = tl.load(IDX + offs_m, mask=row_ok, other=0).to(tl.int64)
+        tl.store(Y + dst[:, None] * sy + offs_n[None, :], acc.to(Y.dtype.element_ty),
+                 mask=row_ok[:, None] & n_ok[None, :])
+    else:
+        tl.store(Y + rows[:, None] * sy + offs_n[None, :], acc.to(Y.dtype.element_ty),
+                 mask=(offs_m < cap)[:, None] & n_ok[None, :])
+
+
+def _config(dtype: torch.dtype) -> dict:
+    small = interpret_blocks()
+    if small:
+        return dict(BLOCK_M=small, BLOCK_N=small, BLOCK_K=small, GROUP_M=4)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def linear_fwd(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tokens: TokenSet,
+    act: int = ACT_NONE, residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
+    save_pre: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """y [capacity, N] (or written into dense ``out`` [B*N, N] at the token rows), and the
+    pre-activation [capacity, N] when ``save_pre``."""
+    cap, k = x.shape
+    n = weight.shape[0]
+    scatter = out is not None
+    y = out if scatter else torch.empty(cap, n, device=x.device, dtype=x.dtype)
+    z = torch.empty(cap, n, device=x.device, dtype=x.dtype) if save_pre else y
+    if cap == 0 or n == 0:
+        return y, (z if save_pre else None)
+    cfg = _config(x.dtype)
+    grid = (triton.cdiv(cap, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    r = residual if residual is not None else x
+    _linear_kernel[grid](
+        x, weight, bias if bias is not None else weight, r, y, z, tokens.indices,
+        tokens.cu_seqlens, tokens.batch_size, cap, n, k, x.stride(0), weight.stride(0),
+        r.stride(0), y.stride(0), z.stride(0),
+        ACT=act, HAS_BIAS=bias is not None, HAS_RES=residual is not None, SAVE_PRE=save_pre,
+        SCATTER=scatter, PREC=dot_precision(x.dtype), **cfg,
+    )
+    return y, (z if save_pre else None)
+
+
+class PackedLinear(torch.autograd.Function):
+    """``act(x @ W^T + b) + residual`` on the packed rows; ``dense_out`` scatters the result."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, tokens: TokenSet, act: int, dense_out):
+        save_pre = act != ACT_NONE and any(ctx.needs_input_grad[:4])
+        out2d = None if dense_out is None else dense_out.view(-1, dense_out.shape[-1])
+        y, z = linear_fwd(x, weight, bias, tokens, act, residual, out2d, save_pre=save_pre)
+        ctx.save_for_backward(x, weight, z)
+        ctx.tokens, ctx.act = tokens, act
+        ctx.has_bias, ctx.has_res = bias is not None, residual is not None
+        ctx.scatter = dense_out is not None
+        if ctx.scatter:
+            ctx.mark_dirty(dense_out)
+            return dense_out
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, z = ctx.saved_tensors
+        tokens = ctx.tokens
+        valid = tokens.valid_slots()[:, None]
+        if ctx.scatter:  # dense grad -> the token rows
+            from dtop_kernels.reference.gather import gather_tokens
+
+            dy_dense = dy
+            dy = gather_tokens(dy, tokens)
+        dy = torch.where(valid, dy, dy.new_zeros(()))
+        dz = dy
+        if ctx.act == ACT_GELU:
+            zf = z.float()
+            cdf = 0.5 * (1.0 + torch.erf(zf * 0.7071067811865476))
+            pdf = torch.exp(-0.5 * zf * zf) * 0.3989422804014327
+            dz = (dy.float() * (cdf + zf * pdf)).to(dy.dtype)
+            dz = torch.where(valid, dz, dz.new_zeros(()))
+        dx = dz @ weight
+        dw = dz.t() @ x
+        db = dz.sum(0) if ctx.has_bias else None
+        dres = dy if ctx.has_res else None
+        dout = None
+        if ctx.scatter:  # rows written by the epilogue do not reach the old dense values
+            from dtop_kernels.reference.gather import scatter_tokens
+
+            dout = scatter_tokens(torch.zeros_like(dy), tokens, dy_dense)
+        # x, weight, bias, residual, tokens, act, dense_out
+        return dx, dw, db, dres, None, None, dout
+
+
+def packed_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tokens: TokenSet,
+    act: int = ACT_NONE, residual: torch.Tensor | None = None,
+    dense_out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x: [capacity, K], weight: [N, K] -> [capacity, N] (zero past T), or, given ``dense_out``
+    [B, N_tokens, N] (contiguous), that tensor with the token rows overwritten (in place)."""
+    return PackedLinear.apply(x, weight, bias, residual, tokens, act, dense_out)
