@@ -34,7 +34,50 @@ def varlen_attention(
     return_logits: bool = False,
     dropout_p: float = 0.0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """See :func:`dtop_kernels.varlen_attention`. Images with no keys give zero output."""
+    """See :func:`dtop_kernels.varlen_attention`. Images with no keys give zero output.
+
+    CPU tensors: a loop over images (reading the offsets is free there, and each image runs
+    unmasked SDPA). Elsewhere: pad to the host bounds with a key mask, no host sync.
+    """
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+            return_logits, dropout_p)
+    if q.device.type == "cpu":
+        return attention_looped(*args)
+    return attention_padded(*args)
+
+
+def attention_looped(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                     return_logits=False, dropout_p=0.0):
+    """:func:`varlen_attention` as a loop over images (reads the offsets on the host)."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    b = len(cq) - 1
+    cap_q, cap_k = q.shape[0], k.shape[0]
+    outs, logits = [], []
+    for i in range(b):
+        q0, q1 = min(cq[i], cap_q), min(cq[i + 1], cap_q)
+        k0, k1 = min(ck[i], cap_k), min(ck[i + 1], cap_k)
+        qi = q[q0:q1].transpose(0, 1)  # [H, nq, D]
+        ki, vi = k[k0:k1].transpose(0, 1), v[k0:k1].transpose(0, 1)
+        if k1 > k0:
+            o = F.scaled_dot_product_attention(qi, ki, vi, dropout_p=dropout_p, scale=scale)
+        else:
+            o = qi.new_zeros(qi.shape[0], q1 - q0, v.shape[-1])
+        outs.append(o.transpose(0, 1))
+        if return_logits:
+            logits.append(torch.matmul(qi, ki.transpose(-1, -2)).mean(dim=0) * scale)
+    done_q = min(cq[-1], cap_q)
+    outs.append(q.new_zeros(cap_q - done_q, q.shape[1], v.shape[-1]))
+    res = torch.cat(outs)
+    if not return_logits:
+        return res
+    done_k = min(ck[-1], cap_k)
+    logits.append(q.new_zeros(max_seqlen_q, cap_k - done_k))
+    return res, torch.cat(logits, dim=1)
+
+
+def attention_padded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                     return_logits=False, dropout_p=0.0):
+    """:func:`varlen_attention` padded to the host bounds (no host sync)."""
     b = cu_seqlens_q.shape[0] - 1
     mq, mk = max(max_seqlen_q, 1), max(max_seqlen_k, 1)
     img_q, pos_q = _slots(cu_seqlens_q, q.shape[0])

@@ -1,0 +1,106 @@
+"""Shared benchmark helpers: environment header, timing, tables, JSON output."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def environment(dtype: torch.dtype, device: torch.device) -> dict:
+    """Device, versions and date, printed above every table and stored with every result."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:  # noqa: BLE001 - triton is optional
+        triton_version = "not installed"
+    import dtop_kernels
+    from dtop_kernels.cuda import build_info
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"CPU ({platform.processor() or platform.machine()}, "
+        name += f"{torch.get_num_threads()} threads)"
+    return {
+        "device": name,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda or "none",
+        "dtop_kernels": dtop_kernels.__version__,
+        "cuda_ext_built": bool(build_info().get("cuda_built")),
+        "dtype": str(dtype).replace("torch.", ""),
+        "date": _dt.date.today().isoformat(),
+    }
+
+
+def header(env: dict) -> str:
+    return " | ".join(f"{k}: {v}" for k, v in env.items())
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, warmup: int = 3,
+            repeats: int = 10) -> dict:
+    """Median / p20 / p80 milliseconds. CUDA: events around each call; CPU: perf_counter."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(repeats):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
+    return {"ms": statistics.median(times), "p20": q[0], "p80": q[3], "repeats": repeats}
+
+
+def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """columns: (key, title, format spec). Missing values print as '-'."""
+    cells = [[title for _, title, _ in columns]]
+    for r in rows:
+        line = []
+        for key, _, spec in columns:
+            v = r.get(key)
+            line.append("-" if v is None else (format(v, spec) if spec else str(v)))
+        cells.append(line)
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    out = []
+    for j, c in enumerate(cells):
+        out.append("  ".join(s.rjust(w) if i else s.ljust(w) for i, (s, w) in
+                             enumerate(zip(c, widths))))
+        if j == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def write_json(path: str | Path, env: dict, rows: list[dict], **extra) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"environment": env, **extra, "rows": rows}, indent=2) + "\n")
+    return path
+
+
+def default_json_path(env: dict, name: str) -> Path:
+    dev = "".join(ch if ch.isalnum() else "-" for ch in env["device"].lower()).strip("-")
+    while "--" in dev:
+        dev = dev.replace("--", "-")
+    return RESULTS / f"{name}-{dev}-{env['date'].replace('-', '')}.json"
