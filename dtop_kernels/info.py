@@ -71,10 +71,12 @@ def report() -> str:
     lines.append("compiled module: " + ("importable" if not cuda_r else "; ".join(cuda_r)))
     for device in ["cpu"] + (["cuda"] if has_gpu else []):
         probes = _probe_tensors(device)
-        lines.append(f"\nbackends on {device} tensors (auto order in brackets):")
+        lines.append(f"\nbackends on {device} tensors:")
         for d in _DISPATCHERS:
             reasons = d.reasons(*probes[d.op])
-            lines.append(f"  {d.op} [auto: {' > '.join(d.auto_order)}]")
+            order = [b for b in d.auto_order if b not in d.unverified]
+            auto = next((b for b in order if not reasons[b]), "none")
+            lines.append(f"  {d.op}: auto -> {auto} (auto order: {' > '.join(order)})")
             for name in BACKENDS:
                 r = reasons[name]
                 ok = "can run" + (" (unverified on a GPU: explicit backend only)"
