@@ -34,8 +34,9 @@ class DToPOutput(NamedTuple):
     """What :meth:`ViTDToP.forward` returns (S heads, K classes, token grid Hg x Wg)."""
 
     pred: torch.Tensor  # [B, K, H, W]: softmax(final class logits)[present] * sigmoid(canvas)
-    class_logits: tuple[torch.Tensor, ...]  # S x [B, K, 2]: [present, no object] per head
-    mask_logits: tuple[torch.Tensor, ...]  # S x [B, K, Hg, Wg]: the canvas after head s wrote
+    # Per head that ran (all S unless aux_heads=False):
+    class_logits: tuple[torch.Tensor, ...]  # [B, K, 2]: [present, no object]
+    mask_logits: tuple[torch.Tensor, ...]  # [B, K, Hg, Wg]: the canvas after that head wrote
     active_counts: torch.Tensor  # int64 [S, B]: tokens each stage's blocks and head ran on
     exit_stage: torch.Tensor  # int64 [B, Hg, Wg]: head at which each token exited (else S - 1)
 
@@ -121,23 +122,33 @@ class ViTDToP(nn.Module):
         *,
         backend: str = "auto",
         threshold: float | None = None,
+        aux_heads: bool = True,
     ) -> DToPOutput:
         """img: [B, in_chans, H, W], H and W multiples of the patch size, the model's dtype.
 
         ``mode``: "dense" | "loop" | "packed" (module docstring); ``backend`` goes to the ops
         in packed mode; ``threshold`` overrides the model's for this call ("dense" ignores it).
+        ``aux_heads=False`` skips the auxiliary heads when nothing is pruned ("dense" mode or
+        threshold >= 1), where they cannot change the prediction (the SegViT baseline at
+        inference); the output then holds the final head's logits only (under
+        DistributedDataParallel that leaves parameters unused: ``find_unused_parameters=True``;
+        otherwise every parameter is used and the default works).
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
         grid = self._check_input(img)
         thr = self.threshold if threshold is None else float(threshold)
+        prunes = mode != "dense" and thr < 1.0
+        if prunes and not aux_heads:
+            raise ValueError(f"aux_heads=False needs a run without pruning (mode 'dense' or "
+                             f"threshold >= 1); got mode {mode!r}, threshold {thr}")
         x = self.embed(img)
         if mode == "dense":
-            cls, canvases, counts, exit_stage = self._run_dense(x)
+            cls, canvases, counts, exit_stage = self._run_dense(x, aux_heads)
         elif mode == "loop":
-            cls, canvases, counts, exit_stage = self._run_loop(x, thr)
+            cls, canvases, counts, exit_stage = self._run_loop(x, thr, aux_heads)
         else:
-            cls, canvases, counts, exit_stage = self._run_packed(x, thr, backend)
+            cls, canvases, counts, exit_stage = self._run_packed(x, thr, backend, aux_heads)
         b = img.shape[0]
         masks = tuple(c.reshape(b, self.num_classes, *grid) for c in canvases)
         present = cls[-1].softmax(dim=-1)[..., 0]  # [B, K]
@@ -182,12 +193,17 @@ class ViTDToP(nn.Module):
         return h // p, w // p
 
     # ------------------------------------------------------------------ execution modes
-    def _run_dense(self, x: torch.Tensor):
+    def _runs_head(self, s: int, aux_heads: bool) -> bool:
+        return aux_heads or s == self.num_stages - 1
+
+    def _run_dense(self, x: torch.Tensor, aux_heads: bool):
         b, n, _ = x.shape
         cls, canvases = [], []
         for s, head in enumerate(self.heads):
             for blk in self.stage_blocks(s):
                 x = blk(x)
+            if not self._runs_head(s, aux_heads):
+                continue
             c, m = head(x)
             cls.append(c)
             canvases.append(m)  # every token is active: the head writes the whole canvas
@@ -195,7 +211,7 @@ class ViTDToP(nn.Module):
         exit_stage = torch.full((b, n), self.num_stages - 1, dtype=torch.long, device=x.device)
         return cls, canvases, counts, exit_stage
 
-    def _run_loop(self, x: torch.Tensor, threshold: float):
+    def _run_loop(self, x: torch.Tensor, threshold: float, aux_heads: bool):
         """One image at a time with boolean masks, as the official code (exited tokens' features
         are zeroed there and here; nothing reads them)."""
         b, n, c = x.shape
@@ -213,6 +229,8 @@ class ViTDToP(nn.Module):
                     xi = blk(xi)
                 rows.append(x.new_zeros(n, c).index_put((keep[i],), xi[0]))
             x = torch.stack(rows)
+            if not self._runs_head(s, aux_heads):
+                continue
             outs = [head(x[i, keep[i]].unsqueeze(0)) for i in range(b)]  # ([1,K,2], [1,K,n_i])
             canvas = outs[0][1].new_zeros(b, self.num_classes, n) if canvas is None \
                 else canvas.clone()
@@ -223,6 +241,7 @@ class ViTDToP(nn.Module):
             canvases.append(canvas)
             if s < last and threshold < 1.0:
                 with torch.no_grad():
+                    keep = keep.clone()  # autograd saved the old masks for the index ops
                     for i, (_, m) in enumerate(outs):
                         gone = keep[i].nonzero().squeeze(1)[
                             _official_exits(c_s[i], m[0], threshold, self.top_k)]
@@ -230,7 +249,7 @@ class ViTDToP(nn.Module):
                         exit_stage[i, gone] = s
         return cls, canvases, torch.stack(counts), exit_stage
 
-    def _run_packed(self, x: torch.Tensor, threshold: float, backend: str):
+    def _run_packed(self, x: torch.Tensor, threshold: float, backend: str, aux_heads: bool):
         b, n, c = x.shape
         last = self.num_stages - 1
         tighten = x.device.type == "cpu" if self.tighten is None else self.tighten
@@ -242,6 +261,8 @@ class ViTDToP(nn.Module):
         for s, head in enumerate(self.heads):
             counts.append(tokens.seqlens.long())
             packed = pruned_stage(packed, tokens, self.stage_blocks(s), backend=backend)
+            if not self._runs_head(s, aux_heads):
+                continue
             c_s, m = head(packed, tokens, backend)  # [B, K, 2], [K, capacity]
             base = m.new_zeros(b, n, self.num_classes) if canvas is None else canvas.clone()
             canvas = scatter_tokens(m.t(), tokens, base, backend=backend)  # [B, N, K]
@@ -293,22 +314,22 @@ def _official_exits(
 def vit_dtop_base(num_classes: int = 150, threshold: float = 0.9, **kw) -> ViTDToP:
     """ViT-B/16 + DToP: 12 layers, 768 wide, 12 heads; heads after layers 6, 8, 12 (384 wide,
     6 heads); p0 0.9, top-k 5. ``threshold=1.0`` is the dense SegViT."""
-    cfg = dict(embed_dim=768, depth=12, num_heads=12, stage_ends=(6, 8, 12), head_width=384,
-               head_heads=6, top_k=5)
+    cfg = {"embed_dim": 768, "depth": 12, "num_heads": 12, "stage_ends": (6, 8, 12),
+           "head_width": 384, "head_heads": 6, "top_k": 5}
     return ViTDToP(num_classes, threshold=threshold, **{**cfg, **kw})
 
 
 def vit_dtop_large(num_classes: int = 150, threshold: float = 0.95, **kw) -> ViTDToP:
     """ViT-L/16 + DToP: 24 layers, 1024 wide, 16 heads; heads after layers 8, 16, 24 (512 wide,
     8 heads); p0 0.95, top-k 5."""
-    cfg = dict(embed_dim=1024, depth=24, num_heads=16, stage_ends=(8, 16, 24), head_width=512,
-               head_heads=8, top_k=5)
+    cfg = {"embed_dim": 1024, "depth": 24, "num_heads": 16, "stage_ends": (8, 16, 24),
+           "head_width": 512, "head_heads": 8, "top_k": 5}
     return ViTDToP(num_classes, threshold=threshold, **{**cfg, **kw})
 
 
 def vit_dtop_tiny(num_classes: int = 5, threshold: float = 0.9, **kw) -> ViTDToP:
     """A tiny configuration for tests and examples: 4 layers, 64 wide, 2 heads; heads after
     layers 2, 3, 4 (32 wide, 2 heads, head dim 16); 6 x 6 position grid."""
-    cfg = dict(embed_dim=64, depth=4, num_heads=2, stage_ends=(2, 3, 4), head_width=32,
-               head_heads=2, top_k=5, pos_grid=6)
+    cfg = {"embed_dim": 64, "depth": 4, "num_heads": 2, "stage_ends": (2, 3, 4),
+           "head_width": 32, "head_heads": 2, "top_k": 5, "pos_grid": 6}
     return ViTDToP(num_classes, threshold=threshold, **{**cfg, **kw})

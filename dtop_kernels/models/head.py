@@ -180,6 +180,6 @@ class SegHead(nn.Module):
         """
         b = x.shape[0] if tokens is None else tokens.batch_size
         memory = self.proj_norm(self.input_proj(x))
-        query = self.q.weight.unsqueeze(0).expand(b, -1, -1)
+        query = self.q.weight.repeat(b, 1, 1)  # [B, K, d] (a copy: no view of a parameter)
         query, mask_logits = self.decoder(query, memory, tokens, backend)
         return self.class_embed(query), mask_logits

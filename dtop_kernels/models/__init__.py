@@ -1,0 +1,38 @@
+"""The reference ViT-DToP model (SegViT + Dynamic Token Pruning) on the package's ops.
+
+- :class:`ViTDToP`, :func:`vit_dtop_base`, :func:`vit_dtop_large`, :func:`vit_dtop_tiny`:
+  the model and its configurations; ``model(img, mode="dense" | "loop" | "packed")``.
+- :func:`dtop_loss`: the training loss of every head.
+- :func:`load_timm_backbone`, :func:`load_mmseg_checkpoint`: weight loading.
+- :func:`count_flops`: analytic FLOPs at the actual token counts.
+- :func:`save_pruning_maps`: where tokens exited (matplotlib).
+
+timm and matplotlib are optional and imported only where used.
+"""
+
+from dtop_kernels.models.dtop import (
+    DToPOutput,
+    ViTDToP,
+    vit_dtop_base,
+    vit_dtop_large,
+    vit_dtop_tiny,
+)
+from dtop_kernels.models.flops import FlopCount, count_flops
+from dtop_kernels.models.loading import LoadReport, load_mmseg_checkpoint, load_timm_backbone
+from dtop_kernels.models.losses import dtop_loss
+from dtop_kernels.models.visualize import save_pruning_maps
+
+__all__ = [
+    "DToPOutput",
+    "FlopCount",
+    "LoadReport",
+    "ViTDToP",
+    "count_flops",
+    "dtop_loss",
+    "load_mmseg_checkpoint",
+    "load_timm_backbone",
+    "save_pruning_maps",
+    "vit_dtop_base",
+    "vit_dtop_large",
+    "vit_dtop_tiny",
+]

@@ -1,0 +1,75 @@
+"""Pruning maps: where each token exited, drawn over the image (matplotlib, optional)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+
+def _matplotlib():
+    try:
+        from matplotlib.colors import ListedColormap
+        from matplotlib.figure import Figure
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("save_pruning_maps needs matplotlib: pip install matplotlib") from e
+    return Figure, ListedColormap
+
+
+def save_pruning_maps(
+    image: torch.Tensor,
+    exit_stage: torch.Tensor,
+    path_prefix: str | Path,
+    *,
+    num_stages: int | None = None,
+    stage_ends: Sequence[int] | None = None,
+) -> list[Path]:
+    """Save ``{path_prefix}_{b}.png`` for each image: the image and, over it, the head at which
+    each token exited (one colour per head; the last colour = never exited).
+
+    image: [B, 3, H, W] or [3, H, W] (any range: scaled to [0, 1] per image for display);
+    exit_stage: int [B, Hg, Wg] or [Hg, Wg] (``DToPOutput.exit_stage``). ``num_stages``
+    defaults to ``len(stage_ends)`` or ``exit_stage.max() + 1``; ``stage_ends`` (1-based layer
+    of each head) labels the legend. Returns the paths written.
+    """
+    Figure, ListedColormap = _matplotlib()
+    if image.dim() == 3:
+        image = image[None]
+    if exit_stage.dim() == 2:
+        exit_stage = exit_stage[None]
+    if image.dim() != 4 or exit_stage.dim() != 3 or image.shape[0] != exit_stage.shape[0]:
+        raise ValueError(f"image [B, 3, H, W] and exit_stage [B, Hg, Wg] must agree on B; got "
+                         f"{tuple(image.shape)} and {tuple(exit_stage.shape)}")
+    if num_stages is None:
+        num_stages = len(stage_ends) if stage_ends else int(exit_stage.max()) + 1
+    labels = [f"head {s}" + (f" (layer {stage_ends[s]})" if stage_ends else "")
+              for s in range(num_stages)]
+    labels[-1] += ": never exited"
+    cmap = ListedColormap(["#d62728", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b",
+                           "#e377c2"][:num_stages - 1] + ["#1f77b4"])
+    prefix = Path(path_prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for b in range(image.shape[0]):
+        img = image[b].detach().float().cpu()
+        img = (img - img.min()) / (img.max() - img.min()).clamp(min=1e-12)
+        h, w = img.shape[-2:]
+        ex = exit_stage[b].detach().cpu()
+        fig = Figure(figsize=(8, 4 * h / w + 0.6), layout="constrained")
+        ax_img, ax_map = fig.subplots(1, 2)
+        ax_img.imshow(img.permute(1, 2, 0).numpy())
+        ax_img.set_title("input")
+        ax_map.imshow(img.permute(1, 2, 0).numpy())
+        im = ax_map.imshow(ex.numpy(), cmap=cmap, alpha=0.55, vmin=-0.5,
+                           vmax=num_stages - 0.5, extent=(0, w, h, 0), interpolation="nearest")
+        shares = [f"{100 * float((ex == s).float().mean()):.0f}%" for s in range(num_stages)]
+        ax_map.set_title("exit head per token\n(" + " / ".join(shares) + " of the tokens)")
+        for ax in (ax_img, ax_map):
+            ax.set_axis_off()
+        bar = fig.colorbar(im, ax=ax_map, ticks=range(num_stages), shrink=0.8)
+        bar.ax.set_yticklabels(labels)
+        path = prefix.parent / f"{prefix.name}_{b}.png"
+        fig.savefig(path, dpi=100)
+        paths.append(path)
+    return paths
