@@ -112,6 +112,31 @@ def test_loop_equals_packed_with_pruning(tighten):
         assert torch.equal((exits >= s).sum(1), packed.active_counts[s])
 
 
+def test_exit_logits_override_prunes_the_given_pattern():
+    """Synthesized exit logits go through the real rule identically in loop and packed mode,
+    and the tokens that exit are the ones the rule picks on those logits."""
+    from dtop_kernels import TokenSet, dtop_select
+
+    torch.manual_seed(3)
+    model = vit_dtop_tiny(threshold=0.6).double().eval()
+    img = images(3)
+    b, k, n = 3, model.num_classes, (H // 16) * (W // 16)
+    override = [(torch.randn(b, k, 2, dtype=torch.float64) * 3,
+                 torch.randn(b, k, n, dtype=torch.float64) * 4) for _ in range(2)]
+    with torch.no_grad():
+        loop = model(img, mode="loop", exit_logits=override)
+        packed = model(img, mode="packed", backend=BACKEND, exit_logits=override)
+    assert_outputs_close(packed, loop, atol=1e-10)
+    assert_prunes_differently(packed.active_counts)
+    # The first head's exits are exactly the rule applied to the first override.
+    all_tokens = TokenSet.all_active(b, n)
+    c0, m0 = override[0]
+    want = dtop_select(c0, m0.transpose(0, 1).reshape(k, b * n), all_tokens, 0.6).exited
+    assert torch.equal(packed.exit_stage.flatten(1) == 0, want)
+    with pytest.raises(ValueError, match="exit_logits"):
+        model(img, exit_logits=override[:1])
+
+
 def test_image_output_independent_of_batch():
     model = prunable_model()
     img = images(3)

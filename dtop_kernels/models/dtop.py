@@ -123,6 +123,7 @@ class ViTDToP(nn.Module):
         backend: str = "auto",
         threshold: float | None = None,
         aux_heads: bool = True,
+        exit_logits: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> DToPOutput:
         """img: [B, in_chans, H, W], H and W multiples of the patch size, the model's dtype.
 
@@ -133,6 +134,11 @@ class ViTDToP(nn.Module):
         inference); the output then holds the final head's logits only (under
         DistributedDataParallel that leaves parameters unused: ``find_unused_parameters=True``;
         otherwise every parameter is used and the default works).
+
+        ``exit_logits``: one ``(class_logits [B, K, 2], mask_logits [B, K, Hg*Wg])`` per auxiliary
+        head that the exit rule sees instead of the head's own outputs (the heads still run and
+        still write the canvas). For benchmarks and studies without trained weights: the real
+        rule then prunes a chosen pattern, identically in "loop" and "packed" modes.
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
@@ -143,12 +149,15 @@ class ViTDToP(nn.Module):
             raise ValueError(f"aux_heads=False needs a run without pruning (mode 'dense' or "
                              f"threshold >= 1); got mode {mode!r}, threshold {thr}")
         x = self.embed(img)
+        if exit_logits is not None:
+            self._check_exit_logits(exit_logits, x.shape[0], x.shape[1])
         if mode == "dense":
             cls, canvases, counts, exit_stage = self._run_dense(x, aux_heads)
         elif mode == "loop":
-            cls, canvases, counts, exit_stage = self._run_loop(x, thr, aux_heads)
+            cls, canvases, counts, exit_stage = self._run_loop(x, thr, aux_heads, exit_logits)
         else:
-            cls, canvases, counts, exit_stage = self._run_packed(x, thr, backend, aux_heads)
+            cls, canvases, counts, exit_stage = self._run_packed(x, thr, backend, aux_heads,
+                                                                 exit_logits)
         b = img.shape[0]
         masks = tuple(c.reshape(b, self.num_classes, *grid) for c in canvases)
         present = cls[-1].softmax(dim=-1)[..., 0]  # [B, K]
@@ -168,6 +177,17 @@ class ViTDToP(nn.Module):
         for blk in self.blocks:
             x = blk(x)
         return x
+
+    def _check_exit_logits(self, exit_logits, b: int, n: int) -> None:
+        k = self.num_classes
+        if len(exit_logits) != self.num_stages - 1:
+            raise ValueError(f"exit_logits needs one (class_logits, mask_logits) pair per "
+                             f"auxiliary head ({self.num_stages - 1}); got {len(exit_logits)}")
+        for s, (c, m) in enumerate(exit_logits):
+            if tuple(c.shape) != (b, k, 2) or tuple(m.shape) != (b, k, n):
+                raise ValueError(f"exit_logits[{s}] must be ([B, K, 2], [B, K, N]) = "
+                                 f"({(b, k, 2)}, {(b, k, n)}); got ({tuple(c.shape)}, "
+                                 f"{tuple(m.shape)})")
 
     def _check_input(self, img: torch.Tensor) -> tuple[int, int]:
         if not isinstance(img, torch.Tensor):
@@ -211,7 +231,7 @@ class ViTDToP(nn.Module):
         exit_stage = torch.full((b, n), self.num_stages - 1, dtype=torch.long, device=x.device)
         return cls, canvases, counts, exit_stage
 
-    def _run_loop(self, x: torch.Tensor, threshold: float, aux_heads: bool):
+    def _run_loop(self, x: torch.Tensor, threshold: float, aux_heads: bool, exit_logits=None):
         """One image at a time with boolean masks, as the official code (exited tokens' features
         are zeroed there and here; nothing reads them)."""
         b, n, c = x.shape
@@ -243,13 +263,17 @@ class ViTDToP(nn.Module):
                 with torch.no_grad():
                     keep = keep.clone()  # autograd saved the old masks for the index ops
                     for i, (_, m) in enumerate(outs):
+                        c_i, m_i = c_s[i], m[0]
+                        if exit_logits is not None:
+                            c_i, m_i = exit_logits[s][0][i], exit_logits[s][1][i][:, keep[i]]
                         gone = keep[i].nonzero().squeeze(1)[
-                            _official_exits(c_s[i], m[0], threshold, self.top_k)]
+                            _official_exits(c_i, m_i, threshold, self.top_k)]
                         keep[i, gone] = False
                         exit_stage[i, gone] = s
         return cls, canvases, torch.stack(counts), exit_stage
 
-    def _run_packed(self, x: torch.Tensor, threshold: float, backend: str, aux_heads: bool):
+    def _run_packed(self, x: torch.Tensor, threshold: float, backend: str, aux_heads: bool,
+                    exit_logits=None):
         b, n, c = x.shape
         last = self.num_stages - 1
         tighten = x.device.type == "cpu" if self.tighten is None else self.tighten
@@ -269,8 +293,12 @@ class ViTDToP(nn.Module):
             cls.append(c_s)
             canvases.append(canvas.transpose(1, 2))
             if s < last and threshold < 1.0:
-                sel = dtop_select(c_s.detach(), m.detach(), tokens, threshold, self.top_k,
-                                  backend=backend)
+                c_sel, m_sel = c_s.detach(), m.detach()
+                if exit_logits is not None:  # dense [B, K, N] -> packed columns [K, capacity]
+                    c_sel = exit_logits[s][0]
+                    flat = exit_logits[s][1].transpose(0, 1).reshape(self.num_classes, b * n)
+                    m_sel = flat[:, tokens.indices.clamp(min=0).long()]
+                sel = dtop_select(c_sel, m_sel, tokens, threshold, self.top_k, backend=backend)
                 exit_stage = torch.where(sel.exited, s, exit_stage)
                 new = sel.tokens.tighten() if tighten else sel.tokens
                 packed = repack(packed, tokens, new)
