@@ -133,3 +133,26 @@ def test_layer_norm_tokens_fp16():
     err = (y[:nv].double() - exact).abs().max()
     err_ref = (same_dtype.double() - exact).abs().max()
     assert err <= 2 * err_ref + 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_packed_forward_makes_no_host_sync(backend):
+    """A pruned packed forward (blocks, heads, selection, canvas) never waits for the GPU."""
+    from dtop_kernels.models import vit_dtop_tiny
+    from dtop_kernels.models.synthetic import make_heads_confident_, synthetic_images
+
+    torch.manual_seed(0)
+    model = make_heads_confident_(vit_dtop_tiny(threshold=0.5)).cuda().eval()
+    img = synthetic_images(3, 128, 96).cuda()
+    with torch.no_grad():
+        ref = model(img, mode="loop")
+        model(img, mode="packed", backend=backend)  # compile / warm up outside the check
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = model(img, mode="packed", backend=backend)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(out.active_counts, ref.active_counts)
+    torch.testing.assert_close(out.pred, ref.pred, atol=1e-4, rtol=0)
