@@ -92,4 +92,49 @@ struct alignas(sizeof(T) * kVec) Pack {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// ---------------------------------------------------------------------------- host checks
+// Throws std::invalid_argument (ValueError in Python) prefixed with the op name.
+[[noreturn]] inline void fail(const char* op, const std::string& msg) {
+  throw std::invalid_argument(std::string(op) + ": " + msg);
+}
+
+inline void require(bool ok, const char* op, const std::string& msg) {
+  if (!ok) fail(op, msg);
+}
+
+inline bool aligned_to(const void* p, int64_t bytes) {
+  return reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes) == 0;
+}
+
+// ---------------------------------------------------------------------------- device helpers
+// Rows [0, valid) of a packed buffer are tokens: valid = cu_seqlens[batch] clamped to
+// [0, capacity]; read on the device, so the host never waits for it.
+__device__ __forceinline__ int64_t valid_rows(const int32_t* cu_seqlens, int64_t batch,
+                                              int64_t capacity) {
+  const int64_t t = cu_seqlens[batch];
+  return t < 0 ? 0 : (t > capacity ? capacity : t);
+}
+
+// Packed rows of image b: [start, start + len), both clamped to [0, capacity].
+struct Segment {
+  int64_t start;
+  int64_t len;
+};
+
+__device__ __forceinline__ Segment image_segment(const int32_t* cu_seqlens, int64_t b,
+                                                 int64_t capacity) {
+  int64_t lo = cu_seqlens[b], hi = cu_seqlens[b + 1];
+  lo = lo < 0 ? 0 : (lo > capacity ? capacity : lo);
+  hi = hi < lo ? lo : (hi > capacity ? capacity : hi);
+  return Segment{lo, hi - lo};
+}
+
+__device__ __forceinline__ int64_t ceil_div_dev(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
+
 }  // namespace dtop

@@ -12,13 +12,6 @@ constexpr int kWarpsPerBlock = 4;  // one row per warp
 constexpr int kThreads = kWarpSize * kWarpsPerBlock;
 constexpr int64_t kMaxBlocks = 65536;  // beyond this, warps loop over rows (grid stride)
 
-// T = cu_seqlens[batch], clamped to [0, capacity] so padding entries are never used as rows.
-__device__ __forceinline__ int64_t valid_rows(const int32_t* cu_seqlens, int64_t batch,
-                                              int64_t capacity) {
-  const int64_t t = cu_seqlens[batch];
-  return t < 0 ? 0 : (t > capacity ? capacity : t);
-}
-
 __device__ __forceinline__ int64_t first_row() {
   return int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
 }

@@ -25,4 +25,69 @@ void scatter_rows(const void* src, const int32_t* indices, const int32_t* cu_seq
                   int64_t batch, int64_t capacity, int64_t num_cols, int dtype, bool add,
                   void* stream);
 
+// ---------------------------------------------------------------------------- layernorm
+// Row path: rows i < T are normalized, rows T <= i < capacity are padding.
+// `weight_dtype` (weight and bias) is `dtype` or 0 = float32. Row strides are in elements.
+
+// y[i] = LayerNorm(x[r]) * weight + bias with r = indices[i] (gather) or i; mean[i], rstd[i] in
+// float32 (rstd = 1 / sqrt(var + eps), biased var). x_out (nullable) receives the raw row x[r].
+// Padding rows: y = x_out = 0, mean = rstd = 0.
+// x: [rows, num_cols] (dense [B * N] rows with gather, else [capacity]); y, x_out: [capacity, ...].
+void layernorm_fwd(const void* x, const int32_t* indices, const int32_t* cu_seqlens,
+                   const void* weight, const void* bias, void* y, void* x_out, float* mean,
+                   float* rstd, int64_t batch, int64_t capacity, int64_t num_cols,
+                   int64_t x_stride, int64_t y_stride, int64_t x_out_stride, double eps,
+                   bool gather, int dtype, int weight_dtype, void* stream);
+
+// Backward of layernorm_fwd. dx: [capacity, num_cols] packed (never scattered); padding rows get
+// dx_add's row (or 0 when dx_add is null); valid rows get the LayerNorm gradient + dx_add's row.
+// dweight / dbias [num_cols] (weight_dtype) are reduced from `partials`, a float32 workspace of
+// 2 * num_partials * num_cols elements (one partial row per block; num_partials blocks run).
+void layernorm_bwd(const void* dy, const void* x, const int32_t* indices,
+                   const int32_t* cu_seqlens, const void* weight, const float* mean,
+                   const float* rstd, const void* dx_add, void* dx, float* partials,
+                   void* dweight, void* dbias, int64_t batch, int64_t capacity,
+                   int64_t num_cols, int64_t dy_stride, int64_t x_stride, int64_t dx_stride,
+                   int64_t dx_add_stride, int64_t num_partials, bool gather, int dtype,
+                   int weight_dtype, void* stream);
+
+// ---------------------------------------------------------------------------- dtop_select
+// Bytes of device workspace dtop_select needs for this capacity (256-byte aligned buffer).
+// Queries CUB for the current device: call it with that device current.
+int64_t select_workspace_bytes(int64_t capacity);
+
+// The DToP exit rule on the token set (indices, cu_seqlens) and its compaction, no host sync.
+// class_logits [B, K, 2] (strides class_stride_b, class_stride_k, 1; class_dtype);
+// mask_logits [K, capacity] (row stride mask_stride, mask_dtype), column j = slot j.
+// Per valid slot: conf / label = max / argmax_c sigmoid(l_present - l_none) * sigmoid(mask) in
+// float32 (lowest class on ties); candidates have conf > threshold; a candidate exits when at
+// least top_k candidates of its image and label beat it (higher conf, or equal conf at a lower
+// slot). Outputs: next_indices [capacity] (kept slots in order, -1 after), next_cu_seqlens
+// [B + 1], exited [B * N] uint8 (1 where a token exits here, 0 elsewhere).
+void dtop_select(const void* class_logits, const void* mask_logits, const int32_t* indices,
+                 const int32_t* cu_seqlens, int32_t* next_indices, int32_t* next_cu_seqlens,
+                 uint8_t* exited, void* workspace, int64_t workspace_bytes, int64_t batch,
+                 int64_t seq_len, int64_t capacity, int64_t max_seqlen, int64_t num_classes,
+                 int64_t class_stride_b, int64_t class_stride_k, int64_t mask_stride,
+                 double threshold, int64_t top_k, int class_dtype, int mask_dtype,
+                 void* stream);
+
+// ---------------------------------------------------------------------------- attention
+// Varlen attention over packed images, float16 / bfloat16 only (dtype 1 or 2), head dim
+// 32, 64, 80, 96 or 128. q [cap_q, H, D], k / v [cap_k, H, D] with token / head strides in
+// elements (multiples of 8, 16-byte aligned bases, last stride 1); image b owns query rows
+// cu_seqlens_q[b]..cu_seqlens_q[b + 1] and key rows cu_seqlens_k[b]..cu_seqlens_k[b + 1].
+// lse / delta are float32 [H, cap_q] (contiguous). Rows of padding (past T) are never written.
+
+// out = softmax(q k^T * scale) v per image and head (zero for an image without keys);
+// lse = log2 of the softmax denominator of the scores times scale * log2(e) (base 2; -inf
+// without keys).
+void attention_fwd(const void* q, const void* k, const void* v, void* out, float* lse,
+                   const int32_t* cu_seqlens_q, const int32_t* cu_seqlens_k, int64_t batch,
+                   int64_t heads, int64_t head_dim, int64_t capacity_q, int64_t capacity_k,
+                   int64_t max_seqlen_q, int64_t q_stride_t, int64_t q_stride_h,
+                   int64_t k_stride_t, int64_t k_stride_h, int64_t v_stride_t,
+                   int64_t v_stride_h, int64_t out_stride_t, int64_t out_stride_h, double scale,
+                   int dtype, void* stream);
+
 }  // namespace dtop

@@ -12,6 +12,7 @@ def interpret_blocks() -> int:
     return 16 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else 0
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs get exact fp32 products ("ieee"), not TF32: the reference is fp32."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+def dot_precision(dtype: torch.dtype) -> str | None:
+    """fp32 inputs get exact fp32 products ("ieee"), not TF32: the reference is fp32. Other
+    dtypes keep Triton's default (None)."""
+    return "ieee" if dtype == torch.float32 else None
