@@ -204,11 +204,15 @@ def _logits_kernel(
              (acc * logit_scale).to(L.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-def _blocks(d: int) -> tuple[int, int, int]:
+def _blocks(d: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D): the head dim padded to a power of two; fp32 tiles are
+    smaller (exact fp32 products need more registers)."""
     block_d = max(16, triton.next_power_of_2(d))
     small = interpret_blocks()
     if small:
         return small, small, block_d
+    if dtype == torch.float32:
+        return 32, 32, block_d
     return (64, 64, block_d) if block_d <= 64 else (64, 32, block_d)
 
 
@@ -221,7 +225,7 @@ def attention_fwd(
     b = cu_q.shape[0] - 1
     out = torch.zeros_like(q)
     lse = torch.zeros(h, tq, device=q.device, dtype=torch.float32)
-    bm, bn, bd = _blocks(d)
+    bm, bn, bd = _blocks(d, q.dtype)
     grid = (triton.cdiv(max_q, bm), b, h)
     if tq and b and max_q:
         _fwd_kernel[grid](
@@ -244,7 +248,7 @@ def attention_bwd(
     do = do if do.stride(-1) == 1 else do.contiguous()
     delta = (out.float() * do.float()).sum(-1).t().contiguous()  # [H, Tq]
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    bm, bn, bd = _blocks(d)
+    bm, bn, bd = _blocks(d, q.dtype)
     prec = dot_precision(q.dtype)
     common = (cu_q, cu_k, tq, k.shape[0], scale * LOG2E, scale,
               q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -270,7 +274,7 @@ def head_mean_logits(
     tq, h, d = q.shape
     b = cu_k.shape[0] - 1
     out = torch.zeros(num_q, k.shape[0], device=q.device, dtype=q.dtype)
-    bm, bn, bd = _blocks(d)
+    bm, bn, bd = _blocks(d, q.dtype)
     bm = min(bm, max(16, triton.next_power_of_2(num_q)))
     if b and num_q and max_k:
         _logits_kernel[(triton.cdiv(num_q, bm), triton.cdiv(max_k, bn), b)](
