@@ -2,6 +2,7 @@
 
     python tests/compile_kernels.py --arch 90            # the default matrix for sm_90
     python tests/compile_kernels.py --arch 80 --full     # every dtype and head dim
+    python tests/compile_kernels.py --resources          # + registers / spills per kernel
 
 The CPU interpreter runs the kernels' logic but not the compiler, which can reject code the
 interpreter accepts (types, layouts, shared memory). Each launcher runs once on CPU tensors with
@@ -60,7 +61,7 @@ def _patch(calls: list) -> None:
                 setattr(mod, name, _Recorder(obj, calls))
 
 
-def compile_call(fn, args, kwargs, arch: int) -> None:
+def compile_call(fn, args, kwargs, arch: int):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -86,6 +87,31 @@ def compile_call(fn, args, kwargs, arch: int) -> None:
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     if not compiled.asm.get("cubin"):
         raise RuntimeError(f"{fn.__name__}: no cubin")
+    return compiled
+
+
+def resource_usage(compiled) -> str:
+    """Registers, spills and shared memory of a compiled kernel (cuobjdump shipped with
+    Triton's NVIDIA backend)."""
+    import re
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True,
+                             text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+    if not m:
+        return "resource usage unavailable"
+    reg, stack, _, local = m.groups()
+    return (f"regs {reg}, stack {stack} B, local {local} B, shared "
+            f"{compiled.metadata.shared} B, warps {compiled.metadata.num_warps}")
 
 
 def record_all(cases: list[tuple[torch.dtype, list[int]]]) -> list:
@@ -132,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80 or 90")
     p.add_argument("--full", action="store_true", help="every dtype x head dims 32..128")
+    p.add_argument("--resources", action="store_true", help="print registers / spills")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: the interpreter replaces the compiler", file=sys.stderr)
@@ -145,7 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     kernels = sorted({fn.__name__ for fn, _, _ in calls})
     t0 = time.perf_counter()
     for fn, a, kw in calls:
-        compile_call(fn, a, kw, args.arch)
+        compiled = compile_call(fn, a, kw, args.arch)
+        if args.resources:
+            dts = sorted({str(v.dtype).replace("torch.", "") for v in a
+                          if isinstance(v, torch.Tensor) and v.is_floating_point()})
+            shape = {k: kw[k] for k in kw if k.startswith(("BLOCK", "D"))}
+            print(f"  {fn.__name__:17s} {'/'.join(dts):9s} {shape}: {resource_usage(compiled)}")
     print(f"sm_{args.arch}: compiled {len(calls)} launches of {len(kernels)} kernels "
           f"({', '.join(kernels)}) in {time.perf_counter() - t0:.0f} s")
     return 0

@@ -204,16 +204,22 @@ def _logits_kernel(
              (acc * logit_scale).to(L.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-def _blocks(d: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D): the head dim padded to a power of two; fp32 tiles are
-    smaller (exact fp32 products need more registers)."""
+def _blocks(d: int, dtype: torch.dtype, kind: str = "bwd") -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps) for ``kind`` "fwd" | "bwd" | "logits".
+
+    The head dim is padded to a power of two. Chosen from ahead-of-time compiles for sm_90
+    (tests/compile_kernels.py --resources): no register spills at these sizes; fp32 (exact
+    products) gets small tiles. Not yet tuned by timing on a GPU.
+    """
     block_d = max(16, triton.next_power_of_2(d))
     small = interpret_blocks()
     if small:
-        return small, small, block_d
+        return small, small, block_d, 4
     if dtype == torch.float32:
-        return 32, 32, block_d
-    return (64, 64, block_d) if block_d <= 64 else (64, 32, block_d)
+        return 32, 32, block_d, 8
+    if kind == "fwd":
+        return (128, 64, block_d, 8) if block_d <= 64 else (128, 32, block_d, 8)
+    return (64, 64, block_d, 8) if block_d <= 64 else (64, 32, block_d, 8)
 
 
 def attention_fwd(
@@ -225,14 +231,14 @@ def attention_fwd(
     b = cu_q.shape[0] - 1
     out = torch.zeros_like(q)
     lse = torch.zeros(h, tq, device=q.device, dtype=torch.float32)
-    bm, bn, bd = _blocks(d, q.dtype)
+    bm, bn, bd, warps = _blocks(d, q.dtype, "fwd")
     grid = (triton.cdiv(max_q, bm), b, h)
     if tq and b and max_q:
         _fwd_kernel[grid](
             q, k, v, out, lse, cu_q, cu_k, tq, k.shape[0], scale * LOG2E,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), lse.stride(0),
-            D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PREC=dot_precision(q.dtype),
+            D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PREC=dot_precision(q.dtype), num_warps=warps,
         )
     return out, lse
 
@@ -248,7 +254,7 @@ def attention_bwd(
     do = do if do.stride(-1) == 1 else do.contiguous()
     delta = (out.float() * do.float()).sum(-1).t().contiguous()  # [H, Tq]
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    bm, bn, bd = _blocks(d, q.dtype)
+    bm, bn, bd, warps = _blocks(d, q.dtype, "bwd")
     prec = dot_precision(q.dtype)
     common = (cu_q, cu_k, tq, k.shape[0], scale * LOG2E, scale,
               q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -257,12 +263,12 @@ def attention_bwd(
         _bwd_dkdv_kernel[(triton.cdiv(max_k, bn), b, h)](
             q, k, v, do, lse, delta, dk, dv, *common,
             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PREC=prec,
+            D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PREC=prec, num_warps=warps,
         )
     if b and max_q and k.shape[0]:
         _bwd_dq_kernel[(triton.cdiv(max_q, bm), b, h)](
             q, k, v, do, lse, delta, dq, *common, dq.stride(0), dq.stride(1),
-            D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PREC=prec,
+            D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PREC=prec, num_warps=warps,
         )
     return dq, dk, dv
 
@@ -274,13 +280,14 @@ def head_mean_logits(
     tq, h, d = q.shape
     b = cu_k.shape[0] - 1
     out = torch.zeros(num_q, k.shape[0], device=q.device, dtype=q.dtype)
-    bm, bn, bd = _blocks(d, q.dtype)
+    bm, bn, bd, warps = _blocks(d, q.dtype, "logits")
     bm = min(bm, max(16, triton.next_power_of_2(num_q)))
     if b and num_q and max_k:
         _logits_kernel[(triton.cdiv(num_q, bm), triton.cdiv(max_k, bn), b)](
             q, k, out, cu_k, k.shape[0], num_q, scale / h,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0),
             h, D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PREC=dot_precision(q.dtype),
+            num_warps=warps,
         )
     return out
 

@@ -43,27 +43,29 @@ def _linear_kernel(
     n_ok = offs_n < N
     rows = offs_m.to(tl.int64)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if pid_m * BLOCK_M < total:
-        offs_k = tl.arange(0, BLOCK_K)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + offs_k
-            k_ok = kk < K
-            a = tl.load(X + rows[:, None] * sx + kk[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                        other=0.0)
-            w = tl.load(W + offs_n[:, None].to(tl.int64) * sw + kk[None, :],
-                        mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            acc += tl.dot(a, tl.trans(w), input_precision=PREC)
-        if HAS_BIAS:
-            acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        if SAVE_PRE:
-            tl.store(Z + rows[:, None] * sz + offs_n[None, :], acc.to(Z.dtype.element_ty),
-                     mask=(offs_m < cap)[:, None] & n_ok[None, :])
-        if ACT == 1:  # exact GELU
-            acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
-        if HAS_RES:
-            acc += tl.load(R + rows[:, None] * sr + offs_n[None, :],
-                           mask=row_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
-        acc = tl.where(row_ok[:, None], acc, 0.0)
+    # Tiles past the valid rows run no iterations: no FLOPs for pruned rows.
+    k_end = tl.where(pid_m * BLOCK_M < total, K, 0)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = X + rows[:, None] * sx + offs_k[None, :]
+    w_ptrs = W + offs_k[:, None] + offs_n[None, :].to(tl.int64) * sw  # W^T tile [K, N]
+    for k0 in range(0, k_end, BLOCK_K):
+        k_ok = (k0 + offs_k) < K
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc += tl.dot(a, w, input_precision=PREC)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if HAS_BIAS:
+        acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if SAVE_PRE:
+        tl.store(Z + rows[:, None] * sz + offs_n[None, :], acc.to(Z.dtype.element_ty),
+                 mask=(offs_m < cap)[:, None] & n_ok[None, :])
+    if ACT == 1:  # exact GELU
+        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+    if HAS_RES:
+        acc += tl.load(R + rows[:, None] * sr + offs_n[None, :],
+                       mask=row_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+    acc = tl.where(row_ok[:, None], acc, 0.0)
     if SCATTER:
         dst = tl.load(IDX + offs_m, mask=row_ok, other=0).to(tl.int64)
         tl.store(Y + dst[:, None] * sy + offs_n[None, :], acc.to(Y.dtype.element_ty),
@@ -79,7 +81,7 @@ def _config(dtype: torch.dtype) -> dict:
         return dict(BLOCK_M=small, BLOCK_N=small, BLOCK_K=small, GROUP_M=4)
     if dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=4)
 
 
 def linear_fwd(
