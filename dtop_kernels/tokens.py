@@ -103,7 +103,8 @@ class TokenSet:
 
         Without ``capacity`` the set is exact, which reads the count back to the host once.
         With ``capacity`` (>= the true total, e.g. ``B * N``) there is no host sync; padding fills
-        the rest. ``max_seqlen`` is N in that case.
+        the rest. ``max_seqlen`` is N in that case. A total above ``capacity`` raises on CPU; on
+        CUDA it cannot be seen without a sync: ``validate()`` catches it.
         """
         if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.dim() != 2:
             raise TypeError(
@@ -124,7 +125,7 @@ class TokenSet:
         flat = keep.reshape(-1)
         dest = torch.cumsum(flat, dim=0, dtype=torch.int64) - 1
         dest = torch.where(flat, dest, capacity)  # dropped tokens land in a spare slot
-        dest = dest.clamp_(max=capacity)  # tokens past capacity are an error, caught below
+        dest = dest.clamp_(max=capacity)  # tokens past capacity land in the spare slot too
         buf = torch.full((capacity + 1,), PAD_INDEX, dtype=torch.int32, device=keep.device)
         buf.scatter_(0, dest, torch.arange(b * n, dtype=torch.int32, device=keep.device))
         indices = buf[:capacity]

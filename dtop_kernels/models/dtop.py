@@ -297,7 +297,7 @@ class ViTDToP(nn.Module):
                 if exit_logits is not None:  # dense [B, K, N] -> packed columns [K, capacity]
                     c_sel = exit_logits[s][0]
                     flat = exit_logits[s][1].transpose(0, 1).reshape(self.num_classes, b * n)
-                    m_sel = flat[:, tokens.indices.clamp(min=0).long()]
+                    m_sel = flat[:, torch.where(tokens.valid_slots(), tokens.indices, 0).long()]
                 sel = dtop_select(c_sel, m_sel, tokens, threshold, self.top_k, backend=backend)
                 exit_stage = torch.where(sel.exited, s, exit_stage)
                 new = sel.tokens.tighten() if tighten else sel.tokens

@@ -43,7 +43,7 @@ def gather_masked(x: torch.Tensor, tokens: TokenSet) -> torch.Tensor:
     b, n, c = x.shape
     flat = x.reshape(b * n, c)
     valid = tokens.valid_slots()
-    packed = flat.index_select(0, tokens.indices.clamp(min=0))
+    packed = flat.index_select(0, torch.where(valid, tokens.indices, 0))  # padding: any value
     return torch.where(valid[:, None], packed, packed.new_zeros(()))
 
 

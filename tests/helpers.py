@@ -1,0 +1,93 @@
+"""Test helpers: device, backend parameters, ragged inputs, the error-ratio tolerance rule."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from dtop_kernels import TokenSet
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _triton_skip() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if DEVICE.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return "no GPU and TRITON_INTERPRET is not set"
+    return None
+
+
+def _cuda_skip() -> str | None:
+    if DEVICE.type != "cuda":
+        return "the compiled CUDA kernels need a GPU"
+    from dtop_kernels.cuda import unavailable_reasons
+
+    r = unavailable_reasons()
+    return "; ".join(r) if r else None
+
+
+def backend_marks(name: str) -> list:
+    """A skip mark (with the reason) when backend ``name`` cannot run here, else none."""
+    why = {"torch": lambda: None, "triton": _triton_skip, "cuda": _cuda_skip}[name]()
+    return [pytest.mark.skip(reason=why)] if why else []
+
+
+def backend_params(*names: str) -> list:
+    """``pytest.param`` per backend, skipped (with the reason) where it cannot run here."""
+    return [pytest.param(name, id=name, marks=backend_marks(name)) for name in names]
+
+
+def skip_interpreter_bf16_dot(backend: str, dtype: torch.dtype) -> None:
+    """Triton 3.x's CPU interpreter computes ``tl.dot`` on bf16 operands wrongly (garbage of
+    order 1e10 on a plain 16x16 product): bf16 matmul kernels are checked on a GPU only."""
+    if backend == "triton" and dtype == torch.bfloat16 and DEVICE.type == "cpu":
+        pytest.skip("the Triton CPU interpreter's tl.dot is wrong for bf16 operands")
+
+
+def random_keep(b: int, n: int, counts: list[int], gen: torch.Generator) -> torch.Tensor:
+    """Bool [B, N] with ``counts[i]`` active tokens at random positions in image i."""
+    keep = torch.zeros(b, n, dtype=torch.bool)
+    for i, c in enumerate(counts):
+        keep[i, torch.randperm(n, generator=gen)[:c]] = True
+    return keep
+
+
+def make_tokens(keep: torch.Tensor, layout: str) -> TokenSet:
+    """TokenSet of ``keep`` on DEVICE. layout: "exact" (capacity T), "padded" (capacity between T
+    and B*N, padding slots), or "full" (capacity B*N, max_seqlen N)."""
+    keep = keep.to(DEVICE)
+    if layout == "exact":
+        return TokenSet.from_mask(keep)
+    b, n = keep.shape
+    t = int(keep.sum())
+    cap = b * n if layout == "full" else min(b * n, t + 5)
+    return TokenSet.from_mask(keep, capacity=cap)
+
+
+def cu_from_counts(counts: list[int]) -> torch.Tensor:
+    cu = [0]
+    for c in counts:
+        cu.append(cu[-1] + c)
+    return torch.tensor(cu, dtype=torch.int32, device=DEVICE)
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.numel() == 0:
+        return 0.0
+    return float((a.double() - b.double()).abs().max())
+
+
+def assert_err_rule(
+    got: torch.Tensor, same_dtype: torch.Tensor, exact: torch.Tensor, floor: float, what: str = ""
+) -> None:
+    """flash-attention's rule: err(kernel) <= 2 * err(PyTorch in the same dtype) + floor, both
+    measured against ``exact`` (float64)."""
+    assert got.shape == exact.shape, f"{what}: shape {tuple(got.shape)} != {tuple(exact.shape)}"
+    assert torch.isfinite(got).all(), f"{what}: non-finite values"
+    err = max_err(got, exact)
+    base = max_err(same_dtype, exact)
+    assert err <= 2 * base + floor, f"{what}: error {err:.3g} > 2 * {base:.3g} + {floor:g}"

@@ -1,0 +1,263 @@
+"""dtop_select against a literal per-image, per-class implementation of the DToP exit rule."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from helpers import DEVICE, backend_marks, backend_params, make_tokens, random_keep
+from naive import naive_select
+
+from dtop_kernels import BackendError, Selection, TokenSet, dtop_select
+
+BACKENDS = backend_params("torch", "triton")
+
+
+def _slot_logits(dense: torch.Tensor, keep: torch.Tensor, capacity: int) -> torch.Tensor:
+    """[B, K, N] per-token mask logits -> the op's layout [K, capacity]: column j for the j-th
+    active token (image then position). Padding columns get very confident logits, which must
+    be ignored."""
+    b_idx, n_idx = keep.nonzero(as_tuple=True)
+    k = dense.shape[1]
+    out = torch.full((k, capacity), 30.0, dtype=dense.dtype, device=dense.device)
+    out[:, : b_idx.numel()] = dense[b_idx, :, n_idx].t()
+    return out
+
+
+def _logits(b, k, n, gen, quantize: float | None, dup_classes: bool):
+    """class logits [B, K, 2] and dense mask logits [B, K, N]; quantized so that exact ties in
+    confidence happen (equal inputs give bit-equal scores in any implementation)."""
+    cls = torch.randn(b, k, 2, generator=gen) * 2
+    cls[..., 0] += 2.0  # most classes "present" so confidences can pass high thresholds
+    ml = torch.randn(b, k, n, generator=gen) * 3
+    if quantize:
+        cls = torch.round(cls / quantize) * quantize
+        ml = torch.round(ml / quantize) * quantize
+    if dup_classes and k > 1:
+        # Pairs of classes with identical class logits and mask logits: argmax ties across c.
+        cls[:, 1::2] = cls[:, 0:-1:2][:, : cls[:, 1::2].shape[1]]
+        ml[:, 1::2] = ml[:, 0:-1:2][:, : ml[:, 1::2].shape[1]]
+    return cls, ml
+
+
+def _check(sel: Selection, keep: torch.Tensor, ts: TokenSet, expected_exit: torch.Tensor):
+    assert isinstance(sel, Selection)
+    assert sel.exited.dtype == torch.bool and sel.exited.shape == keep.shape
+    mismatch = (sel.exited.cpu() != expected_exit).nonzero().tolist()
+    assert not mismatch, f"exit mask differs from the naive rule at (b, n) = {mismatch[:10]}"
+    nxt = sel.tokens
+    assert nxt.capacity == ts.capacity and nxt.max_seqlen == ts.max_seqlen
+    assert (nxt.batch_size, nxt.seq_len) == (ts.batch_size, ts.seq_len)
+    remaining = keep.cpu() & ~expected_exit
+    assert torch.equal(nxt.keep_mask().cpu(), remaining)
+    cu = torch.zeros(keep.shape[0] + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(remaining.sum(1), 0)
+    assert torch.equal(nxt.cu_seqlens.cpu(), cu)
+    nxt.validate()
+    t = int(cu[-1])
+    assert torch.all(nxt.indices[t:] == -1), "padding slots of the next set must hold -1"
+
+
+SHAPES = {
+    "B1-K3-N16": (1, 3, 16),
+    "B4-K7-N37": (4, 7, 37),
+    "B2-K150-N64": (2, 150, 64),
+    "B3-K7-N64": (3, 7, 64),
+    "B1-K150-N16": (1, 150, 16),
+}
+REGIMES = {  # threshold, quantization step, duplicated classes
+    "many-candidates": (0.5, None, False),
+    "ties": (0.8, 0.5, True),
+    "few-candidates": (0.97, None, False),
+}
+
+
+def _grid() -> list:
+    """(seed, shape, regime, top_k, backend): the full grid on the torch backend; a subset on
+    Triton, which runs under the (slow) CPU interpreter without a GPU."""
+    full = itertools.product((0, 1), ("B1-K3-N16", "B4-K7-N37", "B2-K150-N64", "B3-K7-N64"),
+                             REGIMES, (0, 1, 5))
+    subset = list(itertools.product((0,), ("B4-K7-N37",), REGIMES, (0, 1, 5)))
+    subset += [(1, "B3-K7-N64", "ties", 5), (0, "B1-K150-N16", "many-candidates", 5),
+               (1, "B1-K150-N16", "ties", 1)]
+    params = []
+    for backend, grid in (("torch", full), ("triton", subset)):
+        for seed, shape, regime, top_k in grid:
+            params.append(pytest.param(
+                seed, shape, regime, top_k, backend, marks=backend_marks(backend),
+                id=f"seed{seed}-{shape}-{regime}-top{top_k}-{backend}"))
+    return params
+
+
+@pytest.mark.parametrize("seed,shape,regime,top_k,backend", _grid())
+def test_select_vs_naive(seed, shape, regime, top_k, backend):
+    b, k, n = SHAPES[shape]
+    threshold, quant, dup = REGIMES[regime]
+    gen = torch.Generator().manual_seed(1000 * seed + b * k * n)
+    # Start from a partial set (some tokens already exited), one image possibly empty.
+    counts = [int(c) for c in torch.randint(0, n + 1, (b,), generator=gen)]
+    counts[0] = n if seed == 0 else max(counts[0], 1)
+    keep = random_keep(b, n, counts, gen)
+    layout = ("exact", "padded", "full")[(seed + top_k) % 3]
+    ts = make_tokens(keep, layout)
+    cls, ml = _logits(b, k, n, gen, quant, dup)
+    expected = naive_select(cls, ml, keep, threshold, top_k)
+    sel = dtop_select(cls.to(DEVICE), _slot_logits(ml, keep, ts.capacity).to(DEVICE), ts,
+                      threshold, top_k, backend=backend)
+    _check(sel, keep.to(DEVICE), ts, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ties_happen_and_are_broken_by_position(backend):
+    """All tokens of an image with equal confidence and label: the lowest positions stay."""
+    b, k, n = 2, 4, 12
+    cls = torch.zeros(b, k, 2)
+    cls[:, :, 0] = 5.0  # every class present with the same probability
+    ml = torch.zeros(b, k, n)
+    ml[:, 1] = 4.0  # classes 1 and 2 tie everywhere: label = 1 (lowest)
+    ml[:, 2] = 4.0
+    keep = torch.ones(b, n, dtype=torch.bool)
+    keep[1, ::3] = False
+    ts = make_tokens(keep, "padded")
+    sel = dtop_select(cls.to(DEVICE), _slot_logits(ml, keep, ts.capacity).to(DEVICE), ts,
+                      0.5, 5, backend=backend)
+    expected = naive_select(cls, ml, keep, 0.5, 5)
+    for i in range(b):  # the first 5 active positions stay
+        stay = keep[i].nonzero().squeeze(1)[:5]
+        assert not expected[i, stay].any()
+        assert expected[i].sum() == keep[i].sum() - 5
+    _check(sel, keep.to(DEVICE), ts, expected)
+
+
+@pytest.mark.parametrize(
+    "layout,backend",
+    [pytest.param(lo, "torch", id=f"{lo}-torch") for lo in ("exact", "padded", "full")]
+    + [pytest.param("padded", "triton", id="padded-triton", marks=backend_marks("triton"))],
+)
+def test_exits_accumulate(layout, backend, gen):
+    b, k, n = 3, 7, 37
+    keep0 = random_keep(b, n, [37, 20, 0], gen)
+    ts0 = make_tokens(keep0, layout)
+    cls1, ml1 = _logits(b, k, n, gen, None, False)
+    ex1 = naive_select(cls1, ml1, keep0, 0.6, 2)
+    sel1 = dtop_select(cls1.to(DEVICE), _slot_logits(ml1, keep0, ts0.capacity).to(DEVICE), ts0,
+                       0.6, 2, backend=backend)
+    _check(sel1, keep0.to(DEVICE), ts0, ex1)
+    keep1 = keep0 & ~ex1
+    assert ex1.any(), "the first selection should exit something for this test to mean much"
+    cls2, ml2 = _logits(b, k, n, gen, None, False)
+    ml2[:, :, :] += 1.0
+    ex2 = naive_select(cls2, ml2, keep1, 0.5, 1)
+    sel2 = dtop_select(cls2.to(DEVICE), _slot_logits(ml2, keep1, ts0.capacity).to(DEVICE),
+                       sel1.tokens, 0.5, 1, backend=backend)
+    _check(sel2, keep1.to(DEVICE), sel1.tokens, ex2)
+    assert not (ex1 & ex2).any()
+    final = sel2.tokens.keep_mask().cpu()
+    assert torch.equal(final, keep0 & ~ex1 & ~ex2)
+    assert not (final & ex1).any(), "an exited token never comes back"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_threshold_one_exits_nothing(backend, gen):
+    b, k, n = 2, 5, 16
+    cls = torch.zeros(b, k, 2)
+    cls[..., 0] = 60.0  # present probability rounds to 1.0 in fp32
+    ml = torch.full((b, k, n), 60.0)  # sigmoid rounds to 1.0: conf == 1.0, not > 1.0
+    keep = random_keep(b, n, [16, 9], gen)
+    ts = make_tokens(keep, "padded")
+    sel = dtop_select(cls.to(DEVICE), _slot_logits(ml, keep, ts.capacity).to(DEVICE), ts, 1.0,
+                      0, backend=backend)
+    assert not sel.exited.any()
+    assert torch.equal(sel.tokens.keep_mask().cpu(), keep)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16_logits(backend, gen):
+    b, k, n = 2, 7, 37
+    keep = random_keep(b, n, [37, 15], gen)
+    ts = make_tokens(keep, "full")
+    cls, ml = _logits(b, k, n, gen, 0.25, True)
+    cls, ml = cls.half(), ml.half()
+    expected = naive_select(cls, ml, keep, 0.7, 2)
+    sel = dtop_select(cls.to(DEVICE), _slot_logits(ml, keep, ts.capacity).to(DEVICE), ts, 0.7,
+                      2, backend=backend)
+    _check(sel, keep.to(DEVICE), ts, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_inputs(backend, gen):
+    b, k, n = 2, 7, 37
+    keep = random_keep(b, n, [30, 12], gen)
+    ts = make_tokens(keep, "padded")
+    cls, ml = _logits(b, k, n, gen, None, False)
+    expected = naive_select(cls, ml, keep, 0.6, 1)
+    cls_s = cls.transpose(1, 2).contiguous().transpose(1, 2)  # [B, K, 2], last-dim stride K
+    ml_s = _slot_logits(ml, keep, ts.capacity).t().contiguous().t()  # [K, cap], column-major
+    assert cls_s.stride(-1) != 1 and ml_s.stride(-1) != 1
+    sel = dtop_select(cls_s.to(DEVICE), ml_s.to(DEVICE), ts, 0.6, 1, backend=backend)
+    _check(sel, keep.to(DEVICE), ts, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_classes_or_no_images(backend):
+    ts = TokenSet.from_lists([[0, 1], [3]], seq_len=4, device=DEVICE)
+    sel = dtop_select(torch.zeros(2, 0, 2, device=DEVICE), torch.zeros(0, 3, device=DEVICE), ts,
+                      0.1, backend=backend)
+    assert not sel.exited.any() and torch.equal(sel.tokens.keep_mask(), ts.keep_mask())
+    empty = TokenSet.from_lists([], seq_len=4, device=DEVICE)
+    sel = dtop_select(torch.zeros(0, 3, 2, device=DEVICE), torch.zeros(3, 0, device=DEVICE),
+                      empty, 0.1, backend=backend)
+    assert sel.exited.shape == (0, 4)
+
+
+def test_not_differentiable(gen):
+    b, k, n = 1, 3, 8
+    keep = torch.ones(b, n, dtype=torch.bool)
+    ts = make_tokens(keep, "exact")
+    cls = torch.randn(b, k, 2, device=DEVICE, requires_grad=True)
+    ml = torch.randn(k, n, device=DEVICE, requires_grad=True)
+    sel = dtop_select(cls, ml, ts, 0.3)
+    assert not sel.exited.requires_grad
+
+
+# ---------------------------------------------------------------------- errors
+def _args():
+    ts = TokenSet.from_lists([[0, 1], [2]], seq_len=4, device=DEVICE)
+    cls = torch.zeros(2, 3, 2, device=DEVICE)
+    ml = torch.zeros(3, 3, device=DEVICE)
+    return cls, ml, ts
+
+
+@pytest.mark.parametrize(
+    "change,err",
+    [
+        pytest.param({"cls": torch.zeros(2, 3, 3)}, ValueError, id="cls-not-2-way"),
+        pytest.param({"cls": torch.zeros(3, 3, 2)}, ValueError, id="cls-wrong-B"),
+        pytest.param({"cls": torch.zeros(2, 3)}, ValueError, id="cls-2d"),
+        pytest.param({"ml": torch.zeros(3, 4)}, ValueError, id="ml-wrong-capacity"),
+        pytest.param({"ml": torch.zeros(2, 3)}, ValueError, id="ml-wrong-K"),
+        pytest.param({"ml": torch.zeros(3, 3, dtype=torch.int64)}, TypeError, id="ml-int"),
+        pytest.param({"top_k": -1}, ValueError, id="negative-top_k"),
+        pytest.param({"top_k": True}, ValueError, id="bool-top_k"),
+        pytest.param({"top_k": 2.0}, ValueError, id="float-top_k"),
+        pytest.param({"threshold": float("nan")}, ValueError, id="nan-threshold"),
+        pytest.param({"ts": "tokens"}, TypeError, id="not-a-TokenSet"),
+        pytest.param({"backend": "gpu"}, ValueError, id="unknown-backend"),
+    ],
+)
+def test_errors(change, err):
+    cls, ml, ts = _args()
+    args = {"cls": cls, "ml": ml, "ts": ts, "threshold": 0.5, "top_k": 5, "backend": "auto"}
+    args.update({key: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v)
+                 for key, v in change.items()})
+    with pytest.raises(err):
+        dtop_select(args["cls"], args["ml"], args["ts"], args["threshold"], args["top_k"],
+                    backend=args["backend"])
+
+
+@pytest.mark.parametrize("backend", backend_params("triton", "cuda"))
+def test_kernel_backends_refuse_float64(backend):
+    cls, ml, ts = _args()
+    with pytest.raises(BackendError):
+        dtop_select(cls.double(), ml.double(), ts, 0.5, backend=backend)
