@@ -7,7 +7,7 @@ import json
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -47,30 +47,48 @@ def header(env: dict) -> str:
     return " | ".join(f"{k}: {v}" for k, v in env.items())
 
 
+def _call_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Milliseconds of one call. CUDA: events around it; CPU: perf_counter."""
+    if device.type == "cuda":
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _stats(times: list[float]) -> dict:
+    times = sorted(times)
+    q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
+    return {"ms": statistics.median(times), "p20": q[0], "p80": q[3], "repeats": len(times)}
+
+
 def time_fn(fn: Callable[[], object], device: torch.device, warmup: int = 3,
             repeats: int = 10) -> dict:
     """Median / p20 / p80 milliseconds. CUDA: events around each call; CPU: perf_counter."""
+    return time_interleaved([fn], device, warmup, repeats)[0]
+
+
+def time_interleaved(fns: Sequence[Callable[[], object]], device: torch.device,
+                     warmup: int = 3, repeats: int = 10) -> list[dict]:
+    """:func:`time_fn` for several functions called round-robin (``warmup`` rounds, then
+    ``repeats`` timed rounds of one call each), so that a change in machine load (a shared CPU,
+    GPU clocks) hits every function alike instead of whichever ran at that moment."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns:
+            fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        for _ in range(repeats):
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
-    return {"ms": statistics.median(times), "p20": q[0], "p80": q[3], "repeats": repeats}
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for t, fn in zip(times, fns):
+            t.append(_call_ms(fn, device))
+    return [_stats(t) for t in times]
 
 
 def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:

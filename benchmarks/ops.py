@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import default_json_path, environment, format_table, header, time_fn, write_json  # noqa: E402
+from common import default_json_path, environment, format_table, header, time_fn, write_json
 
-import dtop_kernels as dk  # noqa: E402
-from dtop_kernels.backends import BACKENDS, BackendError  # noqa: E402
+import dtop_kernels as dk
+from dtop_kernels.backends import BACKENDS, BackendError
 
 SHAPES = {"base": (768, 12), "large": (1024, 16)}
 
@@ -74,7 +74,7 @@ def bench(args) -> tuple[dict, list[dict]]:
     total = int(t.cu_seqlens[-1])  # benchmark setup: one host read is fine here
     seqlens = t.seqlens.tolist()
     rows: list[dict] = []
-    tm = lambda fn: time_fn(fn, dev, warmup=args.warmup, repeats=args.repeats)  # noqa: E731
+    tm = lambda fn: time_fn(fn, dev, warmup=args.warmup, repeats=args.repeats)
     esize = torch.empty((), dtype=dtype).element_size()
 
     def add(op, impl, timing, flops=None, nbytes=None, copy_gbs=None, note=None):

@@ -45,7 +45,7 @@ def triton_import_error() -> str | None:
         return "triton is not installed (pip install 'triton>=3.1')"
     try:
         import triton  # noqa: F401
-    except Exception as e:  # pragma: no cover - depends on the environment
+    except Exception as e:  # noqa: BLE001 - any import failure is a reason, not a crash
         return f"triton fails to import: {e}"
     return None
 
@@ -61,8 +61,8 @@ def device_reasons_triton(tensors: Iterable[torch.Tensor]) -> list[str]:
         return [err]
     devs = {t.device.type for t in tensors if isinstance(t, torch.Tensor)}
     if devs - {"cuda"} and not triton_interpret():
-        return [f"tensors on {sorted(devs - {'cuda'})}: Triton needs CUDA tensors "
-                "(or TRITON_INTERPRET=1 for the CPU interpreter, slow, for tests)"]
+        return [(f"tensors on {sorted(devs - {'cuda'})}: Triton needs CUDA tensors "
+                 "(or TRITON_INTERPRET=1 for the CPU interpreter, slow, for tests)")]
     return []
 
 

@@ -42,7 +42,7 @@ def _check_cu(name: str, cu: torch.Tensor, rows: int, max_seqlen: int) -> None:
         raise ValueError(f"{name} must have B + 1 >= 1 entries")
     if not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise ValueError(f"max_seqlen for {name} must be a non-negative int; got {max_seqlen!r}")
-    if max_seqlen > rows and rows > 0:
+    if max_seqlen > rows > 0:
         raise ValueError(f"max_seqlen {max_seqlen} exceeds the {rows} packed rows of {name}")
 
 

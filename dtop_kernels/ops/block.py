@@ -15,6 +15,7 @@ from dtop_kernels.ops.gather import gather_tokens, scatter_tokens
 from dtop_kernels.reference.block import block_packed
 from dtop_kernels.tokens import TokenSet
 
+
 def _why_not_triton(x: torch.Tensor, tokens: TokenSet, blocks: Sequence[nn.Module] = ()):
     r = device_reasons_triton([x, tokens.indices])
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):

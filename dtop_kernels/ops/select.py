@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -71,7 +72,7 @@ def dtop_select(
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
         raise ValueError(f"top_k must be a non-negative int; got {top_k!r}")
     threshold = float(threshold)
-    if threshold != threshold:
+    if math.isnan(threshold):
         raise ValueError("threshold is NaN")
     be = _dispatch.select(backend, class_logits, mask_logits, tokens)
     if b == 0 or k == 0:

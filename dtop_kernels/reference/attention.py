@@ -16,7 +16,7 @@ def _slots(cu_seqlens: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch
 
 def _pad(x: torch.Tensor, image: torch.Tensor, pos: torch.Tensor, b: int, m: int) -> torch.Tensor:
     """[capacity, H, D] packed -> [B, H, m, D] zero-padded (padding slots dropped)."""
-    cap, h, d = x.shape
+    _, h, d = x.shape
     dest = torch.where(image < b, image * m + pos, b * m)
     buf = x.new_zeros(b * m + 1, h, d).index_copy(0, dest, x)
     return buf[: b * m].view(b, m, h, d).transpose(1, 2)

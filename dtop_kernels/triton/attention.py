@@ -194,7 +194,7 @@ def _logits_kernel(
     rows_q = (b * num_q + offs_m).to(tl.int64)
     rows_k = (k0 + offs_n).to(tl.int64)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for h in range(0, H):
+    for h in range(H):
         q = tl.load(Q + rows_q[:, None] * sq_t + h * sq_h + offs_d[None, :],
                     mask=m_mask[:, None] & d_mask[None, :], other=0.0)
         k = tl.load(K + rows_k[:, None] * sk_t + h * sk_h + offs_d[None, :],
@@ -277,7 +277,7 @@ def head_mean_logits(
     q: torch.Tensor, k: torch.Tensor, cu_k: torch.Tensor, num_q: int, max_k: int, scale: float
 ) -> torch.Tensor:
     """[num_q, Tk] fp32-accumulated ``mean_h(q·k) * scale`` for uniform queries, in q's dtype."""
-    tq, h, d = q.shape
+    _, h, d = q.shape
     b = cu_k.shape[0] - 1
     out = torch.zeros(num_q, k.shape[0], device=q.device, dtype=q.dtype)
     bm, bn, bd, warps = _blocks(d, q.dtype, "logits")

@@ -78,10 +78,12 @@ def _linear_kernel(
 def _config(dtype: torch.dtype) -> dict:
     small = interpret_blocks()
     if small:
-        return dict(BLOCK_M=small, BLOCK_N=small, BLOCK_K=small, GROUP_M=4)
+        return {"BLOCK_M": small, "BLOCK_N": small, "BLOCK_K": small, "GROUP_M": 4}
     if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=4)
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4,
+                "num_stages": 3}
+    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8,
+            "num_stages": 4}
 
 
 def linear_fwd(

@@ -34,7 +34,7 @@ def _score_kernel(CLS, MASK, CU, CONF, LABEL, cap, K, s_cls_b, s_cls_k, s_mask_k
     slots = (start + offs).to(tl.int64)
     best = tl.full([BLOCK], -1.0, dtype=tl.float32)
     label = tl.zeros([BLOCK], dtype=tl.int32)
-    for c in range(0, K):
+    for c in range(K):
         l_present = tl.load(CLS + b * s_cls_b + c * s_cls_k).to(tl.float32)
         l_none = tl.load(CLS + b * s_cls_b + c * s_cls_k + 1).to(tl.float32)
         present = 1.0 / (1.0 + tl.exp(l_none - l_present))  # softmax over 2 = sigmoid(diff)
