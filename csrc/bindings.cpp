@@ -51,6 +51,157 @@ PYBIND11_MODULE(_C, m) {
       "dst[indices[i]] = src[i] (or += when add) for i < T = cu_seqlens[batch].");
 
   m.def(
+      "layernorm_fwd",
+      [](std::uintptr_t x, std::uintptr_t indices, std::uintptr_t cu_seqlens,
+         std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t y, std::uintptr_t x_out,
+         std::uintptr_t mean, std::uintptr_t rstd, int64_t batch, int64_t capacity,
+         int64_t num_cols, int64_t x_stride, int64_t y_stride, int64_t x_out_stride, double eps,
+         bool gather, int dtype, int weight_dtype, std::uintptr_t stream) {
+        dtop::layernorm_fwd(ptr<const void>(x), ptr<const int32_t>(indices),
+                            ptr<const int32_t>(cu_seqlens), ptr<const void>(weight),
+                            ptr<const void>(bias), ptr<void>(y), ptr<void>(x_out),
+                            ptr<float>(mean), ptr<float>(rstd), batch, capacity, num_cols,
+                            x_stride, y_stride, x_out_stride, eps, gather, dtype, weight_dtype,
+                            ptr<void>(stream));
+      },
+      py::arg("x"), py::arg("indices"), py::arg("cu_seqlens"), py::arg("weight"),
+      py::arg("bias"), py::arg("y"), py::arg("x_out"), py::arg("mean"), py::arg("rstd"),
+      py::arg("batch"), py::arg("capacity"), py::arg("num_cols"), py::arg("x_stride"),
+      py::arg("y_stride"), py::arg("x_out_stride"), py::arg("eps"), py::arg("gather"),
+      py::arg("dtype"), py::arg("weight_dtype"), py::arg("stream"),
+      "LayerNorm of packed rows (optionally gathered); padding rows zero. See csrc/ops.h.");
+
+  m.def(
+      "layernorm_bwd",
+      [](std::uintptr_t dy, std::uintptr_t x, std::uintptr_t indices, std::uintptr_t cu_seqlens,
+         std::uintptr_t weight, std::uintptr_t mean, std::uintptr_t rstd, std::uintptr_t dx_add,
+         std::uintptr_t dx, std::uintptr_t partials, std::uintptr_t dweight,
+         std::uintptr_t dbias, int64_t batch, int64_t capacity, int64_t num_cols,
+         int64_t dy_stride, int64_t x_stride, int64_t dx_stride, int64_t dx_add_stride,
+         int64_t num_partials, bool gather, int dtype, int weight_dtype, std::uintptr_t stream) {
+        dtop::layernorm_bwd(ptr<const void>(dy), ptr<const void>(x), ptr<const int32_t>(indices),
+                            ptr<const int32_t>(cu_seqlens), ptr<const void>(weight),
+                            ptr<const float>(mean), ptr<const float>(rstd),
+                            ptr<const void>(dx_add), ptr<void>(dx), ptr<float>(partials),
+                            ptr<void>(dweight), ptr<void>(dbias), batch, capacity, num_cols,
+                            dy_stride, x_stride, dx_stride, dx_add_stride, num_partials, gather,
+                            dtype, weight_dtype, ptr<void>(stream));
+      },
+      py::arg("dy"), py::arg("x"), py::arg("indices"), py::arg("cu_seqlens"), py::arg("weight"),
+      py::arg("mean"), py::arg("rstd"), py::arg("dx_add"), py::arg("dx"), py::arg("partials"),
+      py::arg("dweight"), py::arg("dbias"), py::arg("batch"), py::arg("capacity"),
+      py::arg("num_cols"), py::arg("dy_stride"), py::arg("x_stride"), py::arg("dx_stride"),
+      py::arg("dx_add_stride"), py::arg("num_partials"), py::arg("gather"), py::arg("dtype"),
+      py::arg("weight_dtype"), py::arg("stream"),
+      "Backward of layernorm_fwd: packed dx, dweight and dbias. See csrc/ops.h.");
+
+  m.def("select_workspace_bytes", &dtop::select_workspace_bytes, py::arg("capacity"),
+        "Bytes of workspace dtop_select needs (current device).");
+
+  m.def(
+      "dtop_select",
+      [](std::uintptr_t class_logits, std::uintptr_t mask_logits, std::uintptr_t indices,
+         std::uintptr_t cu_seqlens, std::uintptr_t next_indices, std::uintptr_t next_cu_seqlens,
+         std::uintptr_t exited, std::uintptr_t workspace, int64_t workspace_bytes,
+         int64_t batch, int64_t seq_len, int64_t capacity, int64_t max_seqlen,
+         int64_t num_classes, int64_t class_stride_b, int64_t class_stride_k,
+         int64_t mask_stride, double threshold, int64_t top_k, int class_dtype, int mask_dtype,
+         std::uintptr_t stream) {
+        dtop::dtop_select(ptr<const void>(class_logits), ptr<const void>(mask_logits),
+                          ptr<const int32_t>(indices), ptr<const int32_t>(cu_seqlens),
+                          ptr<int32_t>(next_indices), ptr<int32_t>(next_cu_seqlens),
+                          ptr<uint8_t>(exited), ptr<void>(workspace), workspace_bytes, batch,
+                          seq_len, capacity, max_seqlen, num_classes, class_stride_b,
+                          class_stride_k, mask_stride, threshold, top_k, class_dtype,
+                          mask_dtype, ptr<void>(stream));
+      },
+      py::arg("class_logits"), py::arg("mask_logits"), py::arg("indices"),
+      py::arg("cu_seqlens"), py::arg("next_indices"), py::arg("next_cu_seqlens"),
+      py::arg("exited"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("batch"),
+      py::arg("seq_len"), py::arg("capacity"), py::arg("max_seqlen"), py::arg("num_classes"),
+      py::arg("class_stride_b"), py::arg("class_stride_k"), py::arg("mask_stride"),
+      py::arg("threshold"), py::arg("top_k"), py::arg("class_dtype"), py::arg("mask_dtype"),
+      py::arg("stream"), "DToP exit rule + compaction, on the stream. See csrc/ops.h.");
+
+  m.def(
+      "attention_fwd",
+      [](std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t out,
+         std::uintptr_t lse, std::uintptr_t cu_seqlens_q, std::uintptr_t cu_seqlens_k,
+         int64_t batch, int64_t heads, int64_t head_dim, int64_t capacity_q,
+         int64_t capacity_k, int64_t max_seqlen_q, int64_t q_stride_t, int64_t q_stride_h,
+         int64_t k_stride_t, int64_t k_stride_h, int64_t v_stride_t, int64_t v_stride_h,
+         int64_t out_stride_t, int64_t out_stride_h, double scale, int dtype,
+         std::uintptr_t stream) {
+        dtop::attention_fwd(ptr<const void>(q), ptr<const void>(k), ptr<const void>(v),
+                            ptr<void>(out), ptr<float>(lse), ptr<const int32_t>(cu_seqlens_q),
+                            ptr<const int32_t>(cu_seqlens_k), batch, heads, head_dim,
+                            capacity_q, capacity_k, max_seqlen_q, q_stride_t, q_stride_h,
+                            k_stride_t, k_stride_h, v_stride_t, v_stride_h, out_stride_t,
+                            out_stride_h, scale, dtype, ptr<void>(stream));
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
+      py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("batch"), py::arg("heads"),
+      py::arg("head_dim"), py::arg("capacity_q"), py::arg("capacity_k"),
+      py::arg("max_seqlen_q"), py::arg("q_stride_t"), py::arg("q_stride_h"),
+      py::arg("k_stride_t"), py::arg("k_stride_h"), py::arg("v_stride_t"), py::arg("v_stride_h"),
+      py::arg("out_stride_t"), py::arg("out_stride_h"), py::arg("scale"), py::arg("dtype"),
+      py::arg("stream"), "Varlen attention forward: out and base-2 lse. See csrc/ops.h.");
+
+  m.def(
+      "attention_bwd",
+      [](std::uintptr_t dout, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
+         std::uintptr_t out, std::uintptr_t lse, std::uintptr_t delta, std::uintptr_t dq,
+         std::uintptr_t dk, std::uintptr_t dv, std::uintptr_t cu_seqlens_q,
+         std::uintptr_t cu_seqlens_k, int64_t batch, int64_t heads, int64_t head_dim,
+         int64_t capacity_q, int64_t capacity_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+         int64_t dout_stride_t, int64_t dout_stride_h, int64_t q_stride_t, int64_t q_stride_h,
+         int64_t k_stride_t, int64_t k_stride_h, int64_t v_stride_t, int64_t v_stride_h,
+         int64_t out_stride_t, int64_t out_stride_h, int64_t dq_stride_t, int64_t dq_stride_h,
+         int64_t dk_stride_t, int64_t dk_stride_h, int64_t dv_stride_t, int64_t dv_stride_h,
+         double scale, int dtype, std::uintptr_t stream) {
+        dtop::attention_bwd(
+            ptr<const void>(dout), ptr<const void>(q), ptr<const void>(k), ptr<const void>(v),
+            ptr<const void>(out), ptr<const float>(lse), ptr<float>(delta), ptr<void>(dq),
+            ptr<void>(dk), ptr<void>(dv), ptr<const int32_t>(cu_seqlens_q),
+            ptr<const int32_t>(cu_seqlens_k), batch, heads, head_dim, capacity_q, capacity_k,
+            max_seqlen_q, max_seqlen_k, dout_stride_t, dout_stride_h, q_stride_t, q_stride_h,
+            k_stride_t, k_stride_h, v_stride_t, v_stride_h, out_stride_t, out_stride_h,
+            dq_stride_t, dq_stride_h, dk_stride_t, dk_stride_h, dv_stride_t, dv_stride_h, scale,
+            dtype, ptr<void>(stream));
+      },
+      py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
+      py::arg("delta"), py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("cu_seqlens_q"),
+      py::arg("cu_seqlens_k"), py::arg("batch"), py::arg("heads"), py::arg("head_dim"),
+      py::arg("capacity_q"), py::arg("capacity_k"), py::arg("max_seqlen_q"),
+      py::arg("max_seqlen_k"), py::arg("dout_stride_t"), py::arg("dout_stride_h"),
+      py::arg("q_stride_t"), py::arg("q_stride_h"), py::arg("k_stride_t"),
+      py::arg("k_stride_h"), py::arg("v_stride_t"), py::arg("v_stride_h"),
+      py::arg("out_stride_t"), py::arg("out_stride_h"), py::arg("dq_stride_t"),
+      py::arg("dq_stride_h"), py::arg("dk_stride_t"), py::arg("dk_stride_h"),
+      py::arg("dv_stride_t"), py::arg("dv_stride_h"), py::arg("scale"), py::arg("dtype"),
+      py::arg("stream"), "Varlen attention backward: delta, dq, dk, dv. See csrc/ops.h.");
+
+  m.def(
+      "attention_head_mean_logits",
+      [](std::uintptr_t q, std::uintptr_t k, std::uintptr_t logits, std::uintptr_t cu_seqlens_k,
+         int64_t batch, int64_t heads, int64_t head_dim, int64_t num_q, int64_t capacity_k,
+         int64_t max_seqlen_k, int64_t q_stride_t, int64_t q_stride_h, int64_t k_stride_t,
+         int64_t k_stride_h, int64_t logits_stride, double scale, int dtype,
+         std::uintptr_t stream) {
+        dtop::attention_head_mean_logits(
+            ptr<const void>(q), ptr<const void>(k), ptr<void>(logits),
+            ptr<const int32_t>(cu_seqlens_k), batch, heads, head_dim, num_q, capacity_k,
+            max_seqlen_k, q_stride_t, q_stride_h, k_stride_t, k_stride_h, logits_stride, scale,
+            dtype, ptr<void>(stream));
+      },
+      py::arg("q"), py::arg("k"), py::arg("logits"), py::arg("cu_seqlens_k"), py::arg("batch"),
+      py::arg("heads"), py::arg("head_dim"), py::arg("num_q"), py::arg("capacity_k"),
+      py::arg("max_seqlen_k"), py::arg("q_stride_t"), py::arg("q_stride_h"),
+      py::arg("k_stride_t"), py::arg("k_stride_h"), py::arg("logits_stride"), py::arg("scale"),
+      py::arg("dtype"), py::arg("stream"),
+      "Head-averaged pre-softmax logits [Kq, Tk] for uniform queries. See csrc/ops.h.");
+
+  m.def(
       "built_archs", [] { return std::string(DTOP_CUDA_ARCHS); },
       "CUDA architectures compiled in (CMake syntax, e.g. '80;90a').");
   m.def(

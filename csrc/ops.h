@@ -90,4 +90,32 @@ void attention_fwd(const void* q, const void* k, const void* v, void* out, float
                    int64_t v_stride_h, int64_t out_stride_t, int64_t out_stride_h, double scale,
                    int dtype, void* stream);
 
+// Gradients of attention_fwd given dout and the forward's out and lse. Writes delta
+// (= rowsum(dout * out), float32 [H, cap_q], 0 on padding rows) as a workspace, then dk / dv
+// (one kernel, looping over query tiles) and dq (one kernel, looping over key tiles). Rows of
+// dq / dk / dv past T, and all rows when an image has no queries / keys, are left untouched
+// (dk / dv of an image without queries, and dq of one without keys, are written as zero).
+void attention_bwd(const void* dout, const void* q, const void* k, const void* v,
+                   const void* out, const float* lse, float* delta, void* dq, void* dk, void* dv,
+                   const int32_t* cu_seqlens_q, const int32_t* cu_seqlens_k, int64_t batch,
+                   int64_t heads, int64_t head_dim, int64_t capacity_q, int64_t capacity_k,
+                   int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t dout_stride_t,
+                   int64_t dout_stride_h, int64_t q_stride_t, int64_t q_stride_h,
+                   int64_t k_stride_t, int64_t k_stride_h, int64_t v_stride_t,
+                   int64_t v_stride_h, int64_t out_stride_t, int64_t out_stride_h,
+                   int64_t dq_stride_t, int64_t dq_stride_h, int64_t dk_stride_t,
+                   int64_t dk_stride_h, int64_t dv_stride_t, int64_t dv_stride_h, double scale,
+                   int dtype, void* stream);
+
+// Head-averaged pre-softmax logits for a uniform query layout (num_q = Kq queries per image,
+// image b's queries are rows b * Kq .. b * Kq + Kq - 1 of q): for key rows j of image b,
+// logits[c, j] = sum_h q[b * Kq + c, h] . k[j, h] * scale / H, fp32 accumulation, stored in
+// dtype. logits: [Kq, logits_stride] row-major; columns of padding keys are left untouched.
+void attention_head_mean_logits(const void* q, const void* k, void* logits,
+                                const int32_t* cu_seqlens_k, int64_t batch, int64_t heads,
+                                int64_t head_dim, int64_t num_q, int64_t capacity_k,
+                                int64_t max_seqlen_k, int64_t q_stride_t, int64_t q_stride_h,
+                                int64_t k_stride_t, int64_t k_stride_h, int64_t logits_stride,
+                                double scale, int dtype, void* stream);
+
 }  // namespace dtop
