@@ -114,7 +114,7 @@ def bench(args) -> tuple[dict, list[dict]]:
     add("gather+layernorm", "torch index_select+layer_norm",
         tm(lambda: ln(flat.index_select(0, idx))), nbytes=moved, copy_gbs=copy_gbs)
     if dev.type == "cuda" and dk.backends.triton_import_error() is None:
-        from dtop_kernels.triton.layernorm import layer_norm_tokens
+        from dtop_kernels.ops.layernorm import layer_norm_tokens
 
         add("gather+layernorm", "triton fused",
             tm(lambda: layer_norm_tokens(flat, ln.weight, ln.bias, t, 1e-6, gather=True)),

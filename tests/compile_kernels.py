@@ -36,18 +36,6 @@ class _Recorder:
         return launch
 
 
-class _Ctx:
-    """Stands in for autograd's ctx when calling a Function's forward/backward directly."""
-
-    needs_input_grad = (True,) * 8
-
-    def save_for_backward(self, *tensors):
-        self.saved_tensors = tensors
-
-    def mark_dirty(self, *tensors):
-        pass
-
-
 def _patch(calls: list) -> None:
     from dtop_kernels.triton import _utils, attention, gather, layernorm, linear, select
 
@@ -140,10 +128,9 @@ def record_all(cases: list[tuple[torch.dtype, list[int]]]) -> list:
         packed = tg.gather_rows(x, t)
         tg.scatter_rows(packed, t, x, add=True)
         w = torch.ones(c, dtype=dtype)
-        tln.LayerNormTokens.forward(_Ctx(), x, w, w, t, 1e-6, True, True)
-        ctx = _Ctx()
-        y, _ = tln.LayerNormTokens.forward(ctx, packed, w, w, t, 1e-6, False, False)
-        tln.LayerNormTokens.backward(ctx, y, None)
+        tln.layer_norm_fwd(x, w, w, t, 1e-6, gather=True, store_x=True)
+        y, _, mean, rstd = tln.layer_norm_fwd(packed, w, w, t, 1e-6)
+        tln.layer_norm_bwd(y, packed, w, mean, rstd, t)
         weight = torch.zeros(4 * c, c, dtype=dtype)
         tli.linear_fwd(packed, weight, torch.zeros(4 * c, dtype=dtype), t, tli.ACT_GELU,
                        save_pre=True)

@@ -91,7 +91,7 @@ def test_packed_linear_scatter_epilogue():
 @pytest.mark.parametrize("c", [13, 64], ids=["C13", "C64"])
 @pytest.mark.parametrize("gather", [False, True], ids=["packed", "gather"])
 def test_layer_norm_tokens(b, n, counts, padded, c, gather):
-    from dtop_kernels.triton.layernorm import layer_norm_tokens
+    from dtop_kernels.ops.layernorm import layer_norm_tokens
 
     torch.manual_seed(3)
     t = _tokens(b, n, counts, padded)
@@ -120,7 +120,7 @@ def test_layer_norm_tokens(b, n, counts, padded, c, gather):
 
 
 def test_layer_norm_tokens_fp16():
-    from dtop_kernels.triton.layernorm import layer_norm_tokens
+    from dtop_kernels.ops.layernorm import layer_norm_tokens
 
     torch.manual_seed(4)
     t = _tokens(2, 16, [9, 16], padded=True)

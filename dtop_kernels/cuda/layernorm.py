@@ -72,7 +72,7 @@ def layer_norm_fwd(
     (gathered) rows when ``store_x`` else None; mean, rstd [capacity] float32. For i < T:
     ``mean = sum(x) / C``, ``rstd = 1 / sqrt(sum((x - mean)^2) / C + eps)``,
     ``y = (x - mean) * rstd * weight + bias`` in float32, rounded once. For i >= T:
-    y = x_packed = 0 and mean = rstd = 0. Matches ``LayerNormTokens.forward`` of the Triton
+    y = x_packed = 0 and mean = rstd = 0. Matches ``layer_norm_fwd`` of the Triton
     backend; every output row is written.
     """
     op = "layer_norm_fwd"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from dtop_kernels import _checks
-from dtop_kernels.backends import Dispatcher, device_reasons_triton, not_implemented
+from dtop_kernels.backends import Dispatcher, device_reasons_cuda, device_reasons_triton
 from dtop_kernels.reference import attention as ref
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -24,14 +24,66 @@ def _why_not_triton(q, k, v, dropout_p=0.0) -> list[str]:
     return r
 
 
+CUDA_HEAD_DIMS = (32, 64, 80, 96, 128)
+
+
+def _why_not_cuda(q, k, v, dropout_p=0.0) -> list[str]:
+    r = device_reasons_cuda([q, k, v])
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        r.append(f"dtype {q.dtype} not supported (float16, bfloat16; the triton and torch "
+                 "backends take float32)")
+    if v.shape[-1] != q.shape[-1]:
+        r.append(f"v head dim {v.shape[-1]} differs from q/k head dim {q.shape[-1]}")
+    if q.shape[-1] not in CUDA_HEAD_DIMS:
+        r.append(f"head dim {q.shape[-1]} not compiled {CUDA_HEAD_DIMS}")
+    if dropout_p:
+        r.append("attention dropout is not implemented in the kernel")
+    return r
+
+
 _dispatch = Dispatcher(
     "varlen_attention",
-    {"torch": lambda *a, **k: [],
-     "triton": _why_not_triton,
-     "cuda": not_implemented("varlen_attention", "cuda")},
-    auto_order=("triton", "torch"),
-    unverified=("triton",),
+    {"torch": lambda *a, **k: [], "triton": _why_not_triton, "cuda": _why_not_cuda},
+    auto_order=("triton", "cuda", "torch"),
+    unverified=("triton", "cuda"),
 )
+
+
+def _kernels(backend: str):
+    """The launcher module of a kernel backend: attention_fwd, attention_bwd,
+    head_mean_logits (same signatures in both)."""
+    if backend == "triton":
+        from dtop_kernels.triton import attention
+    else:
+        from dtop_kernels.cuda import attention
+    return attention
+
+
+class _VarlenAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, scale, return_logits, backend):
+        kern = _kernels(backend)
+        out, lse = kern.attention_fwd(q, k, v, cu_q, cu_k, max_q, scale)
+        logits = kern.head_mean_logits(q, k, cu_k, max_q, max_k, scale) if return_logits \
+            else None
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+        ctx.max_q, ctx.max_k, ctx.scale, ctx.backend = max_q, max_k, scale, backend
+        if logits is None:
+            return out
+        return out, logits
+
+    @staticmethod
+    def backward(ctx, dout, dlogits=None):
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        dq, dk, dv = _kernels(ctx.backend).attention_bwd(
+            dout.contiguous(), q, k, v, out, lse, cu_q, cu_k, ctx.max_q, ctx.max_k, ctx.scale)
+        if dlogits is not None:
+            dq2, dk2 = ref.head_mean_logits_backward(dlogits, q, k, cu_k, ctx.max_q, ctx.max_k,
+                                                     ctx.scale)
+            dq, dk = dq + dq2, dk + dk2
+        # q, k, v, cu_q, cu_k, max_q, max_k, scale, return_logits, backend
+        return dq, dk, dv, None, None, None, None, None, None, None
+
 
 
 def _check_cu(name: str, cu: torch.Tensor, rows: int, max_seqlen: int) -> None:
@@ -113,10 +165,8 @@ def varlen_attention(
         if return_logits:
             return out, q.new_zeros(max_seqlen_q, k.shape[0])
         return out
-    if be == "triton":
-        from dtop_kernels.triton.attention import varlen_attention as triton_attention
-
-        return triton_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                scale, return_logits)
+    if be != "torch":
+        return _VarlenAttention.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                      max_seqlen_k, scale, return_logits, be)
     return ref.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                 max_seqlen_k, scale, return_logits, dropout_p)

@@ -9,17 +9,15 @@ import torch
 from torch import nn
 
 from dtop_kernels import _checks
-from dtop_kernels.backends import Dispatcher, device_reasons_triton, not_implemented
+from dtop_kernels.backends import Dispatcher, device_reasons_cuda, device_reasons_triton
 from dtop_kernels.ops.attention import varlen_attention
 from dtop_kernels.ops.gather import gather_tokens, scatter_tokens
 from dtop_kernels.reference.block import block_packed
 from dtop_kernels.tokens import TokenSet
 
 
-def _why_not_triton(x: torch.Tensor, tokens: TokenSet, blocks: Sequence[nn.Module] = ()):
-    r = device_reasons_triton([x, tokens.indices])
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        r.append(f"dtype {x.dtype} not supported (float32, float16, bfloat16)")
+def _norm_reasons(blocks: Sequence[nn.Module]) -> list[str]:
+    r = []
     for i, blk in enumerate(blocks):
         for name in ("norm1", "norm2"):
             m = getattr(blk, name, None)
@@ -28,13 +26,31 @@ def _why_not_triton(x: torch.Tensor, tokens: TokenSet, blocks: Sequence[nn.Modul
     return r
 
 
+def _why_not_triton(x: torch.Tensor, tokens: TokenSet, blocks: Sequence[nn.Module] = ()):
+    r = device_reasons_triton([x, tokens.indices])
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        r.append(f"dtype {x.dtype} not supported (float32, float16, bfloat16)")
+    return r + _norm_reasons(blocks)
+
+
+def _why_not_cuda(x: torch.Tensor, tokens: TokenSet, blocks: Sequence[nn.Module] = ()):
+    r = device_reasons_cuda([x, tokens.indices])
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        r.append(f"dtype {x.dtype} not supported by the CUDA attention (float16, bfloat16)")
+    for i, blk in enumerate(blocks[:1]):
+        d = x.shape[-1] // blk.attn.num_heads
+        if d not in (32, 64, 80, 96, 128):
+            r.append(f"head dim {d} not compiled (32, 64, 80, 96, 128)")
+    return r + _norm_reasons(blocks)
+
+
 _dispatch = Dispatcher(
     "pruned_block",
     {"torch": lambda *a, **k: [],
      "triton": _why_not_triton,
-     "cuda": not_implemented("pruned_block", "cuda")},
-    auto_order=("triton", "torch"),
-    unverified=("triton",),
+     "cuda": _why_not_cuda},
+    auto_order=("triton", "cuda", "torch"),
+    unverified=("triton", "cuda"),
 )
 
 _REQUIRED = ("norm1", "attn", "attn.qkv", "attn.proj", "attn.num_heads", "norm2", "mlp")
@@ -110,8 +126,8 @@ def pruned_stage(
     be = _dispatch.select(backend, x, tokens, blocks)
     attention = _attention(be)
     x = _checks.last_dim_contiguous(x)
-    if be == "triton":
-        return _stage_triton(x, tokens, blocks, attention)
+    if be != "torch":
+        return _stage_kernels(x, tokens, blocks, attention, be)
     packed = gather_tokens(x, tokens, backend=be) if x.dim() == 3 else x
     for blk in blocks:
         packed = block_packed(packed, tokens, blk, attention)
@@ -160,13 +176,14 @@ def _block_fused(packed, normed1, tokens, blk, attention, norm, dense_out=None):
                          dense_out=dense_out)
 
 
-def _stage_triton(x, tokens, blocks, attention):
-    """Triton LayerNorms (the first fused with the gather), attention and linears; the last
-    block scatters into the dense output from its final GEMM epilogue."""
-    from dtop_kernels.triton.layernorm import layer_norm_tokens
+def _stage_kernels(x, tokens, blocks, attention, backend):
+    """Kernel LayerNorms (the first fused with the gather) and attention; the linears are the
+    Triton ones with fused epilogues (the last block scattering from its final GEMM) on the
+    triton backend, the blocks' own (cuBLAS) on the cuda backend."""
+    from dtop_kernels.ops.layernorm import layer_norm_tokens
 
     def norm(mod: nn.LayerNorm, t: torch.Tensor) -> torch.Tensor:
-        return layer_norm_tokens(t, mod.weight, mod.bias, tokens, mod.eps)[0]
+        return layer_norm_tokens(t, mod.weight, mod.bias, tokens, mod.eps, backend=backend)[0]
 
     if not blocks:
         return x if x.dim() == 2 else x.clone()
@@ -175,12 +192,13 @@ def _stage_triton(x, tokens, blocks, attention):
     if dense:
         n1 = blocks[0].norm1
         normed1, packed = layer_norm_tokens(x.reshape(-1, x.shape[-1]), n1.weight, n1.bias,
-                                            tokens, n1.eps, gather=True, store_x=True)
+                                            tokens, n1.eps, gather=True, store_x=True,
+                                            backend=backend)
     else:
         packed = x
     for i, blk in enumerate(blocks):
         last = i == len(blocks) - 1
-        if _fusable(blk):
+        if backend == "triton" and _fusable(blk):
             out = x.clone() if dense and last else None
             packed = _block_fused(packed, normed1, tokens, blk, attention, norm, out)
             if out is not None:
@@ -190,7 +208,7 @@ def _stage_triton(x, tokens, blocks, attention):
         normed1 = None
     if not dense:
         return packed
-    return scatter_tokens(packed, tokens, x.clone(), backend="triton")
+    return scatter_tokens(packed, tokens, x.clone(), backend=backend)
 
 
 def pruned_block(

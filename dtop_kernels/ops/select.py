@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 
 from dtop_kernels import _checks
-from dtop_kernels.backends import Dispatcher, device_reasons_triton, not_implemented
+from dtop_kernels.backends import Dispatcher, device_reasons_cuda, device_reasons_triton
 from dtop_kernels.reference import select as ref
 from dtop_kernels.tokens import TokenSet
 
@@ -20,13 +20,18 @@ def _why_not_triton(class_logits, mask_logits, tokens) -> list[str]:
     return r
 
 
+def _why_not_cuda(class_logits, mask_logits, tokens) -> list[str]:
+    r = device_reasons_cuda([class_logits, mask_logits, tokens.indices])
+    if mask_logits.dtype == torch.float64 or class_logits.dtype == torch.float64:
+        r.append("float64 logits not supported (float32, float16, bfloat16)")
+    return r
+
+
 _dispatch = Dispatcher(
     "dtop_select",
-    {"torch": lambda *a, **k: [],
-     "triton": _why_not_triton,
-     "cuda": not_implemented("dtop_select", "cuda")},
-    auto_order=("triton", "torch"),
-    unverified=("triton",),
+    {"torch": lambda *a, **k: [], "triton": _why_not_triton, "cuda": _why_not_cuda},
+    auto_order=("triton", "cuda", "torch"),
+    unverified=("triton", "cuda"),
 )
 
 
@@ -82,4 +87,8 @@ def dtop_select(
         from dtop_kernels.triton.select import dtop_select as triton_select
 
         return Selection(*triton_select(class_logits, mask_logits, tokens, threshold, top_k))
+    if be == "cuda":
+        from dtop_kernels.cuda.select import dtop_select as cuda_select
+
+        return Selection(*cuda_select(class_logits, mask_logits, tokens, threshold, top_k))
     return Selection(*ref.dtop_select(class_logits, mask_logits, tokens, threshold, top_k))

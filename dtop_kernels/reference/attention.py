@@ -105,3 +105,26 @@ def attention_padded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     lg = cols.index_select(0, src_k)
     lg = torch.where((img_k < b)[:, None], lg, lg.new_zeros(()))
     return res, lg[:, :max_seqlen_q].t()
+
+
+def head_mean_logits_backward(
+    dl: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cu_k: torch.Tensor, num_q: int,
+    max_k: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of the head-mean logits (``[num_q, Tk]``, uniform queries) w.r.t. q and k,
+    given their gradient ``dl``: padded batched GEMMs, no host sync. Shared by the kernel
+    backends, whose forward computes the logits in a kernel."""
+    tq, h, d = q.shape
+    b = cu_k.shape[0] - 1
+    mk = max(max_k, 1)
+    img, pos = _slots(cu_k, k.shape[0])
+    kp = _pad(k, img, pos, b, mk).transpose(1, 2).reshape(b, mk, h * d)  # [B, mk, HD]
+    dlp = _pad(dl.t()[:, None, :], img, pos, b, mk)[:, 0].transpose(1, 2)  # [B, num_q, mk]
+    c = scale / h
+    dq = torch.bmm(dlp.float(), kp.float()) * c  # [B, num_q, HD]
+    qb = q.reshape(b, num_q, h * d).float()
+    dkp = torch.bmm(dlp.float().transpose(1, 2), qb) * c  # [B, mk, HD]
+    src = torch.where(img < b, img * mk + pos, 0)
+    dk = dkp.reshape(b * mk, h, d).index_select(0, src)
+    dk = torch.where((img < b)[:, None, None], dk, dk.new_zeros(()))
+    return dq.reshape(tq, h, d).to(q.dtype), dk.to(k.dtype)

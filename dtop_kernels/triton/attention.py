@@ -8,7 +8,8 @@ the log-sum-exp (base 2) is kept for the backward, which recomputes the probabil
 key tiles), so no atomics and deterministic results.
 
 The head-averaged pre-softmax logits (``return_logits``) are one per-image GEMM over all heads,
-``mean_h(q_h · k_h) * scale = (Q_b K_b^T) * scale / H``, computed by its own kernel.
+``mean_h(q_h · k_h) * scale = (Q_b K_b^T) * scale / H``, computed by its own kernel. Same
+launcher signatures as dtop_kernels/cuda/attention.py; autograd is in dtop_kernels/ops.
 """
 
 from __future__ import annotations
@@ -290,57 +291,3 @@ def head_mean_logits(
             num_warps=warps,
         )
     return out
-
-
-def _head_mean_logits_bwd(
-    dl: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cu_k: torch.Tensor, num_q: int,
-    max_k: int, scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of ``head_mean_logits`` w.r.t. q and k, with padded batched GEMMs (PyTorch)."""
-    from dtop_kernels.reference.attention import _pad, _slots
-
-    tq, h, d = q.shape
-    b = cu_k.shape[0] - 1
-    mk = max(max_k, 1)
-    img, pos = _slots(cu_k, k.shape[0])
-    kp = _pad(k, img, pos, b, mk).transpose(1, 2).reshape(b, mk, h * d)  # [B, mk, HD]
-    dlp = _pad(dl.t()[:, None, :], img, pos, b, mk)[:, 0].transpose(1, 2)  # [B, num_q, mk]
-    c = scale / h
-    dq = torch.bmm(dlp.float(), kp.float()) * c  # [B, num_q, HD]
-    qb = q.reshape(b, num_q, h * d).float()
-    dkp = torch.bmm(dlp.float().transpose(1, 2), qb) * c  # [B, mk, HD]
-    src = torch.where(img < b, img * mk + pos, 0)
-    dk = dkp.reshape(b * mk, h, d).index_select(0, src)
-    dk = torch.where((img < b)[:, None, None], dk, dk.new_zeros(()))
-    return dq.reshape(tq, h, d).to(q.dtype), dk.to(k.dtype)
-
-
-class VarlenAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, scale, return_logits):
-        out, lse = attention_fwd(q, k, v, cu_q, cu_k, max_q, scale)
-        logits = head_mean_logits(q, k, cu_k, max_q, max_k, scale) if return_logits else None
-        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-        ctx.max_q, ctx.max_k, ctx.scale = max_q, max_k, scale
-        ctx.mark_non_differentiable(cu_q, cu_k)
-        if logits is None:
-            return out
-        return out, logits
-
-    @staticmethod
-    def backward(ctx, dout, dlogits=None):
-        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-        dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, cu_q, cu_k, ctx.max_q, ctx.max_k,
-                                   ctx.scale)
-        if dlogits is not None:
-            dq2, dk2 = _head_mean_logits_bwd(dlogits, q, k, cu_k, ctx.max_q, ctx.max_k,
-                                             ctx.scale)
-            dq, dk = dq + dq2, dk + dk2
-        # q, k, v, cu_q, cu_k, max_q, max_k, scale, return_logits
-        return dq, dk, dv, None, None, None, None, None, None
-
-
-def varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, return_logits=False):
-    """Triton backend of :func:`dtop_kernels.varlen_attention` (inputs already checked)."""
-    return VarlenAttention.apply(q, k, v, cu_q, cu_k, max_q, max_k, scale, return_logits)
-

@@ -4,7 +4,8 @@ Forward: one program per row; ``GATHER`` reads row ``indices[i]`` of the dense `
 input (and can also write the raw gathered row, for the residual stream). Rows past
 ``T = cu_seqlens[B]`` are padding: written as zeros, never normalized. Mean and rstd are kept in
 fp32 for the backward, which computes dx per row and accumulates per-program partial sums of
-dweight / dbias that PyTorch then reduces (no atomics, deterministic).
+dweight / dbias that PyTorch then reduces (no atomics, deterministic). Same launcher signatures
+as dtop_kernels/cuda/layernorm.py; the autograd layer is dtop_kernels/ops/layernorm.py.
 """
 
 from __future__ import annotations
@@ -87,65 +88,45 @@ def _block_c(c: int) -> int:
     return triton.next_power_of_2(max(c, 16))
 
 
-class LayerNormTokens(torch.autograd.Function):
-    """LayerNorm of packed rows; with ``gather`` the input is dense and rows are gathered.
+def layer_norm_fwd(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                   tokens: TokenSet, eps: float, gather: bool = False, store_x: bool = False):
+    """(y [capacity, C], x_packed [capacity, C] or None, mean, rstd [capacity] fp32).
 
-    Returns (y [capacity, C], x_packed [capacity, C] or None when ``store_x`` is False).
+    x2d: [B*N, C] with ``gather`` (row i reads ``indices[i]``), else [capacity, C]. Rows past T
+    are zero in y and x_packed.
     """
-
-    @staticmethod
-    def forward(ctx, x2d, weight, bias, tokens: TokenSet, eps: float, gather: bool,
-                store_x: bool):
-        cap, c = tokens.capacity, x2d.shape[1]
-        dev = x2d.device
-        y = torch.empty(cap, c, device=dev, dtype=x2d.dtype)
-        xout = torch.empty_like(y) if store_x else y
-        mean = torch.zeros(cap, device=dev, dtype=torch.float32)
-        rstd = torch.zeros(cap, device=dev, dtype=torch.float32)
-        if cap:
-            _ln_fwd_kernel[(cap,)](
-                x2d, tokens.indices, tokens.cu_seqlens, y, xout, weight, bias, mean, rstd,
-                tokens.batch_size, cap, c, x2d.stride(0), y.stride(0), eps,
-                GATHER=gather, STORE_X=store_x, BLOCK_C=_block_c(c),
-            )
-        ctx.save_for_backward(x2d, weight, mean, rstd)
-        ctx.tokens, ctx.gather, ctx.shape = tokens, gather, x2d.shape
-        if store_x:
-            return y, xout
-        return y, None
-
-    @staticmethod
-    def backward(ctx, dy, dxout):
-        x2d, weight, mean, rstd = ctx.saved_tensors
-        tokens = ctx.tokens
-        cap, c = tokens.capacity, x2d.shape[1]
-        dy = dy.contiguous()
-        dx_packed = torch.zeros(cap, c, device=dy.device, dtype=x2d.dtype)
-        rows_per_prog = 64
-        progs = max(1, triton.cdiv(cap, rows_per_prog))
-        dw = torch.zeros(progs, c, device=dy.device, dtype=torch.float32)
-        db = torch.zeros(progs, c, device=dy.device, dtype=torch.float32)
-        if cap:
-            _ln_bwd_kernel[(progs,)](
-                dy, x2d, tokens.indices, tokens.cu_seqlens, weight, mean, rstd, dx_packed, dw,
-                db, tokens.batch_size, cap, c, dy.stride(0), x2d.stride(0), dx_packed.stride(0),
-                rows_per_prog, GATHER=ctx.gather, BLOCK_C=_block_c(c),
-            )
-        if dxout is not None:
-            dx_packed = dx_packed + dxout
-        if ctx.gather:
-            from dtop_kernels.triton.gather import scatter_rows
-
-            dx = torch.zeros(ctx.shape, device=dy.device, dtype=x2d.dtype)
-            scatter_rows(dx_packed.contiguous(), tokens, dx, add=False)
-        else:
-            dx = dx_packed
-        # x, weight, bias, tokens, eps, gather, store_x
-        return (dx, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype), None, None, None,
-                None)
+    cap, c = tokens.capacity, x2d.shape[1]
+    dev = x2d.device
+    y = torch.empty(cap, c, device=dev, dtype=x2d.dtype)
+    xout = torch.empty_like(y) if store_x else y
+    mean = torch.zeros(cap, device=dev, dtype=torch.float32)
+    rstd = torch.zeros(cap, device=dev, dtype=torch.float32)
+    if cap:
+        _ln_fwd_kernel[(cap,)](
+            x2d, tokens.indices, tokens.cu_seqlens, y, xout, weight, bias, mean, rstd,
+            tokens.batch_size, cap, c, x2d.stride(0), y.stride(0), eps,
+            GATHER=gather, STORE_X=store_x, BLOCK_C=_block_c(c),
+        )
+    return y, (xout if store_x else None), mean, rstd
 
 
-def layer_norm_tokens(x2d, weight, bias, tokens: TokenSet, eps: float, gather: bool = False,
-                      store_x: bool = False):
-    """See :class:`LayerNormTokens`."""
-    return LayerNormTokens.apply(x2d, weight, bias, tokens, eps, gather, store_x)
+def layer_norm_bwd(dy: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor,
+                   mean: torch.Tensor, rstd: torch.Tensor, tokens: TokenSet,
+                   gather: bool = False, dx_add: torch.Tensor | None = None):
+    """(dx_packed [capacity, C], dweight, dbias); padding rows of dx are ``dx_add`` (or 0)."""
+    cap, c = tokens.capacity, x2d.shape[1]
+    dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+    dx = torch.zeros(cap, c, device=dy.device, dtype=x2d.dtype)
+    rows_per_prog = 64
+    progs = max(1, triton.cdiv(cap, rows_per_prog))
+    dw = torch.zeros(progs, c, device=dy.device, dtype=torch.float32)
+    db = torch.zeros(progs, c, device=dy.device, dtype=torch.float32)
+    if cap:
+        _ln_bwd_kernel[(progs,)](
+            dy, x2d, tokens.indices, tokens.cu_seqlens, weight, mean, rstd, dx, dw, db,
+            tokens.batch_size, cap, c, dy.stride(0), x2d.stride(0), dx.stride(0),
+            rows_per_prog, GATHER=gather, BLOCK_C=_block_c(c),
+        )
+    if dx_add is not None:
+        dx = dx + dx_add
+    return dx, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
