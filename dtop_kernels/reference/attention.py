@@ -58,8 +58,9 @@ def attention_looped(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         k0, k1 = min(ck[i], cap_k), min(ck[i + 1], cap_k)
         qi = q[q0:q1].transpose(0, 1)  # [H, nq, D]
         ki, vi = k[k0:k1].transpose(0, 1), v[k0:k1].transpose(0, 1)
-        if k1 > k0:
-            o = F.scaled_dot_product_attention(qi, ki, vi, dropout_p=dropout_p, scale=scale)
+        if k1 > k0:  # 4-D inputs: SDPA's fused CPU kernel takes [B, H, L, D] only
+            o = F.scaled_dot_product_attention(qi[None], ki[None], vi[None],
+                                               dropout_p=dropout_p, scale=scale)[0]
         else:
             o = qi.new_zeros(qi.shape[0], q1 - q0, v.shape[-1])
         outs.append(o.transpose(0, 1))
