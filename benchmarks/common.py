@@ -6,6 +6,7 @@ import datetime as _dt
 import json
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -13,6 +14,24 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _git_commit() -> str:
+    """Short commit of this checkout, "+dirty" when dtop_kernels/ or csrc/ have uncommitted
+    changes; "unknown" outside a git checkout."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                             timeout=10, check=False)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    try:
+        sha = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", "dtop_kernels", "csrc")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (sha + ("+dirty" if dirty else "")) if sha else "unknown"
 
 
 def environment(dtype: torch.dtype, device: torch.device) -> dict:
@@ -37,6 +56,7 @@ def environment(dtype: torch.dtype, device: torch.device) -> dict:
         "triton": triton_version,
         "cuda": torch.version.cuda or "none",
         "dtop_kernels": dtop_kernels.__version__,
+        "commit": _git_commit(),
         "cuda_ext_built": bool(build_info().get("cuda_built")),
         "dtype": str(dtype).replace("torch.", ""),
         "date": _dt.date.today().isoformat(),
@@ -65,7 +85,8 @@ def _call_ms(fn: Callable[[], object], device: torch.device) -> float:
 def _stats(times: list[float]) -> dict:
     times = sorted(times)
     q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
-    return {"ms": statistics.median(times), "p20": q[0], "p80": q[3], "repeats": len(times)}
+    return {"ms": statistics.median(times), "p20": q[0], "p80": q[3], "repeats": len(times),
+            "samples_ms": times}
 
 
 def time_fn(fn: Callable[[], object], device: torch.device, warmup: int = 3,

@@ -1,0 +1,461 @@
+"""End-to-end ViT-DToP latency: dense SegViT vs the official per-image loop vs packed ragged batches.
+
+    python benchmarks/latency.py --res 512                  # ViT-B/16 at 512 (batch 1 on CPU, 1 and 8 on GPU)
+    python benchmarks/latency.py --model large --batch 1 8  # ViT-L/16 at 640
+    python benchmarks/latency.py --sweep --plot benchmarks/results/latency-sweep.png
+    python benchmarks/latency.py --quick                    # tiny model and image: smoke test, not a timing
+
+Rows (one per mode and batch size; with --sweep one per keep level for the pruned modes):
+- "dense (SDPA)": ``mode="dense", aux_heads=False``, the SegViT baseline at inference;
+- "dense + torch.compile" (--compile): the same forward through ``torch.compile``;
+- "loop (official per-image)": ``mode="loop"``, one image at a time with boolean masks;
+- "packed/<backend>": ``mode="packed"`` on ragged token sets, for every backend that can run here.
+
+Pruning pattern: the weights are random, so the exit rule is shown synthesized logits
+(``exit_logits=``, see benchmarks/synth.py): per image, smooth random blobs of a few classes exit
+first; after every auxiliary head a fraction ``keep`` of the active tokens stays (per image, spread
+over keep +- 0.1 so a batch is ragged), through the model's real rule (p0 = its threshold, top-5 per
+class). Default ``keep``: solved (bisection on the analytic FLOP count) so that the FLOP saving
+equals the paper's ADE20K figure, 21.0% for ViT-B (109.9 -> 86.8 GFLOPs), 33.1% for ViT-L.
+"loop" and every "packed" row see the same logits. Before timing, every mode is checked: loop and
+each packed backend give the same pred (within dtype tolerance), active_counts and exit_stage, equal
+to the synthesized plan; dense equals packed at threshold 1.0 (the run aborts otherwise).
+
+Derived figures (formulas):
+- GFLOPs = count_flops(model, active_counts, res).macs / 1e9, mean per image (1 MAC = 1 FLOP, the
+  papers' convention); dense rows: count_flops(..., aux_heads=False).dense_macs (no aux heads).
+- FLOP save % = 100 * (1 - GFLOPs / GFLOPs_dense).
+- ms, p20, p80: median and 20th / 80th percentiles of the forward latency over --repeats calls
+  (after --warmup calls), inputs rotating over --rotate different batches; CUDA events on GPU,
+  time.perf_counter on CPU. All rows of a batch size run round-robin (one call of each per round,
+  common.time_interleaved), so load changes on a shared machine hit every row alike.
+- speedup = t_dense_best / t, with t_dense_best the fastest dense row of that batch size.
+- realized = (1 - t / t_dense_best) / (1 - GFLOPs / GFLOPs_dense): the fraction of the FLOP saving
+  that shows up as a latency saving (1 = FLOP-proportional; '-' for dense rows).
+- peak MiB = torch.cuda.max_memory_allocated() over one forward (weights and inputs included), after
+  reset_peak_memory_stats; CUDA only.
+- syncs = host synchronizations in one forward, counted by torch.cuda.set_sync_debug_mode("warn")
+  (one warning per synchronizing call it detects); CUDA only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (
+    default_json_path,
+    environment,
+    format_table,
+    header,
+    time_interleaved,
+    write_json,
+)
+from synth import ExitPlan, image_keeps, plan_exits, target_counts
+
+from dtop_kernels.backends import BACKENDS, BackendError, triton_interpret
+from dtop_kernels.models import count_flops, vit_dtop_base, vit_dtop_large, vit_dtop_tiny
+from dtop_kernels.models.synthetic import synthetic_images
+
+# model -> (factory, default resolution, the paper's ADE20K FLOP saving: 1 - DToP / SegViT GFLOPs)
+MODELS = {
+    "base": (vit_dtop_base, 512, 1 - 86.8 / 109.9),  # 21.0%
+    "large": (vit_dtop_large, 640, 1 - 412.8 / 617.0),  # 33.1%
+}
+QUICK = (lambda: vit_dtop_tiny(num_classes=8), 128, 1 - 86.8 / 109.9)
+SWEEP = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]
+DENSE, COMPILED, LOOP = "dense (SDPA)", "dense + torch.compile", "loop (official per-image)"
+PRED_TOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}  # max |d pred|
+COLUMNS = [("batch", "B", ""), ("keep", "keep", ".3f"), ("mode", "mode", ""),
+           ("tokens", "tokens/stage", ""), ("gflops", "GFLOPs", ".2f"),
+           ("flop_saving", "FLOP save %", ".1f"), ("ms", "ms", ".2f"), ("p20", "p20", ".2f"),
+           ("p80", "p80", ".2f"), ("speedup", "speedup", ".2f"), ("realized", "realized", ".2f"),
+           ("peak_mib", "peak MiB", ".0f"), ("syncs", "syncs", "")]
+
+
+class CheckError(RuntimeError):
+    """Two modes disagree: timing them would compare different computations."""
+
+
+# ---------------------------------------------------------------------- pruning pattern
+def flop_saving(model, res: int, counts: torch.Tensor, dense_macs: float) -> float:
+    """Batch-mean FLOP saving of a pruned forward (aux heads counted) against the dense SegViT."""
+    return 1 - float(count_flops(model, counts, res).macs.mean()) / dense_macs
+
+
+def calibrate_keep(model, res: int, batch: int, target: float, dense_macs: float) -> float:
+    """The keep (fraction of active tokens left after each exit, batch mean) whose planned
+    counts give a batch-mean FLOP saving of ``target``: bisection (the saving falls as keep
+    rises), rounded to 3 decimals."""
+    n = (res // model.patch_size) ** 2
+
+    def saving(k: float) -> float:
+        counts = target_counts(n, image_keeps(batch, k), model.num_stages)
+        return flop_saving(model, res, counts, dense_macs)
+
+    lo, hi = 0.05, 1.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if saving(mid) > target else (lo, mid)
+    return round((lo + hi) / 2, 3)
+
+
+# ---------------------------------------------------------------------- checks
+def _agree(what: str, ref, out, tol: float, plan: ExitPlan | None = None) -> float:
+    """Raise CheckError unless ``out`` matches ``ref`` (DToPOutput); returns max |d pred|."""
+    if plan is not None and not torch.equal(ref.active_counts.cpu(), plan.counts):
+        raise CheckError(f"{what}: the model pruned {ref.active_counts.tolist()} tokens per stage "
+                         f"but the synthesized exit logits ask for {plan.counts.tolist()}")
+    if not torch.equal(ref.active_counts.cpu(), out.active_counts.cpu()):
+        raise CheckError(f"{what}: active_counts differ: {ref.active_counts.tolist()} vs "
+                         f"{out.active_counts.tolist()}")
+    if not torch.equal(ref.exit_stage.cpu(), out.exit_stage.cpu()):
+        bad = int((ref.exit_stage != out.exit_stage).sum())
+        raise CheckError(f"{what}: exit_stage differs at {bad} tokens")
+    err = float((ref.pred.float() - out.pred.float()).abs().max())
+    if not err <= tol:
+        raise CheckError(f"{what}: predictions differ by {err:.3g} (> {tol:g})")
+    return err
+
+
+def _cannot(err: BackendError, backend: str) -> str:
+    """The reasons ``backend`` gave in a BackendError message (first op that refused)."""
+    lines = str(err).splitlines()
+    op = lines[0].split(":")[0].removeprefix("dtop_kernels.")
+    mine = [ln.split(":", 1)[1].strip() for ln in lines[1:] if ln.strip().startswith(backend)]
+    return f"{op}: {mine[0] if mine else lines[0]}"
+
+
+# ---------------------------------------------------------------------- measurements
+def _syncs(fn: Callable[[], object]) -> int:
+    """Host synchronizations torch's sync debug mode reports during ``fn()`` (CUDA)."""
+    torch.cuda.synchronize()
+    prev = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(prev)
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def _peak_mib(fn: Callable[[], object]) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+class _Progress:
+    """Forward counter on stderr (tqdm when installed)."""
+
+    def __init__(self, quiet: bool) -> None:
+        try:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=0, file=sys.stderr, unit="fwd", disable=quiet)
+        except ImportError:
+            self.bar = None
+
+    def expect(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.total += n
+            self.bar.refresh()
+
+    def step(self, desc: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description(desc, refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---------------------------------------------------------------------- benchmark
+def bench(args) -> tuple[dict, list[dict], list[str]]:
+    dev = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    gpu = dev.type == "cuda"
+    factory, res, paper_saving = QUICK if args.quick else MODELS[args.model]
+    res = args.res or res
+    env = environment(dtype, dev)
+    notes: list[str] = []
+    if not gpu:
+        load = os.getloadavg()
+        notes.append(f"CPU load average (1/5/15 min) at start: {load[0]:.1f} / {load[1]:.1f} / "
+                     f"{load[2]:.1f} on {os.cpu_count()} cores (a load above what this run "
+                     "adds means other processes shared the CPU)")
+    torch.manual_seed(0)
+    model = factory().to(dev, dtype).eval()
+    grid = (res // model.patch_size, res // model.patch_size)
+    k_cls, stages = model.num_classes, model.num_stages
+    dense_macs = count_flops(model, None, res, aux_heads=False).dense_macs
+    tol = PRED_TOL[dtype]
+    candidates = list(BACKENDS)
+    if triton_interpret():
+        candidates.remove("triton")
+        notes.append("packed/triton: not run: TRITON_INTERPRET is set (interpreter timings are "
+                     "not kernel timings); unset it")
+    cannot: dict[str, str] = {}
+    compiled = torch.compile(model) if args.compile else None
+    progress = _Progress(args.quiet)
+    rows: list[dict] = []
+    for b in args.batch:
+        imgs = [synthetic_images(b, res, res, seed=r, dtype=dtype).to(dev)
+                for r in range(args.rotate)]
+        if args.sweep is not None:
+            keeps = args.sweep
+        elif args.keep is not None:
+            keeps = [args.keep]
+        else:
+            keeps = [calibrate_keep(model, res, b, paper_saving, dense_macs)]
+            notes.append(f"B={b}: keep {keeps[0]} calibrated so that the batch-mean FLOP saving "
+                         f"is the paper's {100 * paper_saving:.1f}% (bisection on count_flops "
+                         f"with aux heads, against the dense SegViT without them)")
+
+        def dense(i: int, fwd=model, imgs=imgs):
+            return fwd(imgs[i], mode="dense", aux_heads=False)
+
+        def packed(i: int, be: str, plans=None, thr=None, imgs=imgs):
+            if plans is None:  # no pruning
+                return model(imgs[i], mode="packed", backend=be, threshold=thr, aux_heads=False)
+            return model(imgs[i], mode="packed", backend=be, exit_logits=plans[i].exit_logits)
+
+        def loop(i: int, plans, imgs=imgs):
+            return model(imgs[i], mode="loop", exit_logits=plans[i].exit_logits)
+
+        # --- checks: dense == packed at threshold 1.0 (also finds the backends that run here)
+        progress.expect(1 + len(candidates) + (compiled is not None))
+        ref = dense(0)
+        progress.step(f"B={b} check dense")
+        runs = []
+        for be in candidates:
+            if be in cannot:
+                continue
+            try:
+                out = packed(0, be, thr=1.0)
+            except BackendError as e:
+                cannot[be] = _cannot(e, be)
+                continue
+            finally:
+                progress.step(f"B={b} check packed/{be}")
+            _agree(f"B={b}: dense vs packed/{be} at threshold 1.0", ref, out, tol)
+            runs.append(be)
+        if not runs:
+            raise CheckError("no packed backend can run here: " + "; ".join(
+                f"{be}: {why}" for be, why in cannot.items()))
+        if compiled is not None:
+            _agree(f"B={b}: dense vs dense + torch.compile", ref, dense(0, compiled), tol)
+            progress.step(f"B={b} check compile")
+
+        # --- the rows to time: (row fields, call(i) for rotation set i)
+        n = grid[0] * grid[1]
+        jobs: list[tuple[dict, Callable[[int], object]]] = []
+        dense_fwds = [(DENSE, model)] + ([(COMPILED, compiled)] if compiled is not None else [])
+        for name, fwd in dense_fwds:
+            jobs.append(({"mode": name, "keep": None, "tokens_per_stage": [n] * stages,
+                          "gflops": dense_macs / 1e9, "flop_saving": 0.0},
+                         lambda i, fwd=fwd: dense(i, fwd)))
+        for keep in keeps:
+            plans = [plan_exits(b, grid, k_cls, stages, keep, threshold=model.threshold,
+                                top_k=model.top_k, seed=1000 + r).to(dev)
+                     for r in range(args.rotate)]
+            counts = torch.cat([p.counts for p in plans], dim=1)  # [S, rotate * B]
+            gmacs = float(count_flops(model, counts, res).macs.mean())
+            info = {"keep": keep, "tokens_per_stage": counts.double().mean(1).tolist(),
+                    "gflops": gmacs / 1e9, "flop_saving": 100 * (1 - gmacs / dense_macs)}
+            # --- checks: loop == plan, packed/<backend> == loop
+            progress.expect(1 + len(runs))
+            ref = loop(0, plans)
+            progress.step(f"B={b} keep={keep} check loop")
+            for be in runs:
+                out = packed(0, be, plans)
+                progress.step(f"B={b} keep={keep} check packed/{be}")
+                _agree(f"B={b} keep={keep}: loop vs packed/{be}", ref, out, tol, plans[0])
+            jobs.append(({"mode": LOOP, **info}, lambda i, plans=plans: loop(i, plans)))
+            jobs += [({"mode": f"packed/{be}", **info},
+                      lambda i, be=be, plans=plans: packed(i, be, plans)) for be in runs]
+
+        # --- timing: every row round-robin, inputs rotating over the sets
+        progress.expect(len(jobs) * (args.warmup + args.repeats + (2 if gpu else 0)))
+
+        def rotating(info: dict, call: Callable[[int], object], b: int = b
+                     ) -> Callable[[], None]:
+            it = itertools.cycle(range(args.rotate))
+            desc = f"B={b} {info['mode']}" + (f" keep={info['keep']}" if info["keep"] else "")
+
+            def fn() -> None:
+                call(next(it))
+                progress.step(desc)
+
+            return fn
+
+        timings = time_interleaved([rotating(*j) for j in jobs], dev, args.warmup, args.repeats)
+        best = min(t["ms"] for (info, _), t in zip(jobs, timings) if info["keep"] is None)
+        for (info, call), t in zip(jobs, timings):
+            r = {"model": "tiny" if args.quick else args.model, "res": res, "batch": b, **info,
+                 **t}
+            if gpu:
+                r["peak_mib"] = _peak_mib(lambda call=call: call(0))
+                r["syncs"] = _syncs(lambda call=call: call(0))
+                progress.step(f"B={b} {info['mode']} memory, syncs")
+                progress.step(f"B={b} {info['mode']} memory, syncs")
+            # speedup and realized fraction (module docstring)
+            r["speedup"] = best / r["ms"]
+            saving = 1 - r["gflops"] * 1e9 / dense_macs
+            pruned = info["keep"] is not None
+            r["realized"] = (1 - r["ms"] / best) / saving if pruned and saving else None
+            r["tokens"] = "/".join(f"{c:.0f}" for c in r["tokens_per_stage"])
+            rows.append(r)
+    progress.close()
+    for be, why in cannot.items():
+        notes.append(f"packed/{be}: cannot run on this device ({why})")
+    if not gpu:
+        notes.append("peak MiB and syncs: measured on CUDA only (torch.cuda memory stats and sync "
+                     "debug mode); on the CPU every op runs synchronously")
+        load = os.getloadavg()
+        notes.append(f"CPU load average at end: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}")
+    return env, rows, notes
+
+
+# ---------------------------------------------------------------------- output
+def write_csv(path: str | Path, rows: list[dict]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys = list(dict.fromkeys(k for r in rows for k, v in r.items() if not isinstance(v, list)))
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k) for k in keys})
+    return path
+
+
+def plot(path: str | Path, rows: list[dict], env: dict) -> Path:
+    """Median latency (p20-p80 bars) vs keep per pruned mode, dense rows as horizontal lines,
+    and the ideal FLOP-proportional latency t_dense_best * GFLOPs / GFLOPs_dense."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(6.5 * len(batches), 4.8), squeeze=False)
+    for ax, b in zip(axes[0], batches):
+        rs = [r for r in rows if r["batch"] == b]
+        dense = [r for r in rs if r["keep"] is None]
+        best = min(r["ms"] for r in dense)
+        dense_g = dense[0]["gflops"]
+        for r in dense:
+            ax.axhline(r["ms"], ls=":", color="grey" if r["mode"] == DENSE else "tab:brown",
+                       label=r["mode"])
+        for mode in dict.fromkeys(r["mode"] for r in rs if r["keep"] is not None):
+            pts = sorted((r["keep"], r["ms"], r["p20"], r["p80"]) for r in rs
+                         if r["mode"] == mode)
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], marker="o", capsize=3,
+                        yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]],
+                        label=f"{mode} (median, p20-p80)")
+        pts = sorted({(r["keep"], r["gflops"]) for r in rs if r["keep"] is not None})
+        ax.plot([p[0] for p in pts], [best * g / dense_g for _, g in pts], "k--",
+                label="ideal: t_dense x GFLOPs / GFLOPs_dense")
+        ax.set_xlabel("keep (fraction of active tokens left after each exit)")
+        ax.set_ylabel("median latency (ms)")
+        r0 = rs[0]
+        ax.set_title(f"ViT-DToP {r0['model']} {r0['res']}px, batch {b}", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{env['device']} | torch {env['torch']} | {env['dtype']} | {env['date']}",
+                 fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=MODELS, default="base")
+    p.add_argument("--res", type=int, default=None, help="image size (default 512 base, 640 large)")
+    p.add_argument("--batch", type=int, nargs="+", default=None,
+                   help="batch sizes (default: 1 and 8 on GPU, 1 on CPU)")
+    p.add_argument("--keep", type=float, default=None,
+                   help="fraction of active tokens left after each exit, batch mean (default: "
+                        "calibrated to the paper's FLOP saving)")
+    p.add_argument("--sweep", type=float, nargs="*", default=None,
+                   help=f"time several keep levels (default {SWEEP})")
+    p.add_argument("--compile", action="store_true", help="add a torch.compile dense row")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
+                   help="default bf16 on GPU, fp32 on CPU")
+    p.add_argument("--warmup", type=int, default=None, help="default 5 GPU, 1 CPU")
+    p.add_argument("--repeats", type=int, default=None, help="default 30 GPU, 3 CPU")
+    p.add_argument("--rotate", type=int, default=None,
+                   help="different input batches cycled through (default 3)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny model, 128 px, batch 2, 1 repeat: a smoke test, not a timing")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", nargs="?", const="", default=None,
+                   help="write rows as JSON (default path: benchmarks/results/)")
+    p.add_argument("--csv", default=None, help="write rows as CSV")
+    p.add_argument("--plot", default=None, help="PNG of latency vs keep (needs --sweep)")
+    args = p.parse_args(argv)
+    gpu = args.device.startswith("cuda")
+    if args.sweep is not None and not args.sweep:
+        args.sweep = list(SWEEP)
+    if args.plot and args.sweep is None:
+        p.error("--plot needs --sweep")
+    for k in [args.keep] + (args.sweep or []):
+        if k is not None and not 0 < k <= 1:
+            p.error(f"keep levels must lie in (0, 1]; got {k}")
+    args.dtype = args.dtype or ("bf16" if gpu else "fp32")
+    args.batch = args.batch or ([2] if args.quick else ([1, 8] if gpu else [1]))
+    args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
+    args.repeats = args.repeats or (1 if args.quick else (30 if gpu else 3))
+    args.rotate = args.rotate or (2 if args.quick else 3)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    # Kernels not yet verified on a GPU warn on every explicit call; the checks above compare
+    # them with the per-image loop before anything is timed.
+    warnings.filterwarnings("ignore", message=".*not yet passed its tests on a GPU.*")
+    try:
+        with torch.inference_mode():
+            env, rows, notes = bench(args)
+    except CheckError as e:
+        sys.exit(f"latency.py: check failed, nothing timed is trustworthy: {e}")
+    print(header(env))
+    print(format_table(rows, COLUMNS))
+    for n in notes:
+        print(f"- {n}")
+    if args.quick:
+        print("- --quick: tiny model, smoke test; these numbers are not a benchmark")
+    if args.json is not None:
+        path = write_json(args.json or default_json_path(env, "latency"), env, rows,
+                          args=vars(args), notes=notes)
+        print(f"wrote {path}", file=sys.stderr)
+    if args.csv:
+        print(f"wrote {write_csv(args.csv, rows)}", file=sys.stderr)
+    if args.plot:
+        print(f"wrote {plot(args.plot, rows, env)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Smoke tests of the benchmark scripts and of the synthesized pruning pattern they time.
+
+The scripts run by path (``benchmarks/`` is not a package) in a subprocess with this Python,
+from the repository root, with ``TRITON_INTERPRET`` removed so that nothing runs under the
+Triton interpreter. No timing is asserted: speed lives in the benchmarks.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dtop_kernels
+from dtop_kernels.models import vit_dtop_tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DTOP_BACKEND")}
+    # The subprocess imports the same dtop_kernels as this test (installed, or this checkout).
+    where = str(Path(dtop_kernels.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (where, env.get("PYTHONPATH")) if p)
+    # One thread: on a busy CI machine OpenMP barriers stall tiny ops for whole time slices.
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--quick", *args], check=False,
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def _rows(path: Path) -> list[dict]:
+    data = json.loads(path.read_text())
+    assert {"environment", "rows"} <= data.keys()
+    assert data["rows"]
+    return data["rows"]
+
+
+def test_latency_quick(tmp_path: Path) -> None:
+    extra = []
+    if importlib.util.find_spec("matplotlib") is not None:
+        extra = ["--plot", str(tmp_path / "sweep.png")]
+    out = _run("latency.py", "--quiet", "--sweep", "1.0", "0.7", "--json",
+               str(tmp_path / "latency.json"), "--csv", str(tmp_path / "latency.csv"), *extra)
+    head = out.stdout.splitlines()
+    assert head[0].startswith("device:") and "torch:" in head[0] and "dtype:" in head[0]
+    for title in ("mode", "GFLOPs", "ms", "p20", "p80", "speedup", "realized", "peak MiB",
+                  "syncs"):
+        assert title in head[1]
+    for mode in ("dense (SDPA)", "loop (official per-image)", "packed/torch"):
+        assert mode in out.stdout
+    rows = _rows(tmp_path / "latency.json")
+    modes = {(r["mode"], r["keep"]) for r in rows}
+    assert {("dense (SDPA)", None), ("loop (official per-image)", 0.7),
+            ("packed/torch", 1.0), ("packed/torch", 0.7)} <= modes
+    assert all(r["ms"] > 0 and r["gflops"] > 0 for r in rows)
+    assert (tmp_path / "latency.csv").read_text().startswith("model,res,batch,mode,")
+    if extra:
+        assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ops_quick(tmp_path: Path) -> None:
+    out = _run("ops.py", "--json", str(tmp_path / "ops.json"))
+    assert out.stdout.startswith("device:")
+    for title in ("op", "impl", "ms", "GB/s", "TFLOP/s"):
+        assert title in out.stdout.splitlines()[1]
+    assert {r["op"] for r in _rows(tmp_path / "ops.json")} >= {"copy", "gather_tokens"}
+
+
+def _synth():
+    spec = importlib.util.spec_from_file_location("bench_synth", BENCH / "synth.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("keep", [1.0, 0.75, 0.5])
+def test_synthesized_exits_prune_the_planned_counts(keep: float) -> None:
+    """The real exit rule (loop and packed) prunes exactly the synthesized plan, and the images
+    of a batch keep different counts."""
+    synth = _synth()
+    model = vit_dtop_tiny(num_classes=8).eval()
+    b, grid = 3, (16, 16)
+    plan = synth.plan_exits(b, grid, model.num_classes, model.num_stages, keep,
+                            threshold=model.threshold, top_k=model.top_k, seed=3)
+    want = synth.target_counts(256, synth.image_keeps(b, keep), model.num_stages)
+    assert torch.equal(plan.counts, want)
+    if keep < 1:
+        assert len(set(plan.counts[-1].tolist())) == b
+    for s in range(model.num_stages):  # exit_stage agrees with the counts
+        assert torch.equal((plan.exit_stage >= s).sum(1), plan.counts[s])
+    img = torch.randn(b, 3, 256, 256)
+    with torch.no_grad():
+        for mode in ("loop", "packed"):
+            out = model(img, mode=mode, backend="torch", exit_logits=plan.exit_logits)
+            assert torch.equal(out.active_counts, plan.counts), mode
+            assert torch.equal(out.exit_stage.view(b, -1), plan.exit_stage), mode
