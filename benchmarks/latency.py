@@ -1,9 +1,9 @@
-"""End-to-end ViT-DToP latency: dense SegViT vs the official per-image loop vs packed ragged batches.
+"""End-to-end ViT-DToP latency: dense SegViT vs the official per-image loop vs packed batches.
 
-    python benchmarks/latency.py --res 512                  # ViT-B/16 at 512 (batch 1 on CPU, 1 and 8 on GPU)
-    python benchmarks/latency.py --model large --batch 1 8  # ViT-L/16 at 640
+    python benchmarks/latency.py --res 512         # ViT-B/16 (batch 1 on CPU, 1 and 8 on GPU)
+    python benchmarks/latency.py --model large     # ViT-L/16 at 640
     python benchmarks/latency.py --sweep --plot benchmarks/results/latency-sweep.png
-    python benchmarks/latency.py --quick                    # tiny model and image: smoke test, not a timing
+    python benchmarks/latency.py --quick           # tiny model: smoke test, not a timing
 
 Rows (one per mode and batch size; with --sweep one per keep level for the pruned modes):
 - "dense (SDPA)": ``mode="dense", aux_heads=False``, the SegViT baseline at inference;
@@ -74,7 +74,7 @@ MODELS = {
 QUICK = (lambda: vit_dtop_tiny(num_classes=8), 128, 1 - 86.8 / 109.9)
 SWEEP = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]
 DENSE, COMPILED, LOOP = "dense (SDPA)", "dense + torch.compile", "loop (official per-image)"
-PRED_TOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}  # max |d pred|
+PRED_TOL = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}  # max |d pred|
 COLUMNS = [("batch", "B", ""), ("keep", "keep", ".3f"), ("mode", "mode", ""),
            ("tokens", "tokens/stage", ""), ("gflops", "GFLOPs", ".2f"),
            ("flop_saving", "FLOP save %", ".1f"), ("ms", "ms", ".2f"), ("p20", "p20", ".2f"),
@@ -115,6 +115,8 @@ def _agree(what: str, ref, out, tol: float, plan: ExitPlan | None = None) -> flo
     if plan is not None and not torch.equal(ref.active_counts.cpu(), plan.counts):
         raise CheckError(f"{what}: the model pruned {ref.active_counts.tolist()} tokens per stage "
                          f"but the synthesized exit logits ask for {plan.counts.tolist()}")
+    if plan is not None and not torch.equal(ref.exit_stage.flatten(1).cpu(), plan.exit_stage):
+        raise CheckError(f"{what}: tokens exit at other heads than the synthesized plan says")
     if not torch.equal(ref.active_counts.cpu(), out.active_counts.cpu()):
         raise CheckError(f"{what}: active_counts differ: {ref.active_counts.tolist()} vs "
                          f"{out.active_counts.tolist()}")
@@ -237,28 +239,38 @@ def bench(args) -> tuple[dict, list[dict], list[str]]:
         def loop(i: int, plans, imgs=imgs):
             return model(imgs[i], mode="loop", exit_logits=plans[i].exit_logits)
 
-        # --- checks: dense == packed at threshold 1.0 (also finds the backends that run here)
-        progress.expect(1 + len(candidates) + (compiled is not None))
+        # --- pruning plans per keep level and rotation set (fp32 exit logits on the device)
+        plans = {keep: [plan_exits(b, grid, k_cls, stages, keep, threshold=model.threshold,
+                                   top_k=model.top_k, seed=1000 + r).to(dev)
+                        for r in range(args.rotate)] for keep in keeps}
+
+        # --- which backends run here: a forward at threshold 1.0 and a pruned one (every op)
+        checked: list[str] = []  # max |d pred| of every check
+        progress.expect(1 + 2 * len(candidates) + (compiled is not None))
         ref = dense(0)
         progress.step(f"B={b} check dense")
-        runs = []
+        runs, outs = [], {}
         for be in candidates:
             if be in cannot:
                 continue
             try:
-                out = packed(0, be, thr=1.0)
+                outs[be] = packed(0, be, thr=1.0), packed(0, be, plans[keeps[0]])
+                runs.append(be)
             except BackendError as e:
                 cannot[be] = _cannot(e, be)
-                continue
             finally:
                 progress.step(f"B={b} check packed/{be}")
-            _agree(f"B={b}: dense vs packed/{be} at threshold 1.0", ref, out, tol)
-            runs.append(be)
+                progress.step(f"B={b} check packed/{be}")
         if not runs:
             raise CheckError("no packed backend can run here: " + "; ".join(
                 f"{be}: {why}" for be, why in cannot.items()))
+        # --- checks: dense == packed at threshold 1.0, dense == compiled dense
+        for be in runs:
+            err = _agree(f"B={b}: dense vs packed/{be} at threshold 1.0", ref, outs[be][0], tol)
+            checked.append(f"dense vs packed/{be} at threshold 1.0: {err:.1e}")
         if compiled is not None:
-            _agree(f"B={b}: dense vs dense + torch.compile", ref, dense(0, compiled), tol)
+            err = _agree(f"B={b}: dense vs dense + torch.compile", ref, dense(0, compiled), tol)
+            checked.append(f"dense vs dense + torch.compile: {err:.1e}")
             progress.step(f"B={b} check compile")
 
         # --- the rows to time: (row fields, call(i) for rotation set i)
@@ -269,25 +281,26 @@ def bench(args) -> tuple[dict, list[dict], list[str]]:
             jobs.append(({"mode": name, "keep": None, "tokens_per_stage": [n] * stages,
                           "gflops": dense_macs / 1e9, "flop_saving": 0.0},
                          lambda i, fwd=fwd: dense(i, fwd)))
-        for keep in keeps:
-            plans = [plan_exits(b, grid, k_cls, stages, keep, threshold=model.threshold,
-                                top_k=model.top_k, seed=1000 + r).to(dev)
-                     for r in range(args.rotate)]
-            counts = torch.cat([p.counts for p in plans], dim=1)  # [S, rotate * B]
+        for keep, kp in plans.items():
+            counts = torch.cat([p.counts for p in kp], dim=1)  # [S, rotate * B]
             gmacs = float(count_flops(model, counts, res).macs.mean())
             info = {"keep": keep, "tokens_per_stage": counts.double().mean(1).tolist(),
                     "gflops": gmacs / 1e9, "flop_saving": 100 * (1 - gmacs / dense_macs)}
             # --- checks: loop == plan, packed/<backend> == loop
             progress.expect(1 + len(runs))
-            ref = loop(0, plans)
+            ref = loop(0, kp)
             progress.step(f"B={b} keep={keep} check loop")
             for be in runs:
-                out = packed(0, be, plans)
+                out = outs[be][1] if keep == keeps[0] else packed(0, be, kp)
                 progress.step(f"B={b} keep={keep} check packed/{be}")
-                _agree(f"B={b} keep={keep}: loop vs packed/{be}", ref, out, tol, plans[0])
-            jobs.append(({"mode": LOOP, **info}, lambda i, plans=plans: loop(i, plans)))
+                err = _agree(f"B={b} keep={keep}: loop vs packed/{be}", ref, out, tol, kp[0])
+                checked.append(f"keep {keep} loop vs packed/{be}: {err:.1e}")
+            jobs.append(({"mode": LOOP, **info}, lambda i, kp=kp: loop(i, kp)))
             jobs += [({"mode": f"packed/{be}", **info},
-                      lambda i, be=be, plans=plans: packed(i, be, plans)) for be in runs]
+                      lambda i, be=be, kp=kp: packed(i, be, kp)) for be in runs]
+
+        notes.append(f"B={b}: checks passed (active_counts and exit_stage equal; max |d pred| "
+                     + "; ".join(checked) + ")")
 
         # --- timing: every row round-robin, inputs rotating over the sets
         progress.expect(len(jobs) * (args.warmup + args.repeats + (2 if gpu else 0)))
@@ -388,7 +401,8 @@ def plot(path: str | Path, rows: list[dict], env: dict) -> Path:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
+    first, _, rest = __doc__.partition("\n")
+    p = argparse.ArgumentParser(description=first, epilog=rest,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=MODELS, default="base")
     p.add_argument("--res", type=int, default=None, help="image size (default 512 base, 640 large)")

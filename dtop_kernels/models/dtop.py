@@ -333,7 +333,8 @@ def _official_exits(
     exits = conf > threshold
     for c in label[exits].unique():
         members = (exits & (label == c)).nonzero().squeeze(1)
-        stay = conf[members].topk(min(top_k, members.numel())).indices
+        # the top_k most confident stay; equal confidence: lower position first (stable sort)
+        stay = torch.argsort(-conf[members], stable=True)[:top_k]
         exits[members[stay]] = False
     return exits
 
