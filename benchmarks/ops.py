@@ -113,12 +113,17 @@ def bench(args) -> tuple[dict, list[dict]]:
     idx = t.indices.long()
     add("gather+layernorm", "torch index_select+layer_norm",
         tm(lambda: ln(flat.index_select(0, idx))), nbytes=moved, copy_gbs=copy_gbs)
-    if dev.type == "cuda" and dk.backends.triton_import_error() is None:
+    if dev.type == "cuda":
+        from dtop_kernels.cuda import unavailable_reasons
         from dtop_kernels.ops.layernorm import layer_norm_tokens
 
-        add("gather+layernorm", "triton fused",
-            tm(lambda: layer_norm_tokens(flat, ln.weight, ln.bias, t, 1e-6, gather=True)),
-            nbytes=moved, copy_gbs=copy_gbs)
+        kernels = [be for be, ok in (("triton", dk.backends.triton_import_error() is None),
+                                     ("cuda", not unavailable_reasons())) if ok]
+        for be in kernels:
+            add("gather+layernorm", f"{be} fused",
+                tm(lambda be=be: layer_norm_tokens(flat, ln.weight, ln.bias, t, 1e-6,
+                                                   gather=True, backend=be)),
+                nbytes=moved, copy_gbs=copy_gbs)
 
     # --- attention
     q = torch.randn(total, h, d, device=dev, dtype=dtype)
@@ -188,14 +193,14 @@ def bench(args) -> tuple[dict, list[dict]]:
     mlp_fl = 2 * total * c * 4 * c * 2
     add("mlp fwd", "cuBLAS/torch F.linear (packed rows)",
         tm(lambda: fc2(F.gelu(fc1(xp))) + xp), mlp_fl)
-    if dev.type == "cuda" and dk.backends.triton_import_error() is None:
-        from dtop_kernels.triton.linear import ACT_GELU, packed_linear
 
-        def tri_mlp():
-            hid = packed_linear(xp, fc1.weight, fc1.bias, t, act=ACT_GELU)
-            return packed_linear(hid, fc2.weight, fc2.bias, t, residual=xp)
+    def mlp(be):
+        hid = dk.packed_linear(xp, fc1.weight, fc1.bias, t, activation="gelu", backend=be)
+        return dk.packed_linear(hid, fc2.weight, fc2.bias, t, residual=xp, backend=be)
 
-        add("mlp fwd", "triton fused epilogues", tm(tri_mlp), mlp_fl)
+    for be in _backends(mlp):
+        add("mlp fwd", f"packed_linear {be} (fused epilogues)" if be != "torch" else
+            "packed_linear torch", tm(lambda be=be: mlp(be)), mlp_fl)
 
     # --- selection
     kcls = 150

@@ -202,6 +202,43 @@ PYBIND11_MODULE(_C, m) {
       "Head-averaged pre-softmax logits [Kq, Tk] for uniform queries. See csrc/ops.h.");
 
   m.def(
+      "linear_fwd",
+      [](std::uintptr_t x, std::uintptr_t x_index, std::uintptr_t weight, std::uintptr_t bias,
+         std::uintptr_t residual, std::uintptr_t pre, std::uintptr_t y, std::uintptr_t y_index,
+         std::uintptr_t cu_seqlens, int64_t batch, int64_t capacity, int64_t out_features,
+         int64_t in_features, int64_t x_stride, int64_t weight_stride, int64_t residual_stride,
+         int64_t pre_stride, int64_t y_stride, int act, int dtype, std::uintptr_t stream) {
+        dtop::linear_fwd(ptr<const void>(x), ptr<const int32_t>(x_index), ptr<const void>(weight),
+                         ptr<const void>(bias), ptr<const void>(residual), ptr<void>(pre),
+                         ptr<void>(y), ptr<const int32_t>(y_index),
+                         ptr<const int32_t>(cu_seqlens), batch, capacity, out_features,
+                         in_features, x_stride, weight_stride, residual_stride, pre_stride,
+                         y_stride, act, dtype, ptr<void>(stream));
+      },
+      py::arg("x"), py::arg("x_index"), py::arg("weight"), py::arg("bias"), py::arg("residual"),
+      py::arg("pre"), py::arg("y"), py::arg("y_index"), py::arg("cu_seqlens"), py::arg("batch"),
+      py::arg("capacity"), py::arg("out_features"), py::arg("in_features"), py::arg("x_stride"),
+      py::arg("weight_stride"), py::arg("residual_stride"), py::arg("pre_stride"),
+      py::arg("y_stride"), py::arg("act"), py::arg("dtype"), py::arg("stream"),
+      "Packed linear with gather / bias / GELU / residual / scatter fused. See csrc/ops.h.");
+
+  m.def(
+      "linear_bwd_input",
+      [](std::uintptr_t dz, std::uintptr_t weight, std::uintptr_t dx, std::uintptr_t cu_seqlens,
+         int64_t batch, int64_t capacity, int64_t out_features, int64_t in_features,
+         int64_t dz_stride, int64_t weight_stride, int64_t dx_stride, int dtype,
+         std::uintptr_t stream) {
+        dtop::linear_bwd_input(ptr<const void>(dz), ptr<const void>(weight), ptr<void>(dx),
+                               ptr<const int32_t>(cu_seqlens), batch, capacity, out_features,
+                               in_features, dz_stride, weight_stride, dx_stride, dtype,
+                               ptr<void>(stream));
+      },
+      py::arg("dz"), py::arg("weight"), py::arg("dx"), py::arg("cu_seqlens"), py::arg("batch"),
+      py::arg("capacity"), py::arg("out_features"), py::arg("in_features"),
+      py::arg("dz_stride"), py::arg("weight_stride"), py::arg("dx_stride"), py::arg("dtype"),
+      py::arg("stream"), "dx = dz @ W on the packed rows (zero past T). See csrc/ops.h.");
+
+  m.def(
       "built_archs", [] { return std::string(DTOP_CUDA_ARCHS); },
       "CUDA architectures compiled in (CMake syntax, e.g. '80;90a').");
   m.def(

@@ -118,4 +118,29 @@ void attention_head_mean_logits(const void* q, const void* k, void* logits,
                                 int64_t k_stride_t, int64_t k_stride_h, int64_t logits_stride,
                                 double scale, int dtype, void* stream);
 
+// ---------------------------------------------------------------------------- linear
+// Packed linear layer on tensor cores, float16 / bfloat16 only (dtype 1 or 2); out_features and
+// in_features multiples of 8; row strides in elements, multiples of 8, 16-byte aligned bases.
+// Rows i < T = cu_seqlens[batch] are tokens; row tiles past T run no product.
+
+// For i < T: z = x_row(i) @ weight^T + bias (fp32 accumulation), pre[i] = z (when pre is not
+// null), y_row(i) = act(z) + residual[i] (act 0 = identity, 1 = exact GELU; bias / residual
+// nullable). x_row(i) = x[x_index[i]] when x_index is not null (the gather), else x[i];
+// y_row(i) = y[y_index[i]] when y_index is not null (the scatter; other rows of y untouched),
+// else y[i]. For T <= i < capacity: y[i] = 0 (unless scattering) and pre[i] = 0.
+// weight: [out_features, in_features]; bias: [out_features]; residual, pre: [capacity, out].
+void linear_fwd(const void* x, const int32_t* x_index, const void* weight, const void* bias,
+                const void* residual, void* pre, void* y, const int32_t* y_index,
+                const int32_t* cu_seqlens, int64_t batch, int64_t capacity, int64_t out_features,
+                int64_t in_features, int64_t x_stride, int64_t weight_stride,
+                int64_t residual_stride, int64_t pre_stride, int64_t y_stride, int act,
+                int dtype, void* stream);
+
+// Input gradient of linear_fwd: dx[i] = dz[i] @ weight for i < T, dx[i] = 0 for
+// T <= i < capacity. dz: [capacity, out_features]; dx: [capacity, in_features].
+void linear_bwd_input(const void* dz, const void* weight, void* dx, const int32_t* cu_seqlens,
+                      int64_t batch, int64_t capacity, int64_t out_features,
+                      int64_t in_features, int64_t dz_stride, int64_t weight_stride,
+                      int64_t dx_stride, int dtype, void* stream);
+
 }  // namespace dtop

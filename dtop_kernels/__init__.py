@@ -7,6 +7,7 @@ from dtop_kernels.backends import BackendError
 from dtop_kernels.ops.attention import varlen_attention
 from dtop_kernels.ops.block import pruned_block, pruned_stage
 from dtop_kernels.ops.gather import gather_tokens, scatter_tokens
+from dtop_kernels.ops.linear import packed_linear
 from dtop_kernels.ops.select import Selection, dtop_select
 from dtop_kernels.tokens import TokenSet
 
@@ -18,6 +19,7 @@ __all__ = [
     "TokenSet",
     "dtop_select",
     "gather_tokens",
+    "packed_linear",
     "pruned_block",
     "pruned_stage",
     "scatter_tokens",

@@ -12,10 +12,10 @@ import torch
 import dtop_kernels
 from dtop_kernels.backends import BACKENDS, triton_import_error, triton_interpret
 from dtop_kernels.cuda import build_info, unavailable_reasons
-from dtop_kernels.ops import attention, block, gather, select
+from dtop_kernels.ops import attention, block, gather, linear, select
 
-_DISPATCHERS = (gather._gather, gather._scatter, attention._dispatch, block._dispatch,
-                select._dispatch)
+_DISPATCHERS = (gather._gather, gather._scatter, attention._dispatch, linear._dispatch,
+                block._dispatch, select._dispatch)
 
 
 def _probe_tensors(device: str) -> dict[str, object]:
@@ -29,6 +29,7 @@ def _probe_tensors(device: str) -> dict[str, object]:
         "gather_tokens": (x, t),
         "scatter_tokens": (x[0], t),
         "varlen_attention": (q, q, q),
+        "packed_linear": (x[0], torch.zeros(8, 8, device=device, dtype=torch.float16), t),
         "pruned_block": (x, t),
         "dtop_select": (torch.zeros(1, 2, 2, device=device), torch.zeros(2, 4, device=device), t),
     }

@@ -136,6 +136,7 @@ def record_all(cases: list[tuple[torch.dtype, list[int]]]) -> list:
                        save_pre=True)
         tli.linear_fwd(torch.zeros(80, 4 * c, dtype=dtype), weight.t().contiguous(), None, t,
                        residual=packed, out=torch.zeros(80, c, dtype=dtype))
+        tli.linear_fwd(x, weight, None, t, gather=True, out=torch.zeros(80, 4 * c, dtype=dtype))
         tse.exit_slots(torch.zeros(2, 150, 2, dtype=dtype),
                        torch.zeros(150, 80, dtype=dtype), t, 0.9, 5)
     return calls

@@ -1,4 +1,5 @@
-"""Triton kernels that have no public op of their own: packed linear and packed LayerNorm.
+"""Triton kernels that have no public op of their own: packed LayerNorm (packed linear: see
+test_linear.py).
 
 Compared with plain PyTorch on the valid rows; padding rows must come out zero. Runs under the
 CPU interpreter (TRITON_INTERPRET=1, set by conftest) or on a GPU.
@@ -34,57 +35,6 @@ CASES = [
     pytest.param(1, 17, [1], False, id="B1-one-token"),
     pytest.param(2, 9, [0, 0], True, id="all-empty"),
 ]
-
-
-@pytest.mark.parametrize("b,n,counts,padded", CASES)
-@pytest.mark.parametrize("act", [0, 1], ids=["linear", "gelu"])
-@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
-def test_packed_linear(b, n, counts, padded, act, residual):
-    from dtop_kernels.triton.linear import packed_linear
-
-    torch.manual_seed(1)
-    t = _tokens(b, n, counts, padded)
-    cap, k, m = t.capacity, 37, 45
-    x = torch.randn(cap, k, device=DEVICE, requires_grad=True)
-    w = torch.randn(m, k, device=DEVICE, requires_grad=True)
-    bias = torch.randn(m, device=DEVICE, requires_grad=True)
-    r = torch.randn(cap, m, device=DEVICE, requires_grad=True) if residual else None
-    y = packed_linear(x, w, bias, t, act, r)
-    ref = F.linear(x, w, bias)
-    ref = F.gelu(ref) if act else ref
-    ref = ref + r if residual else ref
-    nv = _valid(t)
-    torch.testing.assert_close(y[:nv], ref[:nv], rtol=1e-5, atol=1e-4)
-    assert torch.all(y[nv:] == 0)
-    g = torch.randn_like(y)
-    ins = [x, w, bias] + ([r] if residual else [])
-    got = torch.autograd.grad(y, ins, g)
-    want = torch.autograd.grad(ref[:nv], ins, g[:nv])
-    for a, e in zip(got, want):
-        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-4)
-
-
-def test_packed_linear_scatter_epilogue():
-    from dtop_kernels.triton.linear import packed_linear
-
-    torch.manual_seed(2)
-    b, n = 3, 19
-    t = _tokens(b, n, [5, 0, 19], padded=True)
-    keep = t.keep_mask()
-    x = torch.randn(t.capacity, 24, device=DEVICE, requires_grad=True)
-    w = torch.randn(16, 24, device=DEVICE, requires_grad=True)
-    r = torch.randn(t.capacity, 16, device=DEVICE, requires_grad=True)
-    base = torch.randn(b, n, 16, device=DEVICE, requires_grad=True)
-    out = base.clone()
-    got = packed_linear(x, w, None, t, 0, r, dense_out=out)
-    nv = _valid(t)
-    want = base.clone()
-    want[keep] = (F.linear(x, w) + r)[:nv]
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
-    g = torch.randn_like(want)
-    for a, e in zip(torch.autograd.grad(got, [x, w, r, base], g),
-                    torch.autograd.grad(want, [x, w, r, base], g)):
-        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("b,n,counts,padded", CASES)

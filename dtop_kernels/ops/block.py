@@ -140,24 +140,29 @@ def _identity(m: nn.Module | None) -> bool:
     return m is None or isinstance(m, nn.Identity)
 
 
-def _fusable(blk: nn.Module) -> bool:
+def _fusable(blk: nn.Module, backend: str) -> bool:
     """The standard timm block: plain Linear layers, exact GELU MLP, no extra norms, no layer
-    scale. Such blocks run with fused Triton linear epilogues; others call their modules."""
+    scale (and, for the CUDA kernel, features that are multiples of 8). Such blocks run with
+    fused linear epilogues; others call their modules."""
     attn, mlp = blk.attn, blk.mlp
+    linears = ((attn, "qkv"), (attn, "proj"), (mlp, "fc1"), (mlp, "fc2"))
+    if not all(isinstance(getattr(m, name, None), nn.Linear) for m, name in linears):
+        return False
+    if backend == "cuda" and any(getattr(m, name).in_features % 8 or
+                                 getattr(m, name).out_features % 8 for m, name in linears):
+        return False
     return (
-        all(isinstance(getattr(m, name, None), nn.Linear)
-            for m, name in ((attn, "qkv"), (attn, "proj"), (mlp, "fc1"), (mlp, "fc2")))
-        and isinstance(getattr(mlp, "act", None), nn.GELU) and mlp.act.approximate == "none"
+        isinstance(getattr(mlp, "act", None), nn.GELU) and mlp.act.approximate == "none"
         and all(_identity(getattr(attn, n, None)) for n in ("q_norm", "k_norm", "norm"))
         and _identity(getattr(mlp, "norm", None))
         and all(_identity(getattr(blk, n, None)) for n in ("ls1", "ls2"))
     )
 
 
-def _block_fused(packed, normed1, tokens, blk, attention, norm, dense_out=None):
-    """One standard block with Triton linears: bias, GELU and residual in the GEMM epilogues;
-    with ``dense_out`` the last GEMM scatters its rows straight into it."""
-    from dtop_kernels.triton.linear import ACT_GELU, packed_linear
+def _block_fused(packed, normed1, tokens, blk, attention, norm, backend, dense_out=None):
+    """One standard block with the backend's packed linears: bias, GELU and residual in the GEMM
+    epilogues; with ``dense_out`` the last GEMM scatters its rows straight into it."""
+    from dtop_kernels.ops.linear import linear_tokens
 
     attn, mlp = blk.attn, blk.mlp
     cap, c = packed.shape
@@ -165,21 +170,22 @@ def _block_fused(packed, normed1, tokens, blk, attention, norm, dense_out=None):
     d = c // h
     if normed1 is None:
         normed1 = norm(blk.norm1, packed)
-    qkv = packed_linear(normed1, attn.qkv.weight, attn.qkv.bias, tokens).view(cap, 3, h, d)
-    q, k, v = qkv.unbind(1)
+    qkv = linear_tokens(normed1, attn.qkv.weight, attn.qkv.bias, tokens, backend)
+    q, k, v = qkv.view(cap, 3, h, d).unbind(1)
     cu, m = tokens.cu_seqlens, tokens.max_seqlen
     o = attention(q, k, v, cu, cu, m, m, getattr(attn, "scale", d**-0.5)).reshape(cap, c)
-    packed = packed_linear(o, attn.proj.weight, attn.proj.bias, tokens, residual=packed)
-    hid = packed_linear(norm(blk.norm2, packed), mlp.fc1.weight, mlp.fc1.bias, tokens,
-                        act=ACT_GELU)
-    return packed_linear(hid, mlp.fc2.weight, mlp.fc2.bias, tokens, residual=packed,
-                         dense_out=dense_out)
+    packed = linear_tokens(o, attn.proj.weight, attn.proj.bias, tokens, backend,
+                           residual=packed)
+    hid = linear_tokens(norm(blk.norm2, packed), mlp.fc1.weight, mlp.fc1.bias, tokens, backend,
+                        activation="gelu")
+    return linear_tokens(hid, mlp.fc2.weight, mlp.fc2.bias, tokens, backend, residual=packed,
+                         out=dense_out)
 
 
 def _stage_kernels(x, tokens, blocks, attention, backend):
-    """Kernel LayerNorms (the first fused with the gather) and attention; the linears are the
-    Triton ones with fused epilogues (the last block scattering from its final GEMM) on the
-    triton backend, the blocks' own (cuBLAS) on the cuda backend."""
+    """Kernel LayerNorms (the first fused with the gather), attention and packed linears with
+    fused epilogues (the last block scattering from its final GEMM); blocks that are not
+    standard (see ``_fusable``) call their own linear modules."""
     from dtop_kernels.ops.layernorm import layer_norm_tokens
 
     def norm(mod: nn.LayerNorm, t: torch.Tensor) -> torch.Tensor:
@@ -198,9 +204,9 @@ def _stage_kernels(x, tokens, blocks, attention, backend):
         packed = x
     for i, blk in enumerate(blocks):
         last = i == len(blocks) - 1
-        if backend == "triton" and _fusable(blk):
+        if _fusable(blk, backend):
             out = x.clone() if dense and last else None
-            packed = _block_fused(packed, normed1, tokens, blk, attention, norm, out)
+            packed = _block_fused(packed, normed1, tokens, blk, attention, norm, backend, out)
             if out is not None:
                 return packed
         else:

@@ -1,10 +1,12 @@
-"""Triton linear layer over packed token rows with fused epilogues.
+"""Triton linear layer over packed token rows with fused epilogues (kernel caller, no autograd;
+see dtop_kernels/ops/linear.py).
 
-``y = act(x @ W^T + b) (+ residual)``, optionally scattered straight into a dense ``[B*N, C]``
-output (``out[indices[i]] = y[i]``). The grid covers ``capacity`` rows, but tiles past
-``T = cu_seqlens[B]`` (read on the device) skip the matmul and write zeros, so the pruned rows
-cost no FLOPs and no host sync is needed to know how many rows there are. The backward runs on
-cuBLAS (torch.matmul) with the padding rows' gradients zeroed.
+``y = act(x @ W^T + b) (+ residual)``, the rows of x optionally gathered from dense rows
+(``x[indices[i]]``) in the operand load, the result optionally scattered straight into a dense
+``[B*N, C]`` output (``out[indices[i]] = y[i]``). The grid covers ``capacity`` rows, but tiles
+past ``T = cu_seqlens[B]`` (read on the device) skip the matmul and write zeros, so the pruned
+rows cost no FLOPs and no host sync is needed to know how many rows there are. The input
+gradient runs on cuBLAS (torch.matmul).
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ ACT_NONE, ACT_GELU = 0, 1
 def _linear_kernel(
     X, W, Bias, R, Y, Z, IDX, CU, B, cap, N, K, sx, sw, sr, sy, sz,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SAVE_PRE: tl.constexpr,
-    SCATTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GATHER: tl.constexpr, SCATTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, PREC: tl.constexpr,
 ):
-    # Grouped tile order: consecutive programs share rows of X (L2 reuse).
+    # Grouped tile order: consecutive programs share a column tile of W (L2 reuse).
     pid = tl.program_id(0)
     num_m = tl.cdiv(cap, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -46,7 +48,11 @@ def _linear_kernel(
     # Tiles past the valid rows run no iterations: no FLOPs for pruned rows.
     k_end = tl.where(pid_m * BLOCK_M < total, K, 0)
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = X + rows[:, None] * sx + offs_k[None, :]
+    if GATHER:  # row i of the operand is dense row indices[i]
+        src = tl.load(IDX + offs_m, mask=row_ok, other=0).to(tl.int64)
+    else:
+        src = rows
+    a_ptrs = X + src[:, None] * sx + offs_k[None, :]
     w_ptrs = W + offs_k[:, None] + offs_n[None, :].to(tl.int64) * sw  # W^T tile [K, N]
     for k0 in range(0, k_end, BLOCK_K):
         k_ok = (k0 + offs_k) < K
@@ -57,8 +63,9 @@ def _linear_kernel(
         w_ptrs += BLOCK_K
     if HAS_BIAS:
         acc += tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if SAVE_PRE:
-        tl.store(Z + rows[:, None] * sz + offs_n[None, :], acc.to(Z.dtype.element_ty),
+    if SAVE_PRE:  # zero on padding rows, like y
+        tl.store(Z + rows[:, None] * sz + offs_n[None, :],
+                 tl.where(row_ok[:, None], acc, 0.0).to(Z.dtype.element_ty),
                  mask=(offs_m < cap)[:, None] & n_ok[None, :])
     if ACT == 1:  # exact GELU
         acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
@@ -89,11 +96,14 @@ def _config(dtype: torch.dtype) -> dict:
 def linear_fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tokens: TokenSet,
     act: int = ACT_NONE, residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
-    save_pre: bool = False,
+    save_pre: bool = False, gather: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """y [capacity, N] (or written into dense ``out`` [B*N, N] at the token rows), and the
-    pre-activation [capacity, N] when ``save_pre``."""
-    cap, k = x.shape
+    """x: [capacity, K] packed rows, or [B*N, K] dense rows with ``gather``; weight [N, K].
+
+    Returns y [capacity, N] (zero past T), or ``out`` [B*N, N] with the token rows written, and
+    the pre-activation [capacity, N] when ``save_pre`` (else None).
+    """
+    cap, k = tokens.capacity, x.shape[1]
     n = weight.shape[0]
     scatter = out is not None
     y = out if scatter else torch.empty(cap, n, device=x.device, dtype=x.dtype)
@@ -108,64 +118,11 @@ def linear_fwd(
         tokens.cu_seqlens, tokens.batch_size, cap, n, k, x.stride(0), weight.stride(0),
         r.stride(0), y.stride(0), z.stride(0),
         ACT=act, HAS_BIAS=bias is not None, HAS_RES=residual is not None, SAVE_PRE=save_pre,
-        SCATTER=scatter, PREC=dot_precision(x.dtype), **cfg,
+        GATHER=gather, SCATTER=scatter, PREC=dot_precision(x.dtype), **cfg,
     )
     return y, (z if save_pre else None)
 
 
-class PackedLinear(torch.autograd.Function):
-    """``act(x @ W^T + b) + residual`` on the packed rows; ``dense_out`` scatters the result."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, residual, tokens: TokenSet, act: int, dense_out):
-        save_pre = act != ACT_NONE and any(ctx.needs_input_grad[:4])
-        out2d = None if dense_out is None else dense_out.view(-1, dense_out.shape[-1])
-        y, z = linear_fwd(x, weight, bias, tokens, act, residual, out2d, save_pre=save_pre)
-        ctx.save_for_backward(x, weight, z)
-        ctx.tokens, ctx.act = tokens, act
-        ctx.has_bias, ctx.has_res = bias is not None, residual is not None
-        ctx.scatter = dense_out is not None
-        if ctx.scatter:
-            ctx.mark_dirty(dense_out)
-            return dense_out
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, z = ctx.saved_tensors
-        tokens = ctx.tokens
-        valid = tokens.valid_slots()[:, None]
-        if ctx.scatter:  # dense grad -> the token rows
-            from dtop_kernels.reference.gather import gather_tokens
-
-            dy_dense = dy
-            dy = gather_tokens(dy, tokens)
-        dy = torch.where(valid, dy, dy.new_zeros(()))
-        dz = dy
-        if ctx.act == ACT_GELU:
-            zf = z.float()
-            cdf = 0.5 * (1.0 + torch.erf(zf * 0.7071067811865476))
-            pdf = torch.exp(-0.5 * zf * zf) * 0.3989422804014327
-            dz = (dy.float() * (cdf + zf * pdf)).to(dy.dtype)
-            dz = torch.where(valid, dz, dz.new_zeros(()))
-        dx = dz @ weight
-        dw = dz.t() @ x
-        db = dz.sum(0) if ctx.has_bias else None
-        dres = dy if ctx.has_res else None
-        dout = None
-        if ctx.scatter:  # rows written by the epilogue do not reach the old dense values
-            from dtop_kernels.reference.gather import scatter_tokens
-
-            dout = scatter_tokens(torch.zeros_like(dy), tokens, dy_dense)
-        # x, weight, bias, residual, tokens, act, dense_out
-        return dx, dw, db, dres, None, None, dout
-
-
-def packed_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tokens: TokenSet,
-    act: int = ACT_NONE, residual: torch.Tensor | None = None,
-    dense_out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """x: [capacity, K], weight: [N, K] -> [capacity, N] (zero past T), or, given ``dense_out``
-    [B, N_tokens, N] (contiguous), that tensor with the token rows overwritten (in place)."""
-    return PackedLinear.apply(x, weight, bias, residual, tokens, act, dense_out)
+def linear_bwd_input(dz: torch.Tensor, weight: torch.Tensor, tokens: TokenSet) -> torch.Tensor:
+    """dx = dz @ W on cuBLAS: dz [capacity, N] (zero past T, so dx is too), weight [N, K]."""
+    return dz @ weight
