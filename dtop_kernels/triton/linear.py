@@ -25,8 +25,8 @@ ACT_NONE, ACT_GELU = 0, 1
 def _linear_kernel(
     X, W, Bias, R, Y, Z, IDX, CU, B, cap, N, K, sx, sw, sr, sy, sz,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SAVE_PRE: tl.constexpr,
-    GATHER: tl.constexpr, SCATTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, PREC: tl.constexpr,
+    GATHER: tl.constexpr, SCATTER: tl.constexpr, I64: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PREC: tl.constexpr,
 ):
     # Grouped tile order: consecutive programs share a column tile of W (L2 reuse).
     pid = tl.program_id(0)
@@ -43,17 +43,21 @@ def _linear_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = offs_m < total
     n_ok = offs_n < N
-    rows = offs_m.to(tl.int64)
+    # Element offsets in int64 only when some tensor has 2**30 elements or more (I64): int32
+    # offsets keep the 2-D pointer tiles of the epilogue out of spilled registers.
+    rows = offs_m.to(tl.int64) if I64 else offs_m
+    cols = offs_n.to(tl.int64) if I64 else offs_n
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     # Tiles past the valid rows run no iterations: no FLOPs for pruned rows.
     k_end = tl.where(pid_m * BLOCK_M < total, K, 0)
     offs_k = tl.arange(0, BLOCK_K)
     if GATHER:  # row i of the operand is dense row indices[i]
-        src = tl.load(IDX + offs_m, mask=row_ok, other=0).to(tl.int64)
+        src = tl.load(IDX + offs_m, mask=row_ok, other=0)
+        src = src.to(tl.int64) if I64 else src
     else:
         src = rows
     a_ptrs = X + src[:, None] * sx + offs_k[None, :]
-    w_ptrs = W + offs_k[:, None] + offs_n[None, :].to(tl.int64) * sw  # W^T tile [K, N]
+    w_ptrs = W + offs_k[:, None] + cols[None, :] * sw  # W^T tile [K, N]
     for k0 in range(0, k_end, BLOCK_K):
         k_ok = (k0 + offs_k) < K
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -74,7 +78,8 @@ def _linear_kernel(
                        mask=row_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
     acc = tl.where(row_ok[:, None], acc, 0.0)
     if SCATTER:
-        dst = tl.load(IDX + offs_m, mask=row_ok, other=0).to(tl.int64)
+        dst = tl.load(IDX + offs_m, mask=row_ok, other=0)
+        dst = dst.to(tl.int64) if I64 else dst
         tl.store(Y + dst[:, None] * sy + offs_n[None, :], acc.to(Y.dtype.element_ty),
                  mask=row_ok[:, None] & n_ok[None, :])
     else:
@@ -113,12 +118,13 @@ def linear_fwd(
     cfg = _config(x.dtype)
     grid = (triton.cdiv(cap, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     r = residual if residual is not None else x
+    i64 = max(t.numel() for t in (x, weight, r, y, z)) >= 2**30  # margin for masked tiles
     _linear_kernel[grid](
         x, weight, bias if bias is not None else weight, r, y, z, tokens.indices,
         tokens.cu_seqlens, tokens.batch_size, cap, n, k, x.stride(0), weight.stride(0),
         r.stride(0), y.stride(0), z.stride(0),
         ACT=act, HAS_BIAS=bias is not None, HAS_RES=residual is not None, SAVE_PRE=save_pre,
-        GATHER=gather, SCATTER=scatter, PREC=dot_precision(x.dtype), **cfg,
+        GATHER=gather, SCATTER=scatter, I64=i64, PREC=dot_precision(x.dtype), **cfg,
     )
     return y, (z if save_pre else None)
 
