@@ -95,6 +95,9 @@ void attention_fwd(const void* q, const void* k, const void* v, void* out, float
 // (one kernel, looping over query tiles) and dq (one kernel, looping over key tiles). Rows of
 // dq / dk / dv past T, and all rows when an image has no queries / keys, are left untouched
 // (dk / dv of an image without queries, and dq of one without keys, are written as zero).
+// When capacity_q or capacity_k is 0 the call writes nothing at all: the caller owns the
+// (zero) contents of dq / dk / dv then (the Python launcher allocates them zeroed).
+// max_seqlen_q / max_seqlen_k must bound every image's length (they size the grids).
 void attention_bwd(const void* dout, const void* q, const void* k, const void* v,
                    const void* out, const float* lse, float* delta, void* dq, void* dk, void* dv,
                    const int32_t* cu_seqlens_q, const int32_t* cu_seqlens_k, int64_t batch,
