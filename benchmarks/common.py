@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -50,7 +51,7 @@ def environment(dtype: torch.dtype, device: torch.device) -> dict:
     else:
         name = f"CPU ({platform.processor() or platform.machine()}, "
         name += f"{torch.get_num_threads()} threads)"
-    return {
+    env = {
         "device": name,
         "torch": torch.__version__,
         "triton": triton_version,
@@ -61,6 +62,12 @@ def environment(dtype: torch.dtype, device: torch.device) -> dict:
         "dtype": str(dtype).replace("torch.", ""),
         "date": _dt.date.today().isoformat(),
     }
+    if device.type != "cuda":
+        # glibc malloc settings change CPU timings (page faults on fresh large buffers)
+        tuned = sorted((k, v) for k, v in os.environ.items()
+                       if k.startswith("MALLOC_") or k == "LD_PRELOAD")
+        env["malloc"] = ", ".join(f"{k}={v}" for k, v in tuned) or "default"
+    return env
 
 
 def header(env: dict) -> str:

@@ -445,6 +445,13 @@ void check_stride(const char* op, const char* name, int64_t stride, int64_t cols
               std::to_string(cols) + " (rows overlap)");
 }
 
+// Rows that are only read may overlap (stride 0: one row broadcast, as autograd passes the
+// gradient of a sum).
+void check_read_stride(const char* op, const char* name, int64_t stride) {
+  require(stride >= 0, op, std::string(name) + " row stride " + std::to_string(stride) +
+                               " is negative");
+}
+
 void check_ptr(const char* op, const char* name, const void* p) {
   require(p != nullptr, op, std::string(name) + " is a null pointer");
 }
@@ -468,7 +475,7 @@ void layernorm_fwd(const void* x, const int32_t* indices, const int32_t* cu_seql
   require(eps >= 0.0, op, "eps must be >= 0");
   check_stride(op, "y", y_stride, num_cols);
   if (x_out != nullptr) check_stride(op, "x_out", x_out_stride, num_cols);
-  check_stride(op, "x", x_stride, num_cols);
+  check_read_stride(op, "x", x_stride);
   if (capacity == 0) return;
   for (auto [name, p] : {std::pair<const char*, const void*>{"x", x}, {"cu_seqlens", cu_seqlens},
                          {"weight", weight}, {"bias", bias}, {"y", y}, {"mean", mean},
@@ -505,10 +512,10 @@ void layernorm_bwd(const void* dy, const void* x, const int32_t* indices,
   require(num_partials >= 1 && num_partials <= kMaxBlocks, op,
           "num_partials must be in [1, " + std::to_string(kMaxBlocks) + "], got " +
               std::to_string(num_partials));
-  check_stride(op, "dy", dy_stride, num_cols);
-  check_stride(op, "x", x_stride, num_cols);
+  check_read_stride(op, "dy", dy_stride);
+  check_read_stride(op, "x", x_stride);
   check_stride(op, "dx", dx_stride, num_cols);
-  if (dx_add != nullptr) check_stride(op, "dx_add", dx_add_stride, num_cols);
+  if (dx_add != nullptr) check_read_stride(op, "dx_add", dx_add_stride);
   for (auto [name, p] : {std::pair<const char*, const void*>{"partials", partials},
                          {"dweight", dweight}, {"dbias", dbias}}) {
     check_ptr(op, name, p);

@@ -2,7 +2,8 @@
 // dtop_kernels/triton/select.py. Everything stays on the stream; T is never read on the host.
 //
 //   1. score:    conf / label per valid slot (fp32): present[c] = sigmoid(l_present - l_none),
-//                s = present[c] * sigmoid(mask_logit[c, slot]), max over c, lowest c on ties.
+//                s = present[c] * sigmoid(mask_logit[c, slot]), max over c, lowest c on ties
+//                (a NaN score wins, as in torch.max: such a slot is never a candidate).
 //   2. rank:     for a candidate (conf > threshold), the number of candidates of its image and
 //                label that beat it (higher conf, or equal conf at a lower slot); it exits when
 //                that number is >= top_k. keep[slot] = 1 for valid slots that do not exit.
@@ -82,7 +83,12 @@ __device__ __forceinline__ float load_any(const void* p, int64_t i, int dtype) {
   }
 }
 
-__device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
+// Without overflow for large |x| (1 / (1 + expf(-x)) is exactly 0 below x = -88.7, where
+// torch's softmax / sigmoid still return subnormal values). NaN stays NaN.
+__device__ __forceinline__ float sigmoid(float x) {
+  const float e = expf(-fabsf(x));
+  return x >= 0.f ? 1.f / (1.f + e) : e / (1.f + e);
+}
 
 // Grid (cdiv(max_seqlen, 256), B). class_logits [B, K, 2] (last stride 1, any dtype code),
 // mask_logits [K, capacity] with row stride mask_stride, last stride 1.
@@ -102,8 +108,8 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t c = threadIdx.x; c < num_classes; c += kThreads) {
     const int64_t at = b * class_stride_b + c * class_stride_k;
     // softmax over [present, no object] = sigmoid of the difference
-    present[c] = 1.f / (1.f + expf(load_any(class_logits, at + 1, class_dtype) -
-                                   load_any(class_logits, at, class_dtype)));
+    present[c] = sigmoid(load_any(class_logits, at, class_dtype) -
+                         load_any(class_logits, at + 1, class_dtype));
   }
   __syncthreads();
   if (i >= seg.len) return;
@@ -112,9 +118,10 @@ __global__ void __launch_bounds__(kThreads)
   int32_t best_c = 0;
   for (int64_t c = 0; c < num_classes; ++c) {
     const float s = present[c] * sigmoid(to_float(mask_logits[c * mask_stride + slot]));
-    if (s > best) {  // strict: the lowest class wins ties
+    if (s > best || s != s) {  // strict: the lowest class wins ties
       best = s;
       best_c = static_cast<int32_t>(c);
+      if (s != s) break;  // NaN wins (as torch.max): the slot is never a candidate
     }
   }
   conf[slot] = best;
@@ -218,8 +225,8 @@ void dtop_select(const void* class_logits, const void* mask_logits, const int32_
   require(num_classes >= 1 && num_classes <= kMaxClasses, op,
           "num_classes must be in [1, " + std::to_string(kMaxClasses) + "], got " +
               std::to_string(num_classes));
-  require(num_classes == 1 || mask_stride >= capacity, op,
-          "mask_logits row stride must be >= capacity");
+  require(capacity < (int64_t(1) << 31) - 1, op, "capacity must be < 2**31 - 1");
+  require(num_classes == 1 || mask_stride >= 0, op, "mask_logits row stride must be >= 0");
   require(top_k >= 0, op, "top_k must be >= 0");
   require(threshold == threshold, op, "threshold is NaN");
   for (auto [name, p] :

@@ -201,6 +201,37 @@ def test_stage(layer_scale, dtype, floor, backend, gen):
         assert_err_rule(a, s, e, floor + rel * float(e.abs().max()), f"grad {i}")
 
 
+# ---------------------------------------------------------------------- LayerNorm
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("gather", [False, True], ids=["packed", "gather"])
+def test_layer_norm_broadcast_rows(gather, backend, gen):
+    """Read-only rows may overlap: x and dy with row stride 0 (autograd hands ``y.sum(0)``'s
+    gradient as an expanded row) give the gradients of the same rows made contiguous."""
+    from dtop_kernels.backends import device_reasons_cuda
+    from dtop_kernels.ops.layernorm import layer_norm_tokens
+
+    if backend == "cuda" and device_reasons_cuda([torch.empty(0, device=DEV)]):
+        pytest.skip("; ".join(device_reasons_cuda([torch.empty(0, device=DEV)])))
+    b, n, c = 2, 40, 96
+    _, ts = _tokens(b, n, [33, 12], gen)
+    w = torch.randn(c, generator=gen).to(DEV).requires_grad_()
+    bias = torch.randn(c, generator=gen).to(DEV).requires_grad_()
+    row = torch.randn(c, generator=gen).to(DEV).requires_grad_()
+    rows = b * n if gather else ts.capacity
+    x = row.expand(rows, c)  # stride (0, 1)
+    y, _ = layer_norm_tokens(x, w, bias, ts, 1e-6, gather=gather, backend=backend)
+    y.sum(0).pow(2).sum().backward()
+    got = [t.grad.clone() for t in (row, w, bias)]
+    for t in (row, w, bias):
+        t.grad = None
+    t_valid = int(ts.cu_seqlens[-1])
+    ref = torch.nn.functional.layer_norm(row.double().expand(t_valid, c), (c,), w.double(),
+                                         bias.double(), 1e-6)
+    ref.sum(0).pow(2).sum().backward()
+    for a, t in zip(got, (row, w, bias)):  # x, weight, bias (float32 grads of float64 math)
+        torch.testing.assert_close(a, t.grad, rtol=1e-4, atol=1e-5 * float(t.grad.abs().max()))
+
+
 # ---------------------------------------------------------------------- select
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"),

@@ -199,6 +199,47 @@ def test_strided_inputs(backend, gen):
     _check(sel, keep.to(DEVICE), ts, expected)
 
 
+@pytest.mark.parametrize("backend", backend_params("torch", "triton", "cuda"))
+def test_nan_logits_never_exit(backend, gen):
+    """A NaN score makes a token's confidence NaN (torch.max semantics): it is no candidate and
+    does not count against the others; a NaN class logit keeps its whole image."""
+    b, k, n = 3, 4, 24
+    keep = random_keep(b, n, [24, 20, 17], gen)
+    ts = make_tokens(keep, "padded")
+    cls, ml = _logits(b, k, n, gen, None, False)
+    cls[0, 2, 0] = float("nan")  # image 0: every token scores NaN for class 2
+    nan_tokens = [(1, int(keep[1].nonzero()[3])), (2, int(keep[2].nonzero()[0]))]
+    ml[1, :, nan_tokens[0][1]] = float("nan")  # all classes
+    ml[2, 3, nan_tokens[1][1]] = float("nan")  # one class
+    # The same rule with those tokens made certain non-candidates instead of NaN.
+    cls_ref, ml_ref = cls.nan_to_num(0.0), ml.clone()
+    ml_ref[0] = -60.0
+    for i, j in nan_tokens:
+        ml_ref[i, :, j] = -60.0
+    expected = naive_select(cls_ref, ml_ref, keep, 0.3, 1)
+    assert expected[1:].any() and not expected[0].any()
+    sel = dtop_select(cls.to(DEVICE), _slot_logits(ml, keep, ts.capacity).to(DEVICE), ts, 0.3,
+                      1, backend=backend)
+    _check(sel, keep.to(DEVICE), ts, expected)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="subnormal scores: a GPU may flush them to zero")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_class_logits_far_apart(backend, gen):
+    """softmax([0, 95])[0] = 5.5e-42 (subnormal), not 0: with threshold 0 such tokens are still
+    candidates and are ranked."""
+    b, k, n = 2, 2, 16
+    keep = random_keep(b, n, [16, 11], gen)
+    ts = make_tokens(keep, "full")
+    cls = torch.tensor([0.0, 95.0]).expand(b, k, 2).clone()
+    ml = torch.randint(-1, 3, (b, k, n), generator=gen).float() * 2  # -2, 0, 2, 4
+    expected = naive_select(cls, ml, keep, 0.0, 2)
+    assert expected.any()
+    sel = dtop_select(cls.to(DEVICE), _slot_logits(ml, keep, ts.capacity).to(DEVICE), ts, 0.0,
+                      2, backend=backend)
+    _check(sel, keep.to(DEVICE), ts, expected)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_classes_or_no_images(backend):
     ts = TokenSet.from_lists([[0, 1], [3]], seq_len=4, device=DEVICE)

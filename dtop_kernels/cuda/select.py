@@ -63,6 +63,8 @@ def dtop_select(
         raise ValueError(f"{op}: threshold is NaN")
     dev = _args.on_cuda(op, class_logits=class_logits, mask_logits=mask_logits,
                         indices=tokens.indices)
+    if b == 0:
+        return tokens, torch.zeros(0, tokens.seq_len, device=dev, dtype=torch.bool)
     next_indices = torch.empty(cap, device=dev, dtype=torch.int32)
     next_cu = torch.empty(b + 1, device=dev, dtype=torch.int32)
     exited = torch.empty(b, tokens.seq_len, device=dev, dtype=torch.bool)

@@ -57,7 +57,9 @@ def dtop_select(
     sigmoid(mask_logits[c, n])`` in fp32; confidence and label are its max / argmax over c
     (lowest class on ties). Candidates: active tokens with confidence > ``threshold``
     (strict). For each image and label the ``top_k`` most confident candidates stay active
-    (lowest position first on ties); every other candidate exits. Not differentiable.
+    (lowest position first on ties); every other candidate exits. Not differentiable. A NaN
+    logit makes the confidence of the tokens it touches NaN (as ``torch.max`` does): those
+    tokens never exit (a NaN class logit keeps its whole image).
 
     Returns ``Selection(tokens, exited)``: the next TokenSet (exited tokens removed, same
     capacity and bounds; call ``.tighten()`` for exact ones) and the bool [B, N] exit mask.

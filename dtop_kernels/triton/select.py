@@ -21,6 +21,14 @@ from dtop_kernels.triton._utils import interpret_blocks
 
 
 @triton.jit
+def _sigmoid(x):
+    # No overflow for large |x|: 1 / (1 + exp(-x)) is exactly 0 below x = -88.7, where torch
+    # still returns subnormal values. NaN stays NaN.
+    e = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
 def _score_kernel(CLS, MASK, CU, CONF, LABEL, cap, K, s_cls_b, s_cls_k, s_mask_k,
                   BLOCK: tl.constexpr):
     pid = tl.program_id(0)
@@ -37,10 +45,11 @@ def _score_kernel(CLS, MASK, CU, CONF, LABEL, cap, K, s_cls_b, s_cls_k, s_mask_k
     for c in range(K):
         l_present = tl.load(CLS + b * s_cls_b + c * s_cls_k).to(tl.float32)
         l_none = tl.load(CLS + b * s_cls_b + c * s_cls_k + 1).to(tl.float32)
-        present = 1.0 / (1.0 + tl.exp(l_none - l_present))  # softmax over 2 = sigmoid(diff)
+        present = _sigmoid(l_present - l_none)  # softmax over the 2 logits
         ml = tl.load(MASK + c * s_mask_k + slots, mask=m, other=0.0).to(tl.float32)
-        s = present * (1.0 / (1.0 + tl.exp(-ml)))
-        better = s > best  # strict: the lowest class wins ties
+        s = present * _sigmoid(ml)
+        # strict: the lowest class wins ties; a NaN wins and stays (torch.max): never a candidate
+        better = ((s > best) | (s != s)) & (best == best)  # noqa: PLR0124 (NaN tests)
         best = tl.where(better, s, best)
         label = tl.where(better, c, label)
     tl.store(CONF + slots, best, mask=m)
