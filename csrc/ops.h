@@ -61,11 +61,12 @@ int64_t select_workspace_bytes(int64_t capacity);
 // mask_logits [K, capacity] (row stride mask_stride, mask_dtype), column j = slot j.
 // Per valid slot: conf / label = max / argmax_c sigmoid(l_present - l_none) * sigmoid(mask) in
 // float32 (lowest class on ties; a NaN score wins, so that slot is never a candidate;
-// mask_stride may be 0, one row shared by all classes); candidates have conf > threshold; a candidate exits when at
-// least top_k candidates of its image and label beat it (higher conf, or equal conf at a lower
-// slot). Outputs: next_indices [capacity] (kept slots in order, -1 after), next_cu_seqlens
-// [B + 1], exited [B * N] uint8 (1 where a token exits here, 0 elsewhere). max_seqlen must
-// bound every image's length (it sizes the grids); capacity < 2**31 - 1.
+// mask_stride may be 0, one row shared by all classes); candidates have conf > threshold; a
+// candidate exits when at least top_k candidates of its image and label beat it (higher conf,
+// or equal conf at a lower slot). Outputs: next_indices [capacity] (kept slots in order, -1
+// after), next_cu_seqlens [B + 1], exited [B * N] uint8 (1 where a token exits here, 0
+// elsewhere). max_seqlen must bound every image's length (it sizes the grids); capacity
+// < 2**31 - 1.
 void dtop_select(const void* class_logits, const void* mask_logits, const int32_t* indices,
                  const int32_t* cu_seqlens, int32_t* next_indices, int32_t* next_cu_seqlens,
                  uint8_t* exited, void* workspace, int64_t workspace_bytes, int64_t batch,
