@@ -3,7 +3,16 @@
 The extension is optional: without a CUDA compiler (or with ``DTOP_SKIP_CUDA_BUILD=1``) the
 package installs without it and the pure-PyTorch / Triton backends are used. Either way the
 outcome is written to ``dtop_kernels/_build_info.json`` (``python -m dtop_kernels.info`` shows it),
-because pip hides build output unless run with ``-v``.
+because pip hides build output unless run with ``-v``. Two lines, the start (archs, expected time,
+how to skip) and the outcome, also go to the terminal (``/dev/tty``) when there is one, since pip
+shows nothing else of a successful build.
+
+The CMake build folder (``build/temp.*/dtop_kernels._C``) is reused between installs, so a second
+``pip install`` recompiles only changed sources. What configured it (cmake, ninja, Python,
+pybind11, nvcc, archs) is recorded beside it; when that changes (pip's isolated build environment
+is a new temporary folder on every install), the CMake cache is redone, and when the compiler or
+the archs change, the folder is rebuilt from scratch. A skipped or failed build removes any
+``_C`` left in the build folder by an earlier one, so an install never ships a stale module.
 
 Environment:
   DTOP_SKIP_CUDA_BUILD=1           do not build the extension
@@ -22,6 +31,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -64,6 +74,84 @@ class CUDABuildError(RuntimeError):
     pass
 
 
+def _say(message: str) -> None:
+    """Print ``message`` to the build log and, when there is one, to the user's terminal.
+
+    pip shows a build backend's output only with ``-v`` or on failure; the terminal is the one way
+    to tell a user, without ``-v``, that a multi-minute compile is running and how it ended."""
+    line = f"{PACKAGE}: {message}"
+    print(line, flush=True)
+    if sys.stdout.isatty():
+        return
+    try:
+        with open("/dev/tty", "w") as tty:
+            tty.write(line + "\n")
+    except OSError:  # no controlling terminal (CI, IDEs): the build log has it
+        pass
+
+
+def _tool_version(tool: str) -> str:
+    try:
+        out = subprocess.run([tool, "--version"], capture_output=True, text=True, check=False)
+    except OSError:
+        return ""
+    return (out.stdout.strip().splitlines() or [""])[0]
+
+
+def _run_logged(cmd: list[str], tail: int = 60) -> tuple[int, list[str]]:
+    """Run ``cmd``, streaming its output to ours; returns (returncode, the last ``tail`` lines)."""
+    print("+", shlex.join(cmd), flush=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace")
+    last: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        last = (last + [line.rstrip()])[-tail:]
+    sys.stdout.flush()
+    return proc.wait(), last
+
+
+def _diagnose(step: str, archs: str, nvcc: str, lines: list[str]) -> str:
+    """One sentence naming the likely cause of a failed cmake step, from its last output lines."""
+    text = "\n".join(lines)
+    unsupported = re.search(r"Unsupported gpu architecture '([^']+)'", text)
+    if unsupported or "CMAKE_CUDA_ARCHITECTURES" in text:
+        arch = unsupported.group(1) if unsupported else archs
+        return (f"nvcc at {nvcc} cannot compile for {arch} (DTOP_CUDA_ARCHS={archs}); "
+                "`nvcc --list-gpu-arch` lists what it supports: set DTOP_CUDA_ARCHS to those")
+    if "No CMAKE_CUDA_COMPILER could be found" in text or "Failed to detect a default CUDA" in text:
+        return f"CMake could not use nvcc at {nvcc} (is the CUDA toolkit complete?)"
+    if "pybind11" in text and "Could not find" in text:
+        return "CMake could not find pybind11 (pip install pybind11, or let pip's build isolation " \
+               "provide it)"
+    errors = [ln.strip() for ln in lines if re.search(r"\berror\b", ln, re.IGNORECASE)]
+    if step == "build" and errors:
+        return f"compiling the kernels failed; first error: {errors[0][:300]}"
+    return f"cmake {step} failed (DTOP_CUDA_ARCHS={archs}); the error is in the output above"
+
+
+def prepare_build_dir(build_dir: Path, key: dict[str, str]) -> None:
+    """Keep, reconfigure or wipe ``build_dir`` depending on what configured it last."""
+    stamp = build_dir / "dtop_configure.json"
+    old = json.loads(stamp.read_text()) if stamp.is_file() else None
+    if old == key:
+        return
+    if old is None or old.get("compiler") != key["compiler"]:
+        if build_dir.exists():
+            why = ("no record of what configured it" if old is None else
+                   f"compiler or archs changed: {old.get('compiler')} -> {key['compiler']}")
+            print(f"{PACKAGE}: removing the build folder {build_dir} ({why})", flush=True)
+            shutil.rmtree(build_dir)
+    else:
+        changed = ", ".join(k for k in key if old.get(k) != key[k])
+        print(f"{PACKAGE}: reconfiguring {build_dir}: {changed} changed since the last "
+              "build (compiled kernels are reused where their commands are unchanged)",
+              flush=True)
+        (build_dir / "CMakeCache.txt").unlink(missing_ok=True)
+    build_dir.mkdir(parents=True, exist_ok=True)
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str) -> None:
         super().__init__(name, sources=[])
@@ -91,65 +179,101 @@ class CMakeBuild(build_ext):
                 return f"{tool} not found on PATH (pip install {tool})"
         return None
 
-    def run(self) -> None:
-        super().run()
-        info = self.build_info
-        if info["cuda_built"]:
-            print(f"{PACKAGE}: CUDA kernels built for archs {info['archs']} "
-                  f"(nvcc {info['nvcc_version']})", flush=True)
-        else:
-            print(f"{PACKAGE}: CUDA kernels skipped ({info['reason']})", flush=True)
+    def _package_dirs(self) -> list[Path]:
+        """Where the package is assembled: the build folder, and the sources when in place."""
         targets = [Path(self.build_lib) / PACKAGE]
         if self.inplace:  # editable install / build_ext --inplace: next to the sources
             build_py = self.get_finalized_command("build_py")
             targets.append(Path(build_py.get_package_dir(PACKAGE)).resolve())
-        for folder in targets:
+        return targets
+
+    def run(self) -> None:
+        super().run()
+        info = self.build_info
+        if info["cuda_built"]:
+            _say(f"CUDA kernels built for archs {info['archs']} (nvcc {info['nvcc_version']}) "
+                 f"in {info.get('seconds', 0):.0f} s")
+        else:
+            _say(f"CUDA kernels not built: {info['reason']}; the torch (and Triton) backends "
+                 "work without them")
+        for folder in self._package_dirs():
             folder.mkdir(parents=True, exist_ok=True)
+            if not info["cuda_built"]:  # never ship a module left by an earlier build
+                for stale in folder.glob("_C.*"):
+                    if stale.suffix in (".so", ".pyd") and stale.is_file():
+                        print(f"removing {stale} (left by an earlier build)", flush=True)
+                        stale.unlink()
             (folder / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
 
     def build_extensions(self) -> None:
         archs = _cuda_archs()
         try:
             self.build_info["nvcc_version"] = _nvcc_version(self.nvcc)
+            start = time.monotonic()
             for ext in self.extensions:
                 self._build_cmake(ext, archs)
         except (OSError, subprocess.CalledProcessError, CUDABuildError) as e:
             if not _env_flag("DTOP_ALLOW_CUDA_BUILD_FAILURE"):
+                _say(f"building the CUDA kernels failed: {e}")
                 raise CUDABuildError(
-                    f"{PACKAGE}: building the CUDA extension failed ({e}); see the output above. "
-                    "Set DTOP_SKIP_CUDA_BUILD=1 to install without the CUDA kernels, or "
-                    "DTOP_ALLOW_CUDA_BUILD_FAILURE=1 to fall back to that on failure."
+                    f"{PACKAGE}: building the CUDA extension failed: {e}. To install without "
+                    "the CUDA kernels (torch and Triton backends only), set "
+                    "DTOP_SKIP_CUDA_BUILD=1, or DTOP_ALLOW_CUDA_BUILD_FAILURE=1 to fall back "
+                    "to that whenever the build fails."
                 ) from e
             self.extensions = []
             self.build_info["reason"] = f"build failed: {e}; DTOP_ALLOW_CUDA_BUILD_FAILURE=1"
             return
-        self.build_info.update(cuda_built=True, reason="", archs=archs)
+        self.build_info.update(cuda_built=True, reason="", archs=archs,
+                               seconds=round(time.monotonic() - start, 1))
+
+    def _configure_key(self, archs: str) -> dict[str, str]:
+        """What a CMake cache depends on. ``compiler`` entries invalidate compiled objects too."""
+        import pybind11
+
+        return {
+            "source": str(ROOT),
+            "cmake": f"{shutil.which('cmake')} ({_tool_version('cmake')})",
+            "ninja": f"{shutil.which('ninja')} ({_tool_version('ninja')})",
+            "python": sys.executable,
+            "pybind11": pybind11.get_cmake_dir(),
+            "compiler": f"{self.nvcc} ({self.build_info['nvcc_version']}), archs {archs}",
+        }
 
     def _build_cmake(self, ext: Extension, archs: str) -> None:
         import pybind11
 
         ext_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         build_dir = Path(self.build_temp).resolve() / ext.name
-        build_dir.mkdir(parents=True, exist_ok=True)
+        key = self._configure_key(archs)
+        prepare_build_dir(build_dir, key)
+        jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
+        n_archs = len(archs.split(";"))
+        _say(f"compiling the CUDA kernels for archs {archs} with nvcc "
+             f"{self.build_info['nvcc_version']} and {jobs} jobs (about "
+             f"{max(1, round(2.5 * n_archs * 2 / max(1, min(int(jobs), 7))))} min on a first "
+             "build; DTOP_SKIP_CUDA_BUILD=1 skips them, DTOP_CUDA_ARCHS=<one arch> is faster)")
         configure = [
             "cmake", "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
             "-DCMAKE_BUILD_TYPE=Release",
+            f"-DCMAKE_MAKE_PROGRAM={shutil.which('ninja')}",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={ext_dir}",
             f"-DCMAKE_CUDA_COMPILER={self.nvcc}",
             f"-DDTOP_CUDA_ARCHS={archs}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
         ]
-        build = ["cmake", "--build", str(build_dir)]
-        if os.environ.get("MAX_JOBS"):
-            build += ["-j", os.environ["MAX_JOBS"]]
+        build = ["cmake", "--build", str(build_dir), "-j", jobs]
         for step, cmd in (("configure", configure), ("build", build)):
-            print("+", shlex.join(cmd), flush=True)
-            if subprocess.run(cmd, check=False).returncode != 0:
-                raise CUDABuildError(f"cmake {step} failed with DTOP_CUDA_ARCHS={archs}")
+            rc, tail = _run_logged(cmd)
+            if rc != 0:
+                raise CUDABuildError(_diagnose(step, archs, self.nvcc, tail))
+            if step == "configure":
+                (build_dir / "dtop_configure.json").write_text(json.dumps(key, indent=2) + "\n")
 
 
-setup(
-    ext_modules=[CMakeExtension(f"{PACKAGE}._C")],
-    cmdclass={"build_ext": CMakeBuild},
-)
+if __name__ == "__main__":  # setuptools runs this file as __main__; tests import its helpers
+    setup(
+        ext_modules=[CMakeExtension(f"{PACKAGE}._C")],
+        cmdclass={"build_ext": CMakeBuild},
+    )

@@ -45,6 +45,7 @@ import csv
 import itertools
 import os
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -76,10 +77,20 @@ SWEEP = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]
 DENSE, COMPILED, LOOP = "dense (SDPA)", "dense + torch.compile", "loop (official per-image)"
 PRED_TOL = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}  # max |d pred|
 COLUMNS = [("batch", "B", ""), ("keep", "keep", ".3f"), ("mode", "mode", ""),
-           ("tokens", "tokens/stage", ""), ("gflops", "GFLOPs", ".2f"),
+           ("tokens", "tokens/stage", ""), ("gflops", "GFLOPs=GMACs", ".2f"),
            ("flop_saving", "FLOP save %", ".1f"), ("ms", "ms", ".2f"), ("p20", "p20", ".2f"),
            ("p80", "p80", ".2f"), ("speedup", "speedup", ".2f"), ("realized", "realized", ".2f"),
            ("peak_mib", "peak MiB", ".0f"), ("syncs", "syncs", "")]
+
+
+LEGEND = """\
+columns: B batch size | keep: fraction of active tokens left after each exit (batch mean) |
+tokens/stage: mean tokens each stage runs on | GFLOPs=GMACs: count_flops per image, 1 multiply-add
+= 1 FLOP (the papers' convention) | FLOP save %: 100 * (1 - GFLOPs / GFLOPs_dense) | ms, p20, p80:
+median, 20th and 80th percentile latency of one forward | speedup: t_dense_best / t (fastest dense
+row of that batch) | realized: (1 - t / t_dense_best) / (1 - GFLOPs / GFLOPs_dense), the share of
+the FLOP saving seen as latency saving (1 = FLOP-proportional) | peak MiB, syncs: CUDA only"""
+SPREAD_LIMIT = 1.10  # p80 / p20 above this: the row's samples are too spread to read a fraction
 
 
 class CheckError(RuntimeError):
@@ -161,9 +172,12 @@ def _peak_mib(fn: Callable[[], object]) -> float:
 
 
 class _Progress:
-    """Forward counter on stderr (tqdm when installed)."""
+    """Forward counter on stderr: tqdm when installed, else a plain line per row or check (at
+    most about one a second)."""
 
     def __init__(self, quiet: bool) -> None:
+        self.quiet, self.total, self.done = quiet, 0, 0
+        self.last_desc, self.last_print = "", 0.0
         try:
             from tqdm import tqdm
 
@@ -172,18 +186,56 @@ class _Progress:
             self.bar = None
 
     def expect(self, n: int) -> None:
+        self.total += n
         if self.bar is not None:
-            self.bar.total += n
+            self.bar.total = self.total
             self.bar.refresh()
 
     def step(self, desc: str) -> None:
+        self.done += 1
         if self.bar is not None:
             self.bar.set_description(desc, refresh=False)
             self.bar.update(1)
+            return
+        now = time.monotonic()
+        if self.quiet or desc == self.last_desc or now - self.last_print < 1.0:
+            return
+        self.last_desc, self.last_print = desc, now
+        print(f"[{self.done}/{self.total} forwards] {desc}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def spread_warnings(rows: list[dict], threads: int | None,
+                    load: tuple[float, float, float] | None) -> list[str]:
+    """Warnings when the timings cannot support the realized fraction: a row whose p80 / p20
+    exceeds SPREAD_LIMIT (with the realized range its spread allows), or (CPU) a load average
+    above the threads this run uses, i.e. other processes competed for the cores."""
+    out = []
+    for r in rows:
+        ratio = r["p80"] / r["p20"] if r["p20"] > 0 else float("inf")
+        if ratio <= SPREAD_LIMIT:
+            continue
+        what = f"B={r['batch']} {r['mode']}" + (f" keep={r['keep']}" if r["keep"] else "")
+        msg = f"{what}: p80/p20 = {ratio:.2f} > {SPREAD_LIMIT}"
+        dense = [d for d in rows if d["batch"] == r["batch"] and d["keep"] is None]
+        saving = r["flop_saving"] / 100
+        if r["keep"] is not None and saving and dense:
+            best = min(dense, key=lambda d: d["ms"])
+            lo = (1 - r["p80"] / best["p20"]) / saving
+            hi = (1 - r["p20"] / best["p80"]) / saving
+            msg += f"; its realized fraction could be anywhere in [{lo:.2f}, {hi:.2f}]"
+        out.append(msg)
+    if load is not None and threads is not None and load[0] > threads + 0.5:
+        out.append(f"CPU load average {load[0]:.1f} exceeds the {threads} threads this run uses: "
+                   "other processes shared the cores, so the timings are not those of a quiet "
+                   "machine")
+    if out:
+        out.append("these timings are too noisy to read the realized fraction: rerun on a quiet "
+                   "machine, or with more --repeats")
+    return [f"WARNING: {w}" for w in out]
 
 
 # ---------------------------------------------------------------------- benchmark
@@ -341,6 +393,9 @@ def bench(args) -> tuple[dict, list[dict], list[str]]:
                      "debug mode); on the CPU every op runs synchronously")
         load = os.getloadavg()
         notes.append(f"CPU load average at end: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}")
+    if not args.quick:
+        notes += spread_warnings(rows, None if gpu else torch.get_num_threads(),
+                                 None if gpu else os.getloadavg())
     return env, rows, notes
 
 
@@ -404,7 +459,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     first, _, rest = __doc__.partition("\n")
     p = argparse.ArgumentParser(description=first, epilog=rest,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=MODELS, default="base")
+    p.add_argument("--model", choices=MODELS, default="base",
+                   help="ViT-DToP size: base (ViT-B/16, 512 px) or large (ViT-L/16, 640 px)")
     p.add_argument("--res", type=int, default=None, help="image size (default 512 base, 640 large)")
     p.add_argument("--batch", type=int, nargs="+", default=None,
                    help="batch sizes (default: 1 and 8 on GPU, 1 on CPU)")
@@ -414,21 +470,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sweep", type=float, nargs="*", default=None,
                    help=f"time several keep levels (default {SWEEP})")
     p.add_argument("--compile", action="store_true", help="add a torch.compile dense row")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default cuda when available, else cpu)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
                    help="default bf16 on GPU, fp32 on CPU")
     p.add_argument("--warmup", type=int, default=None, help="default 5 GPU, 1 CPU")
-    p.add_argument("--repeats", type=int, default=None, help="default 30 GPU, 3 CPU")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed forwards per row (default 30 GPU, 10 CPU: enough for p20-p80 "
+                        "within a few percent on a quiet CPU)")
     p.add_argument("--rotate", type=int, default=None,
                    help="different input batches cycled through (default 3)")
     p.add_argument("--quick", action="store_true",
                    help="tiny model, 128 px, batch 2, 1 repeat: a smoke test, not a timing")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress output on stderr")
     p.add_argument("--json", nargs="?", const="", default=None,
                    help="write rows as JSON (default path: benchmarks/results/)")
     p.add_argument("--csv", default=None, help="write rows as CSV")
-    p.add_argument("--plot", default=None, help="PNG of latency vs keep (needs --sweep)")
+    p.add_argument("--plot", default=None,
+                   help="PNG of latency vs keep (needs --sweep and matplotlib)")
     args = p.parse_args(argv)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401 - checked before the work, used by plot()
+        except ImportError:
+            p.error("--plot needs matplotlib, which is not installed: pip install matplotlib "
+                    '(or pip install ".[bench]")')
     gpu = args.device.startswith("cuda")
     if args.sweep is not None and not args.sweep:
         args.sweep = list(SWEEP)
@@ -440,7 +506,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.dtype = args.dtype or ("bf16" if gpu else "fp32")
     args.batch = args.batch or ([2] if args.quick else ([1, 8] if gpu else [1]))
     args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
-    args.repeats = args.repeats or (1 if args.quick else (30 if gpu else 3))
+    args.repeats = args.repeats or (1 if args.quick else (30 if gpu else 10))
     args.rotate = args.rotate or (2 if args.quick else 3)
     return args
 
@@ -457,6 +523,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"latency.py: check failed, nothing timed is trustworthy: {e}")
     print(header(env))
     print(format_table(rows, COLUMNS))
+    print(LEGEND)
     for n in notes:
         print(f"- {n}")
     if args.quick:

@@ -213,14 +213,20 @@ def bench(args) -> tuple[dict, list[dict]]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", choices=SHAPES, default="base")
-    p.add_argument("--res", type=int, default=512)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--keep", type=float, default=0.7, help="mean fraction of tokens active")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None)
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--model", choices=SHAPES, default="base",
+                   help="layer shapes: base (ViT-B: C=768, 12 heads) or large (C=1024, 16 heads)")
+    p.add_argument("--res", type=int, default=512, help="image size in pixels (16-px patches)")
+    p.add_argument("--batch", type=int, default=8, help="images in the ragged batch")
+    p.add_argument("--keep", type=float, default=0.7,
+                   help="mean fraction of tokens active (images spread around it)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default cuda when available, else cpu)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
+                   help="default bf16 on GPU, fp32 on CPU")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed calls per impl (default 3; 0 with --quick)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed calls per impl (default 50 GPU, 5 CPU; 1 with --quick)")
     p.add_argument("--quick", action="store_true", help="tiny shapes, 1 repeat (smoke test)")
     p.add_argument("--json", nargs="?", const="", default=None,
                    help="write rows as JSON (default path: benchmarks/results/)")

@@ -5,7 +5,11 @@ Nothing here initializes CUDA unless a GPU is present and asked about (device na
 
 from __future__ import annotations
 
+import os
 import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -35,8 +39,23 @@ def _probe_tensors(device: str) -> dict[str, object]:
     }
 
 
+def shadowed_install() -> Path | None:
+    """The installed package's folder when the imported ``dtop_kernels`` is another copy (a
+    source checkout ahead of site-packages on ``sys.path``, e.g. the current directory), else
+    None."""
+    from importlib.metadata import distributions
+
+    here = Path(dtop_kernels.__file__).resolve().parent
+    for dist in distributions(name="dtop-kernels"):
+        init = Path(str(dist.locate_file("dtop_kernels/__init__.py")))
+        if init.is_file() and init.resolve().parent != here:
+            return init.resolve().parent
+    return None
+
+
 def report() -> str:
-    lines = [f"dtop_kernels {dtop_kernels.__version__}"]
+    where = Path(dtop_kernels.__file__).resolve().parent
+    lines = [f"dtop_kernels {dtop_kernels.__version__} (imported from {where})"]
     lines.append(f"python {platform.python_version()}, torch {torch.__version__} "
                  f"(CUDA {torch.version.cuda or 'none'})")
     terr = triton_import_error()
@@ -87,6 +106,16 @@ def report() -> str:
 
 
 def main() -> None:
+    installed = shadowed_install()
+    if installed is not None and not os.environ.get("DTOP_INFO_NO_REEXEC"):
+        here = Path(dtop_kernels.__file__).resolve().parent
+        print(f"note: `dtop_kernels` here is the source tree {here} (the current directory "
+              f"comes first on sys.path); it shadows the installed package {installed}, which "
+              "the report below describes. Run from another directory to import the installed "
+              "package.\n", flush=True)
+        env = dict(os.environ, DTOP_INFO_NO_REEXEC="1")
+        sys.exit(subprocess.run([sys.executable, "-m", "dtop_kernels.info"], cwd=installed.parent,
+                                env=env, check=False).returncode)
     print(report())
 
 

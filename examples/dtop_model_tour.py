@@ -16,14 +16,28 @@ import torch
 
 from dtop_kernels.models import count_flops, dtop_loss, save_pruning_maps, vit_dtop_tiny
 from dtop_kernels.models.synthetic import make_heads_confident_, synthetic_images
+from dtop_kernels.models.visualize import require_matplotlib
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--size", type=int, nargs=2, default=(128, 96), metavar=("H", "W"))
-    ap.add_argument("--maps", help="write pruning maps (PNG, needs matplotlib) to this folder")
+    ap = argparse.ArgumentParser(
+        description="A tour of the reference ViT-DToP model on synthetic data (CPU, seconds): "
+                    "a few training steps with the DToP loss, the three execution modes "
+                    "compared on the same weights, FLOPs at the kept token counts.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--steps", type=int, default=5, help="training steps before the comparison")
+    ap.add_argument("--size", type=int, nargs=2, default=(128, 96), metavar=("H", "W"),
+                    help="image height and width in pixels (multiples of 16)")
+    ap.add_argument("--maps", metavar="DIR",
+                    help="also write pruning maps (PNG) to DIR; needs matplotlib")
     args = ap.parse_args()
+    if args.size[0] % 16 or args.size[1] % 16 or min(args.size) < 16:
+        ap.error(f"--size H W must be positive multiples of 16, got {args.size[0]} {args.size[1]}")
+    if args.maps:
+        try:
+            require_matplotlib("--maps")
+        except ImportError as e:
+            ap.exit(2, f"error: {e}\n")
     torch.manual_seed(0)
     h, w = args.size
     model = make_heads_confident_(vit_dtop_tiny(num_classes=5, threshold=0.5))

@@ -57,6 +57,7 @@ def test_latency_quick(tmp_path: Path) -> None:
         assert title in head[1]
     for mode in ("dense (SDPA)", "loop (official per-image)", "packed/torch"):
         assert mode in out.stdout
+    assert "columns:" in out.stdout and "1 multiply-add\n= 1 FLOP" in out.stdout  # the legend
     rows = _rows(tmp_path / "latency.json")
     modes = {(r["mode"], r["keep"]) for r in rows}
     assert {("dense (SDPA)", None), ("loop (official per-image)", 0.7),
@@ -104,3 +105,70 @@ def test_synthesized_exits_prune_the_planned_counts(keep: float) -> None:
             out = model(img, mode=mode, backend="torch", exit_logits=plan.exit_logits)
             assert torch.equal(out.active_counts, plan.counts), mode
             assert torch.equal(out.exit_stage.view(b, -1), plan.exit_stage), mode
+
+
+def _latency_module():
+    spec = importlib.util.spec_from_file_location("bench_latency", BENCH / "latency.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _row(mode: str, keep, ms: float, p20: float, p80: float, saving: float = 0.0) -> dict:
+    return {"batch": 1, "mode": mode, "keep": keep, "ms": ms, "p20": p20, "p80": p80,
+            "flop_saving": saving}
+
+
+def test_spread_warnings_flag_noisy_rows_and_load() -> None:
+    lat = _latency_module()
+    quiet = [_row("dense (SDPA)", None, 100, 99, 101), _row("packed/torch", 0.7, 80, 79, 81, 20)]
+    assert lat.spread_warnings(quiet, threads=2, load=(1.9, 1.0, 1.0)) == []
+    noisy = [_row("dense (SDPA)", None, 100, 90, 110), _row("packed/torch", 0.7, 80, 79, 81, 20)]
+    warn = lat.spread_warnings(noisy, threads=2, load=(1.0, 1.0, 1.0))
+    assert len(warn) == 2 and "dense (SDPA)" in warn[0] and "1.22" in warn[0]
+    spread = [_row("dense (SDPA)", None, 100, 99, 101), _row("packed/torch", 0.7, 80, 70, 90, 20)]
+    warn = lat.spread_warnings(spread, threads=2, load=None)
+    # realized between (1 - 90/99)/0.2 and (1 - 70/101)/0.2
+    assert "[0.45, 1.53]" in warn[0]
+    loaded = lat.spread_warnings(quiet, threads=1, load=(3.0, 3.0, 3.0))
+    assert len(loaded) == 2 and "load average 3.0" in loaded[0]
+
+
+def test_cli_optional_dependency_fails_before_the_work() -> None:
+    """Without matplotlib, --plot and pruning_maps stop at once with the install command."""
+    if importlib.util.find_spec("matplotlib") is not None:
+        pytest.skip("matplotlib is installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(dtop_kernels.__file__).resolve().parents[1])
+    for cmd in ([str(BENCH / "latency.py"), "--sweep", "--plot", "x.png"],
+                ["-m", "dtop_kernels.models.pruning_maps", "--out", "unused"],
+                [str(ROOT / "examples" / "dtop_model_tour.py"), "--maps", "unused"]):
+        proc = subprocess.run([sys.executable, *cmd], env=env, capture_output=True, text=True,
+                              timeout=120, check=False)
+        assert proc.returncode == 2, (cmd, proc.stderr)
+        assert "needs matplotlib" in proc.stderr and "pip install matplotlib" in proc.stderr
+        assert not Path("unused").exists()
+
+
+@pytest.mark.parametrize("cmd", [
+    pytest.param([str(BENCH / "latency.py")], id="latency"),
+    pytest.param([str(BENCH / "ops.py")], id="ops"),
+    pytest.param(["-m", "dtop_kernels.models.pruning_maps"], id="pruning_maps"),
+    pytest.param([str(ROOT / "examples" / "dtop_model_tour.py")], id="tour"),
+])
+def test_cli_help_documents_every_option(cmd: list[str]) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(dtop_kernels.__file__).resolve().parents[1])
+    proc = subprocess.run([sys.executable, *cmd, "--help"], env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.split("options:")[1].splitlines()
+    options = [i for i, ln in enumerate(lines) if ln.startswith("  -")]
+    assert len(options) > 2
+    for i in options:
+        # argparse puts an option's help after its signature, or on the next, deeper line
+        same_line = len(lines[i].strip().split("  ", 1)) == 2
+        next_line = i + 1 < len(lines) and lines[i + 1].startswith("   ") \
+            and lines[i + 1].strip()
+        assert same_line or next_line, f"{lines[i].strip()} has no help text"

@@ -221,6 +221,7 @@ def test_gradcheck_torch(gen):
 
 
 # ---------------------------------------------------------------------- timm
+@pytest.mark.timm
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_timm_block(backend, gen):
     TimmBlock = timm_block_class()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from blocks import import_timm
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
@@ -298,8 +299,9 @@ def test_flops_vit_base_near_paper():
 
 
 # ---------------------------------------------------------------------- weight loading
+@pytest.mark.timm
 def test_timm_backbone_matches_timm_forward():
-    timm = pytest.importorskip("timm")
+    timm = import_timm()
     torch.manual_seed(0)
     vit = timm.models.vision_transformer.VisionTransformer(
         img_size=(H, W), patch_size=16, embed_dim=64, depth=4, num_heads=2, num_classes=0,

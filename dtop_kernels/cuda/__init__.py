@@ -21,7 +21,13 @@ _HOW_TO_BUILD = "install with nvcc on PATH: `pip install .` (set DTOP_CUDA_ARCHS
 
 @functools.cache
 def _import_C() -> tuple[ModuleType | None, str | None]:
-    """(module, None) when ``_C`` imports, else (None, the import error); tried once."""
+    """(module, None) when ``_C`` imports, else (None, the import error); tried once.
+
+    The build record is authoritative: where it says the kernels were not built, a ``_C`` file
+    found anyway (left in a source tree by an earlier in-place build) is not imported."""
+    info = build_info()
+    if _BUILD_INFO.is_file() and not info.get("cuda_built"):
+        return None, "not built"
     try:
         from dtop_kernels import _C
     except ImportError as e:
@@ -42,7 +48,8 @@ def build_info() -> dict:
     """What setup.py recorded: {"cuda_built", "reason", "archs", "nvcc_version"}."""
     if not _BUILD_INFO.is_file():
         return {"cuda_built": False,
-                "reason": "package not installed through setup.py (no build info)"}
+                "reason": f"no build record in {_BUILD_INFO.parent}: a source tree, not an "
+                          "installed package (`pip install .` builds and installs the kernels)"}
     return json.loads(_BUILD_INFO.read_text())
 
 

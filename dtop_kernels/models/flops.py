@@ -50,14 +50,20 @@ class FlopCount:
         return 1 - self.macs / self.dense_macs
 
     def summary(self) -> str:
-        def g(x: float) -> str:
-            return f"{x / 1e9:.4g} GMACs ({2 * x / 1e9:.4g} GFLOPs)"
+        """Per-image counts in one convention, stated in the first line: GFLOPs as the papers
+        count them (1 multiply-add = 1 FLOP), the convention of every table in this package."""
 
-        lines = [f"dense: {g(self.dense_macs)} per image"]
+        def g(x: float) -> str:
+            return f"{x / 1e9:.4g} GFLOPs"
+
+        convention = ("GFLOPs with 1 multiply-add = 1 FLOP (the papers' convention; "
+                      "FlopCounterMode's 2 FLOPs per multiply-add doubles them)")
+        lines = [convention,
+                 f"dense: {g(self.dense_macs)} per image"]
         for b, (m, s) in enumerate(zip(self.macs.tolist(), self.saving.tolist())):
             lines.append(f"image {b}: {g(m)}, saving {100 * s:.1f}%")
         for k, v in self.breakdown.items():
-            lines.append(f"  {k}: {v.mean().item() / 1e9:.4g} GMACs (batch mean)")
+            lines.append(f"  {k}: {g(v.mean().item())} (batch mean)")
         return "\n".join(lines)
 
 

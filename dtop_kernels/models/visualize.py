@@ -7,13 +7,23 @@ from pathlib import Path
 
 import torch
 
+MATPLOTLIB_HINT = 'pip install matplotlib (or pip install "dtop-kernels[models]")'
 
-def _matplotlib():
+
+def require_matplotlib(what: str = "save_pruning_maps") -> None:
+    """Raise ImportError naming ``what`` and the install command unless matplotlib imports.
+
+    Command-line tools call it before any work, so a missing optional dependency fails first."""
+    _matplotlib(what)
+
+
+def _matplotlib(what: str = "save_pruning_maps"):
     try:
         from matplotlib.colors import ListedColormap
         from matplotlib.figure import Figure
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("save_pruning_maps needs matplotlib: pip install matplotlib") from e
+        raise ImportError(f"{what} needs matplotlib, which is not installed: "
+                          f"{MATPLOTLIB_HINT}") from e
     return Figure, ListedColormap
 
 
