@@ -177,6 +177,11 @@ class CMakeBuild(build_ext):
         for tool in ("cmake", "ninja"):
             if shutil.which(tool) is None:
                 return f"{tool} not found on PATH (pip install {tool})"
+        try:
+            import pybind11  # noqa: F401 - needed by _build_cmake
+        except ImportError:
+            return ("pybind11 is not importable (pip install pybind11; pip installs it itself "
+                    "unless run with --no-build-isolation)")
         return None
 
     def _package_dirs(self) -> list[Path]:
