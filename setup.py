@@ -17,7 +17,7 @@ the archs change, the folder is rebuilt from scratch. A skipped or failed build 
 Environment:
   DTOP_SKIP_CUDA_BUILD=1           do not build the extension
   DTOP_ALLOW_CUDA_BUILD_FAILURE=1  install without the extension if its compilation fails
-  DTOP_CUDA_ARCHS                  CUDA architectures in CMake syntax (default "80;90a")
+  DTOP_CUDA_ARCHS                  CUDA architectures in CMake syntax (default "80;90")
   MAX_JOBS                         parallel compile jobs
   CUDACXX / CUDA_HOME              where to find nvcc when it is not on PATH
 """
@@ -40,7 +40,7 @@ from setuptools.command.build_ext import build_ext
 ROOT = Path(__file__).resolve().parent
 PACKAGE = "dtop_kernels"
 BUILD_INFO = "_build_info.json"
-DEFAULT_ARCHS = "80;90a"
+DEFAULT_ARCHS = "80;90"
 
 
 def _env_flag(name: str) -> bool:

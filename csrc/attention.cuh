@@ -14,7 +14,10 @@
 // product (FlashAttention-2's P @ V without a trip through shared memory).
 #pragma once
 
+#include <map>
+#include <mutex>
 #include <string>
+#include <utility>
 
 #include "common.h"
 
@@ -278,13 +281,21 @@ inline void check_batch_heads(const char* op, int64_t batch, int64_t heads) {
 // sm_80 build and allow 99 KB (A100 163 KB, H100 227 KB).
 constexpr size_t kMaxSmemBytes = 99 * 1024;
 
-// Dynamic shared memory above 48 KB must be allowed per kernel.
+// Dynamic shared memory above 48 KB must be allowed per kernel and device. The attribute is
+// set once per (kernel, device), not at every launch: later launches only look it up.
 template <typename Kernel>
 void allow_smem(Kernel kernel, size_t bytes) {
-  if (bytes > 48 * 1024) {
-    DTOP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(bytes)));
-  }
+  if (bytes <= 48 * 1024) return;
+  int device = 0;
+  DTOP_CUDA_CHECK(cudaGetDevice(&device));
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, size_t> allowed;  // (kernel, device) -> bytes
+  std::lock_guard<std::mutex> lock(mutex);
+  size_t& done = allowed[{reinterpret_cast<const void*>(kernel), device}];
+  if (done >= bytes) return;
+  DTOP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(bytes)));
+  done = bytes;
 }
 
 }  // namespace attn

@@ -67,12 +67,17 @@ def device_reasons_triton(tensors: Iterable[torch.Tensor]) -> list[str]:
 
 
 def device_reasons_cuda(tensors: Iterable[torch.Tensor]) -> list[str]:
-    from dtop_kernels.cuda import unavailable_reasons
+    from dtop_kernels.cuda import device_reasons, unavailable_reasons
 
     reasons = list(unavailable_reasons())
-    devs = {t.device.type for t in tensors if isinstance(t, torch.Tensor)}
-    if devs - {"cuda"}:
-        reasons.append(f"tensors on {sorted(devs - {'cuda'})}: the CUDA kernels need CUDA tensors")
+    devices = {t.device for t in tensors if isinstance(t, torch.Tensor)}
+    types = {d.type for d in devices}
+    if types - {"cuda"}:
+        reasons.append(f"tensors on {sorted(types - {'cuda'})}: the CUDA kernels need CUDA "
+                       "tensors")
+    elif not reasons:  # built, all on CUDA: is there a kernel image for each GPU?
+        for device in sorted(devices, key=str):
+            reasons += [r for r in device_reasons(device) if r not in reasons]
     return reasons
 
 

@@ -8,8 +8,12 @@ The CPU interpreter runs the kernels' logic but not the compiler, which can reje
 interpreter accepts (types, layouts, shared memory). Each launcher runs once on CPU tensors with
 its kernels replaced by recorders, which capture the arguments and the GPU launch settings (tile
 sizes, warps, stages) the launcher would use on a GPU; each captured call is compiled to a cubin
-with Triton's compiler. Must run without TRITON_INTERPRET (tests/test_triton_compile.py runs it
-in a subprocess).
+with Triton's compiler and the specialization Triton's JIT applies to those arguments (16-byte
+aligned pointers, integers divisible by 16, integers equal to 1), so registers, spills and the
+instructions chosen (wgmma, cp.async) are those of a real launch. The launches are recorded at
+ViT-B/16 shapes (batch 8 at 512 x 512) and at small odd shapes; a variant the JIT would reuse is
+compiled once. Must run without TRITON_INTERPRET (tests/test_triton_compile.py runs it in a
+subprocess).
 """
 
 from __future__ import annotations
@@ -21,10 +25,6 @@ import time
 
 import torch
 
-_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",
-        torch.int32: "*i32", torch.int64: "*i64", torch.int8: "*i8"}
-_OPTIONS = ("num_warps", "num_stages")
-
 
 class _Recorder:
     def __init__(self, fn, calls: list) -> None:
@@ -32,7 +32,7 @@ class _Recorder:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.calls.append((self.fn, args, kwargs))
+            self.calls.append((self.fn, tuple(grid), args, kwargs))
         return launch
 
 
@@ -50,29 +50,22 @@ def _patch(calls: list) -> None:
 
 
 def compile_call(fn, args, kwargs, arch: int):
+    """Compile one recorded launch for sm_<arch> with the specialization Triton's JIT would
+    apply to these arguments on a GPU: its own binder decides which pointers are 16-byte
+    aligned and which integers are divisible by 16 (``tt.divisibility``) or equal to 1
+    (constants), as at a real launch."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
 
-    values = dict(zip(fn.arg_names, args)) | {k: v for k, v in kwargs.items()
-                                               if k not in _OPTIONS}
-    constexprs, sig = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        v = values[name]
-        if fn.params[i].is_constexpr:
-            sig[name] = "constexpr"
-            constexprs[(i,)] = v
-        elif isinstance(v, torch.Tensor):
-            sig[name] = _PTR[v.dtype]
-        elif isinstance(v, bool):
-            sig[name] = "i1"
-        elif isinstance(v, int):
-            sig[name] = "i32" if -(2**31) <= v < 2**31 else "i64"
-        else:
-            sig[name] = "fp32"
-    options = {k: kwargs[k] for k in _OPTIONS if k in kwargs}
-    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound,
+                                                          specialization, options)
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(src, target=backend.target, options=options.__dict__)
     if not compiled.asm.get("cubin"):
         raise RuntimeError(f"{fn.__name__}: no cubin")
     return compiled
@@ -98,48 +91,96 @@ def resource_usage(compiled) -> str:
     if not m:
         return "resource usage unavailable"
     reg, stack, _, local = m.groups()
+    ptx = compiled.asm.get("ptx", "")
+    mma = "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "-"
     return (f"regs {reg}, stack {stack} B, local {local} B, shared "
-            f"{compiled.metadata.shared} B, warps {compiled.metadata.num_warps}")
+            f"{compiled.metadata.shared} B, warps {compiled.metadata.num_warps}, mma {mma}, "
+            f"cp.async {'yes' if 'cp.async' in ptx else 'no'}")
 
 
-def record_all(cases: list[tuple[torch.dtype, list[int]]]) -> list:
-    """Run every launcher once per (dtype, head dims) case with recording kernels."""
-    from dtop_kernels import TokenSet
+def _record_ops(calls_of, dtype: torch.dtype, t, c: int, heads: int, head_dim: int,
+                num_q: int, head_c: int) -> None:
+    """One ViT block's launches (LayerNorm, qkv / proj / fc1 / fc2 linears, attention fwd and
+    bwd, gather / scatter) and a DToP head's (head-mean logits, selection) on token set ``t``."""
     from dtop_kernels.triton import attention as ta
     from dtop_kernels.triton import gather as tg
     from dtop_kernels.triton import layernorm as tln
     from dtop_kernels.triton import linear as tli
     from dtop_kernels.triton import select as tse
 
+    cap, rows, cu = t.capacity, t.batch_size * t.seq_len, t.cu_seqlens
+    dense = torch.empty(rows, c, dtype=dtype)
+    w_ln = torch.empty(c, dtype=dtype)
+    normed, packed, mean, rstd = tln.layer_norm_fwd(dense, w_ln, w_ln, t, 1e-6, gather=True,
+                                                    store_x=True)
+    tln.layer_norm_bwd(normed, packed, w_ln, mean, rstd, t)
+    w_qkv, b_qkv = torch.empty(3 * c, c, dtype=dtype), torch.empty(3 * c, dtype=dtype)
+    qkv, _ = tli.linear_fwd(normed, w_qkv, b_qkv, t)
+    q, k, v = qkv.view(cap, 3, heads, head_dim).unbind(1)  # views, as in pruned_block
+    o, lse = ta.attention_fwd(q, k, v, cu, cu, t.max_seqlen, head_dim**-0.5)
+    ta.attention_bwd(o, q, k, v, o, lse, cu, cu, t.max_seqlen, t.max_seqlen, head_dim**-0.5)
+    o = o.reshape(cap, c)
+    w_proj = torch.empty(c, c, dtype=dtype)
+    tli.linear_fwd(o, w_proj, b_qkv[:c], t, residual=packed)
+    w_fc1, b_fc1 = torch.empty(4 * c, c, dtype=dtype), torch.empty(4 * c, dtype=dtype)
+    h, _ = tli.linear_fwd(normed, w_fc1, b_fc1, t, tli.ACT_GELU, save_pre=True)
+    tli.linear_fwd(h, torch.empty(c, 4 * c, dtype=dtype), b_qkv[:c], t, residual=packed,
+                   out=dense)  # the stage's last GEMM scatters
+    tli.linear_fwd(dense, w_qkv, b_qkv, t, gather=True)  # the stage's first GEMM gathers
+    tg.scatter_rows(tg.gather_rows(dense, t), t, dense, add=True)
+    b = t.batch_size
+    hq = torch.empty(b * num_q, head_c // head_dim, head_dim, dtype=dtype)
+    hk = torch.empty(cap, head_c // head_dim, head_dim, dtype=dtype)
+    ta.head_mean_logits(hq, hk, cu, num_q, t.max_seqlen, head_dim**-0.5)
+    tse.exit_slots(torch.empty(b, num_q, 2, dtype=dtype), torch.empty(num_q, cap, dtype=dtype),
+                   t, 0.9, 5)
+
+
+def record_all(dtypes: list[torch.dtype], odd_cases: list[tuple[torch.dtype, list[int]]]
+               ) -> list[tuple[str, object, tuple, tuple, dict]]:
+    """Recorded launches as (case, kernel, grid, args, kwargs).
+
+    ``vit-b``: ViT-B/16 at 512 x 512, batch 8 (C 768, 12 heads of 64, 1024 tokens per image,
+    capacity 8192 with 70% of the tokens active, 150 classes, head width 384): the shapes, strides
+    and alignments the benchmarks run, hence the specialization the JIT compiles for them.
+    ``odd``: small ragged shapes (capacity 80, 2 heads, odd head dims) for coverage.
+    """
+    from dtop_kernels import TokenSet
+
     calls: list = []
     _patch(calls)
+    out = []
+
+    def take(case: str) -> None:
+        out.extend((case, *call) for call in calls)
+        calls.clear()
+
+    g = torch.Generator().manual_seed(0)
+    vit = TokenSet.from_mask(torch.rand(8, 1024, generator=g) < 0.7, capacity=8 * 1024)
+    for dtype in dtypes:
+        _record_ops(calls, dtype, vit, 768, 12, 64, 150, 384)
+        take("vit-b")
     keep = torch.ones(2, 40, dtype=torch.bool)
     keep[0, 25:] = False
-    t = TokenSet.from_mask(keep, capacity=80)
-    cu = t.cu_seqlens
-    for dtype, head_dims in cases:
+    small = TokenSet.from_mask(keep, capacity=80)
+    for dtype, head_dims in odd_cases:
         for d in head_dims:
-            q = torch.zeros(t.capacity, 2, d, dtype=dtype)
-            out, lse = ta.attention_fwd(q, q, q, cu, cu, 40, 0.125)
-            ta.attention_bwd(out, q, q, q, out, lse, cu, cu, 40, 40, 0.125)
-            ta.head_mean_logits(torch.zeros(300, 2, d, dtype=dtype), q, cu, 150, 40, 0.125)
-        c = 768
-        x = torch.zeros(80, c, dtype=dtype)
-        packed = tg.gather_rows(x, t)
-        tg.scatter_rows(packed, t, x, add=True)
-        w = torch.ones(c, dtype=dtype)
-        tln.layer_norm_fwd(x, w, w, t, 1e-6, gather=True, store_x=True)
-        y, _, mean, rstd = tln.layer_norm_fwd(packed, w, w, t, 1e-6)
-        tln.layer_norm_bwd(y, packed, w, mean, rstd, t)
-        weight = torch.zeros(4 * c, c, dtype=dtype)
-        tli.linear_fwd(packed, weight, torch.zeros(4 * c, dtype=dtype), t, tli.ACT_GELU,
-                       save_pre=True)
-        tli.linear_fwd(torch.zeros(80, 4 * c, dtype=dtype), weight.t().contiguous(), None, t,
-                       residual=packed, out=torch.zeros(80, c, dtype=dtype))
-        tli.linear_fwd(x, weight, None, t, gather=True, out=torch.zeros(80, 4 * c, dtype=dtype))
-        tse.exit_slots(torch.zeros(2, 150, 2, dtype=dtype),
-                       torch.zeros(150, 80, dtype=dtype), t, 0.9, 5)
-    return calls
+            _record_ops(calls, dtype, small, 2 * d, 2, d, 150, 2 * d)
+            take("odd")
+    return out
+
+
+def variant_key(fn, args, kwargs) -> tuple:
+    """What Triton's JIT caches a compiled kernel under for these arguments (its own binder's
+    specialization, the same on any GPU of one architecture)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    binder = create_function_from_signature(fn.signature, fn.params,
+                                            make_backend(GPUTarget("cuda", 90, 32)))
+    _, specialization, options = binder(*args, **kwargs)
+    return fn.__name__, str(specialization), str(sorted(options.items()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,22 +193,26 @@ def main(argv: list[str] | None = None) -> int:
         print("unset TRITON_INTERPRET: the interpreter replaces the compiler", file=sys.stderr)
         return 2
     dtypes = [torch.float16, torch.bfloat16, torch.float32]
-    if args.full:
-        calls = record_all([(dt, [32, 64, 80, 128]) for dt in dtypes])
-    else:  # the ViT-B/L head dim in the half dtypes; fp32 and head dim 80 once each
-        calls = record_all([(torch.float16, [64]), (torch.bfloat16, [64]),
-                            (torch.float32, [80])])
-    kernels = sorted({fn.__name__ for fn, _, _ in calls})
+    odd = [(dt, [32, 64, 80, 128]) for dt in dtypes] if args.full else [(torch.float32, [80])]
+    calls = record_all(dtypes, odd)
+    kernels = sorted({fn.__name__ for _, fn, _, _, _ in calls})
+    seen: set = set()
     t0 = time.perf_counter()
-    for fn, a, kw in calls:
+    for case, fn, grid, a, kw in calls:
+        key = variant_key(fn, a, kw)
+        if key in seen:  # the JIT would reuse the compiled kernel
+            continue
+        seen.add(key)
         compiled = compile_call(fn, a, kw, args.arch)
         if args.resources:
             dts = sorted({str(v.dtype).replace("torch.", "") for v in a
                           if isinstance(v, torch.Tensor) and v.is_floating_point()})
-            shape = {k: kw[k] for k in kw if k.startswith(("BLOCK", "D"))}
-            print(f"  {fn.__name__:17s} {'/'.join(dts):9s} {shape}: {resource_usage(compiled)}")
-    print(f"sm_{args.arch}: compiled {len(calls)} launches of {len(kernels)} kernels "
-          f"({', '.join(kernels)}) in {time.perf_counter() - t0:.0f} s")
+            shape = ",".join(f"{k.replace('BLOCK_', 'B')}={kw[k]}" for k in kw
+                             if k.startswith(("BLOCK", "D")))
+            print(f"  {case:5s} {fn.__name__:17s} {'/'.join(dts):16s} {shape:22s} "
+                  f"grid {'x'.join(map(str, grid)):11s} {resource_usage(compiled)}")
+    print(f"sm_{args.arch}: compiled {len(seen)} variants ({len(calls)} launches) of "
+          f"{len(kernels)} kernels ({', '.join(kernels)}) in {time.perf_counter() - t0:.0f} s")
     return 0
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from pathlib import Path
 from types import ModuleType
 
@@ -64,3 +65,56 @@ def unavailable_reasons() -> list[str]:
     else:
         why = f"is not built ({info.get('reason', 'unknown')})"
     return [f"the CUDA extension dtop_kernels._C {why}; {_HOW_TO_BUILD}"]
+
+
+# ---------------------------------------------------------------------- architectures
+def _parse_arch(entry: str) -> tuple[int, int, str, bool, bool]:
+    """One CMake CUDA_ARCHITECTURES entry -> (major, minor, suffix, has SASS, has PTX).
+
+    "80" = sm_80 SASS + compute_80 PTX, "80-real" = SASS only, "80-virtual" = PTX only;
+    suffix "a" (arch-specific, e.g. 90a) or "f" (family, e.g. 100f).
+    """
+    m = re.fullmatch(r"(\d+)([af]?)(-real|-virtual)?", entry.strip())
+    if not m:
+        raise ValueError(f"not a CUDA architecture in CMake syntax: {entry!r}")
+    num, suffix, kind = int(m.group(1)), m.group(2), m.group(3) or ""
+    return num // 10, num % 10, suffix, kind != "-virtual", kind != "-real"
+
+
+def arch_mismatch(built: str, capability: tuple[int, int]) -> str | None:
+    """None when a module built for ``built`` (CMake syntax, e.g. "80;90") has a kernel image
+    that runs on a GPU of compute ``capability`` (major, minor); else the reason.
+
+    SASS sm_XY runs on X.y for y >= Y (binary compatible within a major version); sm_XYa only
+    on X.Y; sm_XYf on its family (X.y, y >= Y). PTX compute_XY is JIT-compiled by the driver
+    for any X.Y or newer; compute_XYa only for X.Y, compute_XYf for its family.
+    """
+    major, minor = capability
+    for entry in (e for e in re.split(r"[;,\s]+", built) if e):
+        x, y, suffix, sass, ptx = _parse_arch(entry)
+        same_family = major == x and minor >= y
+        if suffix == "a" and (major, minor) == (x, y):
+            return None
+        if suffix == "f" and same_family:
+            return None
+        if not suffix and ((sass and same_family) or (ptx and (major, minor) >= (x, y))):
+            return None
+    return (f"the CUDA extension was built for {built!r}, which has no kernel image for this "
+            f"GPU (sm_{major}{minor}); rebuild with DTOP_CUDA_ARCHS={major}{minor} "
+            "(or add it to the list)")
+
+
+@functools.cache
+def _device_arch_reason(index: int) -> str | None:
+    module, _ = _import_C()
+    if module is None:
+        return None  # unavailable_reasons() says why
+    return arch_mismatch(module.built_archs(), torch.cuda.get_device_capability(index))
+
+
+def device_reasons(device: torch.device) -> list[str]:
+    """[] when the compiled kernels can run on CUDA ``device``, else why not (no kernel image
+    for its architecture). Asks the GPU once per device."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    reason = _device_arch_reason(index)
+    return [reason] if reason else []

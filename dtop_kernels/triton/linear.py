@@ -87,15 +87,34 @@ def _linear_kernel(
                  mask=(offs_m < cap)[:, None] & n_ok[None, :])
 
 
-def _config(dtype: torch.dtype) -> dict:
+def _config(dtype: torch.dtype, n: int) -> dict:
+    """Launch settings by dtype and output features N (tile by N; BK = 64 in the half dtypes).
+
+    From sm_90 compiles with the JIT's specialization at ViT-B shapes (tests/compile_kernels.py
+    --resources; the half dtypes use wgmma and cp.async; none spills):
+
+    | dtype | N | tile M x N x K, warps, stages | regs | shared | CTAs / SM |
+    |---|---|---|---|---|---|
+    | fp16 / bf16 | <= 1024 | 128 x 64 x 64, 4, 3 | 128 (174 with GELU) | 72 KB | 3 (2) |
+    | fp16 / bf16 | > 1024 | 128 x 128 x 64, 8, 3 | 110 (171 with GELU) | 96 KB | 2 (1) |
+    | fp32 | any | 64 x 64 x 32, 4, 3 (FMA: exact products) | 162-164 | 32 KB | 3 |
+
+    Why N <= 1024 gets half-width tiles: at N = 768 (proj, fc2) and M ~ 6000 rows, 128 x 128
+    tiles make 47 x 6 = 282 tiles, one more than two per SM on 132 SMs, so the busiest SMs run 3
+    tile-times against 2.14 for perfectly spread work; 128 x 64 tiles (564) bound that at 2.5.
+    Not yet confirmed by timing on a GPU.
+    """
     small = interpret_blocks()
     if small:
         return {"BLOCK_M": small, "BLOCK_N": small, "BLOCK_K": small, "GROUP_M": 4}
     if dtype == torch.float32:
         return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4,
                 "num_stages": 3}
-    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8,
-            "num_stages": 4}
+    if n <= 1024:
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4,
+                "num_stages": 3}
+    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8,
+            "num_stages": 3}
 
 
 def linear_fwd(
@@ -115,7 +134,7 @@ def linear_fwd(
     z = torch.empty(cap, n, device=x.device, dtype=x.dtype) if save_pre else y
     if cap == 0 or n == 0:
         return y, (z if save_pre else None)
-    cfg = _config(x.dtype)
+    cfg = _config(x.dtype, n)
     grid = (triton.cdiv(cap, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     r = residual if residual is not None else x
     i64 = max(t.numel() for t in (x, weight, r, y, z)) >= 2**30  # margin for masked tiles
