@@ -105,7 +105,29 @@ def report() -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def cuda_kernel_problems() -> list[str]:
+    """Why the CUDA kernels cannot run on this machine's GPU ([] when they can)."""
+    from dtop_kernels.cuda import device_reasons
+
+    problems = list(unavailable_reasons())
+    if not torch.cuda.is_available():
+        problems.append("no CUDA device visible to torch")
+    elif not problems:
+        problems += device_reasons(torch.device("cuda", torch.cuda.current_device()))
+    return problems
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        prog="python -m dtop_kernels.info",
+        description="Print versions, the compiled CUDA module's build, and which backend each "
+                    "op can run on here (and why not).")
+    ap.add_argument("--require-cuda-kernels", action="store_true",
+                    help="exit with status 1 unless the compiled CUDA kernels import and have a "
+                         "kernel image for this machine's GPU (for scripts that test them)")
+    args = ap.parse_args(argv)
     installed = shadowed_install()
     if installed is not None and not os.environ.get("DTOP_INFO_NO_REEXEC"):
         here = Path(dtop_kernels.__file__).resolve().parent
@@ -114,9 +136,14 @@ def main() -> None:
               "the report below describes. Run from another directory to import the installed "
               "package.\n", flush=True)
         env = dict(os.environ, DTOP_INFO_NO_REEXEC="1")
-        sys.exit(subprocess.run([sys.executable, "-m", "dtop_kernels.info"], cwd=installed.parent,
-                                env=env, check=False).returncode)
+        sys.exit(subprocess.run([sys.executable, "-m", "dtop_kernels.info", *sys.argv[1:]],
+                                cwd=installed.parent, env=env, check=False).returncode)
     print(report())
+    if args.require_cuda_kernels:
+        problems = cuda_kernel_problems()
+        if problems:
+            sys.exit("--require-cuda-kernels: the CUDA kernels cannot run here: "
+                     + "; ".join(problems))
 
 
 if __name__ == "__main__":

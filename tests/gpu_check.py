@@ -96,7 +96,9 @@ def build_steps(out: Path, cc: tuple[int, int] | None, dry: bool, workers: int) 
     build = [py, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-q", "."]
     steps = [
         Step("build", build, env={"DTOP_CUDA_ARCHS": arch, "MAX_JOBS": str(os.cpu_count())}),
-        Step("info", [py, "-P", "-m", "dtop_kernels.info"]),
+        # fails unless the CUDA kernels were built and can run on this GPU: a build that
+        # skipped them would otherwise let every CUDA test skip quietly
+        Step("info", [py, "-P", "-m", "dtop_kernels.info", "--require-cuda-kernels"]),
         Step("gpu tests", pytest + xdist, beside_next=True),
         Step("memcheck", memcheck, beside_next=True),
         Step("racecheck", racecheck),
@@ -108,6 +110,7 @@ def build_steps(out: Path, cc: tuple[int, int] | None, dry: bool, workers: int) 
     if dry:  # the same scripts and arguments where a CPU can take them
         stand_in = {
             "build": [py, "setup.py", "--version"],
+            "info": [py, "-m", "dtop_kernels.info"],
             "gpu tests": pytest + ["--collect-only"],
             "memcheck": sanitize + ["--help"],
             "racecheck": sanitize + ["--help"],
@@ -286,8 +289,9 @@ def main(argv: list[str] | None = None) -> int:
         cc = torch.cuda.get_device_capability()
     steps = build_steps(args.out.resolve(), cc, args.dry_run, args.workers)
     env = environment(cc)
+    # Triton's own cache (~/.triton/cache) is kept: a rerun on the same machine recompiles
+    # only what changed.
     with tempfile.TemporaryDirectory() as tmp:
-        os.environ.setdefault("TRITON_CACHE_DIR", str(Path(tmp) / "triton"))
         run_steps(steps, args.deadline, Path(tmp))
     summary = write_results(args.out, steps, env, time.monotonic() - t0)
     print(f"\n{env.get('device')} | torch {env['torch']} | triton {env['triton']} | "
