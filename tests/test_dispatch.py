@@ -206,3 +206,30 @@ def test_info_module_runs():
     for op in ("gather_tokens", "scatter_tokens", "varlen_attention", "pruned_block",
                "dtop_select"):
         assert op in out, f"info does not mention {op}"
+
+
+def test_info_names_an_installed_package_shadowed_by_the_source_tree(tmp_path, monkeypatch):
+    """Run from a checkout, `python -m dtop_kernels.info` imports the source tree; it must say
+    so and describe the installed package instead of reporting the source tree's missing build."""
+    import importlib.metadata
+    from pathlib import Path
+
+    import dtop_kernels
+    from dtop_kernels import info
+
+    class Dist:
+        def __init__(self, root: Path) -> None:
+            self.root = root
+
+        def locate_file(self, name: str) -> Path:
+            return self.root / name
+
+    here = Path(dtop_kernels.__file__).resolve().parent
+    installed = tmp_path / "site-packages"
+    (installed / "dtop_kernels").mkdir(parents=True)
+    (installed / "dtop_kernels" / "__init__.py").write_text("")
+    monkeypatch.setattr(importlib.metadata, "distributions",
+                        lambda name=None: [Dist(here.parent), Dist(installed)])
+    assert info.shadowed_install() == (installed / "dtop_kernels").resolve()
+    monkeypatch.setattr(importlib.metadata, "distributions", lambda name=None: [Dist(here.parent)])
+    assert info.shadowed_install() is None
