@@ -52,9 +52,10 @@ def test_latency_quick(tmp_path: Path) -> None:
                str(tmp_path / "latency.json"), "--csv", str(tmp_path / "latency.csv"), *extra)
     head = out.stdout.splitlines()
     assert head[0].startswith("device:") and "torch:" in head[0] and "dtype:" in head[0]
-    for title in ("mode", "GFLOPs", "ms", "p20", "p80", "speedup", "realized", "peak MiB",
-                  "syncs"):
+    for title in ("mode", "GFLOPs", "ms", "p20", "p80", "speedup", "realized", "logits ms",
+                  "realized logits", "peak MiB", "syncs"):
         assert title in head[1]
+    assert "+ CUDA graph rows: GPU only" in out.stdout
     for mode in ("dense (SDPA)", "loop (official per-image)", "packed/torch"):
         assert mode in out.stdout
     assert "columns:" in out.stdout and "1 multiply-add\n= 1 FLOP" in out.stdout  # the legend
@@ -62,7 +63,8 @@ def test_latency_quick(tmp_path: Path) -> None:
     modes = {(r["mode"], r["keep"]) for r in rows}
     assert {("dense (SDPA)", None), ("loop (official per-image)", 0.7),
             ("packed/torch", 1.0), ("packed/torch", 0.7)} <= modes
-    assert all(r["ms"] > 0 and r["gflops"] > 0 for r in rows)
+    assert all(r["ms"] > 0 and r["gflops"] > 0 and r["logits_ms"] > 0 for r in rows)
+    assert all(r["logits_realized"] is not None for r in rows if r["keep"] == 0.7)
     assert (tmp_path / "latency.csv").read_text().startswith("model,res,batch,mode,")
     if extra:
         assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
