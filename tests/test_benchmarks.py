@@ -78,6 +78,30 @@ def test_ops_quick(tmp_path: Path) -> None:
     assert {r["op"] for r in _rows(tmp_path / "ops.json")} >= {"copy", "gather_tokens"}
 
 
+def _ops_module():
+    spec = importlib.util.spec_from_file_location("bench_ops", BENCH / "ops.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_ops_measured_orders_rank_by_summed_time():
+    ops = _ops_module()
+
+    def r(shape, op, be, ms):
+        return {"shape": shape, "op": op, "impl": f"x {be}", "backend": be, "ms": ms}
+
+    rows = [r("B1", "attention fwd", "torch", 1.0), r("B8", "attention fwd", "torch", 8.0),
+            r("B1", "attention fwd", "triton", 2.0), r("B8", "attention fwd", "triton", 5.0),
+            r("B1", "attention fwd", "cuda", 0.1),  # could not run at B8: ranked last
+            r("B1", "mlp fwd", "torch", 3.0), r("B8", "mlp fwd", "torch", 9.0),
+            r("B1", "attention bwd", "triton", 0.1), r("B8", "attention bwd", "triton", 0.1),
+            {"shape": "B1", "op": "attention fwd", "impl": "peer", "ms": 0.01}]
+    assert ops.measured_orders(rows) == {"varlen_attention": ["triton", "torch", "cuda"],
+                                         "packed_linear": ["torch"]}
+
+
 def _synth():
     spec = importlib.util.spec_from_file_location("bench_synth", BENCH / "synth.py")
     mod = importlib.util.module_from_spec(spec)
