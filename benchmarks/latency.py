@@ -9,7 +9,15 @@ Rows (one per mode and batch size; with --sweep one per keep level for the prune
 - "dense (SDPA)": ``mode="dense", aux_heads=False``, the SegViT baseline at inference;
 - "dense + torch.compile" (--compile): the same forward through ``torch.compile``;
 - "loop (official per-image)": ``mode="loop"``, one image at a time with boolean masks;
-- "packed/<backend>": ``mode="packed"`` on ragged token sets, for every backend that can run here.
+- "packed/<backend>": ``mode="packed"`` on ragged token sets, for every backend that can run here
+  (the model's default capacity: exact on the CPU, 64-row buckets read back once per stage on GPU);
+- "dense + CUDA graph", "packed/<backend> + CUDA graph" (GPU only): the same forwards captured once
+  with ``dtop_kernels.models.capture_forward`` and replayed (packed at fixed capacity, the exit rule
+  inside the graph, no host syncs).
+
+Every row is timed twice: end to end ("ms"), and to the final logits ("logits ms":
+``upsample=False``, the prediction at the token grid before the bilinear upsampling to image size,
+which no FLOP count includes).
 
 Pruning pattern: the weights are random, so the exit rule is shown synthesized logits
 (``exit_logits=``, see benchmarks/synth.py): per image, smooth random blobs of a few classes exit
@@ -32,8 +40,11 @@ Derived figures (formulas):
 - speedup = t_dense_best / t, with t_dense_best the fastest dense row of that batch size.
 - realized = (1 - t / t_dense_best) / (1 - GFLOPs / GFLOPs_dense): the fraction of the FLOP saving
   that shows up as a latency saving (1 = FLOP-proportional; '-' for dense rows).
+- logits ms, realized logits: the same with the forward to the final logits (t_dense_best: the
+  fastest dense row's logits ms).
 - peak MiB = torch.cuda.max_memory_allocated() over one forward (weights and inputs included), after
-  reset_peak_memory_stats; CUDA only.
+  reset_peak_memory_stats; CUDA only; not for graph rows (a replay allocates nothing; the graphs'
+  memory is one pool they share).
 - syncs = host synchronizations in one forward, counted by torch.cuda.set_sync_debug_mode("warn")
   (one warning per synchronizing call it detects); CUDA only.
 """
@@ -64,7 +75,13 @@ from common import (
 from synth import ExitPlan, image_keeps, plan_exits, target_counts
 
 from dtop_kernels.backends import BACKENDS, BackendError, triton_interpret
-from dtop_kernels.models import count_flops, vit_dtop_base, vit_dtop_large, vit_dtop_tiny
+from dtop_kernels.models import (
+    capture_forward,
+    count_flops,
+    vit_dtop_base,
+    vit_dtop_large,
+    vit_dtop_tiny,
+)
 from dtop_kernels.models.synthetic import synthetic_images
 
 # model -> (factory, default resolution, the paper's ADE20K FLOP saving: 1 - DToP / SegViT GFLOPs)
@@ -75,11 +92,14 @@ MODELS = {
 QUICK = (lambda: vit_dtop_tiny(num_classes=8), 128, 1 - 86.8 / 109.9)
 SWEEP = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]
 DENSE, COMPILED, LOOP = "dense (SDPA)", "dense + torch.compile", "loop (official per-image)"
+GRAPH = " + CUDA graph"
+DENSE_GRAPH = "dense" + GRAPH
 PRED_TOL = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}  # max |d pred|
 COLUMNS = [("batch", "B", ""), ("keep", "keep", ".3f"), ("mode", "mode", ""),
            ("tokens", "tokens/stage", ""), ("gflops", "GFLOPs=GMACs", ".2f"),
            ("flop_saving", "FLOP save %", ".1f"), ("ms", "ms", ".2f"), ("p20", "p20", ".2f"),
            ("p80", "p80", ".2f"), ("speedup", "speedup", ".2f"), ("realized", "realized", ".2f"),
+           ("logits_ms", "logits ms", ".2f"), ("logits_realized", "realized logits", ".2f"),
            ("peak_mib", "peak MiB", ".0f"), ("syncs", "syncs", "")]
 
 
@@ -89,7 +109,11 @@ tokens/stage: mean tokens each stage runs on | GFLOPs=GMACs: count_flops per ima
 = 1 FLOP (the papers' convention) | FLOP save %: 100 * (1 - GFLOPs / GFLOPs_dense) | ms, p20, p80:
 median, 20th and 80th percentile latency of one forward | speedup: t_dense_best / t (fastest dense
 row of that batch) | realized: (1 - t / t_dense_best) / (1 - GFLOPs / GFLOPs_dense), the share of
-the FLOP saving seen as latency saving (1 = FLOP-proportional) | peak MiB, syncs: CUDA only"""
+the FLOP saving seen as latency saving (1 = FLOP-proportional) | peak MiB, syncs: CUDA only |
+logits ms: median latency to the final logits (before the bilinear upsampling to image size,
+which no FLOP count includes) | realized logits: realized from logits ms against the fastest dense
+row's logits ms | + CUDA graph: captured once (capture_forward) and replayed; packed at fixed
+capacity with the exit rule inside the graph, no host syncs (GPU only)"""
 SPREAD_LIMIT = 1.10  # p80 / p20 above this: the row's samples are too spread to read a fraction
 
 
@@ -280,16 +304,18 @@ def bench(args) -> tuple[dict, list[dict], list[str]]:
                          f"is the paper's {100 * paper_saving:.1f}% (bisection on count_flops "
                          f"with aux heads, against the dense SegViT without them)")
 
-        def dense(i: int, fwd=model, imgs=imgs):
-            return fwd(imgs[i], mode="dense", aux_heads=False)
+        def dense(i: int, fwd=model, imgs=imgs, up=True):
+            return fwd(imgs[i], mode="dense", aux_heads=False, upsample=up)
 
-        def packed(i: int, be: str, plans=None, thr=None, imgs=imgs):
+        def packed(i: int, be: str, plans=None, thr=None, imgs=imgs, up=True):
             if plans is None:  # no pruning
-                return model(imgs[i], mode="packed", backend=be, threshold=thr, aux_heads=False)
-            return model(imgs[i], mode="packed", backend=be, exit_logits=plans[i].exit_logits)
+                return model(imgs[i], mode="packed", backend=be, threshold=thr, aux_heads=False,
+                             upsample=up)
+            return model(imgs[i], mode="packed", backend=be, exit_logits=plans[i].exit_logits,
+                         upsample=up)
 
-        def loop(i: int, plans, imgs=imgs):
-            return model(imgs[i], mode="loop", exit_logits=plans[i].exit_logits)
+        def loop(i: int, plans, imgs=imgs, up=True):
+            return model(imgs[i], mode="loop", exit_logits=plans[i].exit_logits, upsample=up)
 
         # --- pruning plans per keep level and rotation set (fp32 exit logits on the device)
         plans = {keep: [plan_exits(b, grid, k_cls, stages, keep, threshold=model.threshold,
@@ -325,14 +351,42 @@ def bench(args) -> tuple[dict, list[dict], list[str]]:
             checked.append(f"dense vs dense + torch.compile: {err:.1e}")
             progress.step(f"B={b} check compile")
 
-        # --- the rows to time: (row fields, call(i) for rotation set i)
+        # --- CUDA graphs (GPU): captured per batch size, end to end and to the logits
+        graphs: dict[str, tuple[Callable, Callable]] = {}
+        if gpu:
+            progress.expect(2 + 2 * len(runs))
+            pool = torch.cuda.graph_pool_handle()  # the graphs never run at the same time
+            graphs[DENSE_GRAPH] = tuple(
+                capture_forward(model, b, res, mode="dense", aux_heads=False, upsample=up,
+                                pool=pool) for up in (True, False))
+            progress.step(f"B={b} capture dense")
+            err = _agree(f"B={b}: dense vs {DENSE_GRAPH}", ref, graphs[DENSE_GRAPH][0](imgs[0]),
+                         tol)
+            checked.append(f"dense vs {DENSE_GRAPH}: {err:.1e}")
+            progress.step(f"B={b} check {DENSE_GRAPH}")
+            for be in runs:
+                graphs[be] = tuple(capture_forward(model, b, res, backend=be, exit_logits=True,
+                                                   upsample=up, pool=pool)
+                                   for up in (True, False))
+                progress.step(f"B={b} capture packed/{be}")
+                progress.step(f"B={b} capture packed/{be}")
+        else:
+            notes.append("+ CUDA graph rows: GPU only (CUDA graphs need a CUDA device)")
+
+        # --- the rows to time: (row fields, call(i) end to end, call(i) to the logits)
         n = grid[0] * grid[1]
-        jobs: list[tuple[dict, Callable[[int], object]]] = []
+        jobs: list[tuple[dict, Callable[[int], object], Callable[[int], object]]] = []
         dense_fwds = [(DENSE, model)] + ([(COMPILED, compiled)] if compiled is not None else [])
+        dense_info = {"keep": None, "tokens_per_stage": [n] * stages,
+                      "gflops": dense_macs / 1e9, "flop_saving": 0.0}
         for name, fwd in dense_fwds:
-            jobs.append(({"mode": name, "keep": None, "tokens_per_stage": [n] * stages,
-                          "gflops": dense_macs / 1e9, "flop_saving": 0.0},
-                         lambda i, fwd=fwd: dense(i, fwd)))
+            jobs.append(({"mode": name, **dense_info}, lambda i, fwd=fwd: dense(i, fwd),
+                         lambda i, fwd=fwd: dense(i, fwd, up=False)))
+        if DENSE_GRAPH in graphs:
+            g_up, g_lo = graphs[DENSE_GRAPH]
+            jobs.append(({"mode": DENSE_GRAPH, **dense_info},
+                         lambda i, g=g_up, imgs=imgs: g(imgs[i]),
+                         lambda i, g=g_lo, imgs=imgs: g(imgs[i])))
         for keep, kp in plans.items():
             counts = torch.cat([p.counts for p in kp], dim=1)  # [S, rotate * B]
             gmacs = float(count_flops(model, counts, res).macs.mean())
@@ -347,34 +401,53 @@ def bench(args) -> tuple[dict, list[dict], list[str]]:
                 progress.step(f"B={b} keep={keep} check packed/{be}")
                 err = _agree(f"B={b} keep={keep}: loop vs packed/{be}", ref, out, tol, kp[0])
                 checked.append(f"keep {keep} loop vs packed/{be}: {err:.1e}")
-            jobs.append(({"mode": LOOP, **info}, lambda i, kp=kp: loop(i, kp)))
+            for be in runs:
+                if be in graphs:  # the graph against the loop, with these plans
+                    out = graphs[be][0](imgs[0], kp[0].exit_logits)
+                    err = _agree(f"B={b} keep={keep}: loop vs packed/{be}{GRAPH}", ref, out, tol,
+                                 kp[0])
+                    checked.append(f"keep {keep} loop vs packed/{be}{GRAPH}: {err:.1e}")
+            jobs.append(({"mode": LOOP, **info}, lambda i, kp=kp: loop(i, kp),
+                         lambda i, kp=kp: loop(i, kp, up=False)))
             jobs += [({"mode": f"packed/{be}", **info},
-                      lambda i, be=be, kp=kp: packed(i, be, kp)) for be in runs]
+                      lambda i, be=be, kp=kp: packed(i, be, kp),
+                      lambda i, be=be, kp=kp: packed(i, be, kp, up=False)) for be in runs]
+            jobs += [({"mode": f"packed/{be}{GRAPH}", **info},
+                      lambda i, g=graphs[be][0], kp=kp, imgs=imgs: g(imgs[i], kp[i].exit_logits),
+                      lambda i, g=graphs[be][1], kp=kp, imgs=imgs: g(imgs[i], kp[i].exit_logits))
+                     for be in runs if be in graphs]
 
         notes.append(f"B={b}: checks passed (active_counts and exit_stage equal; max |d pred| "
                      + "; ".join(checked) + ")")
 
-        # --- timing: every row round-robin, inputs rotating over the sets
-        progress.expect(len(jobs) * (args.warmup + args.repeats + (2 if gpu else 0)))
+        # --- timing: every row round-robin (end to end and to the logits), inputs rotating
+        progress.expect(len(jobs) * (2 * (args.warmup + args.repeats) + (2 if gpu else 0)))
 
-        def rotating(info: dict, call: Callable[[int], object], b: int = b
+        def rotating(info: dict, call: Callable[[int], object], what: str = "", b: int = b
                      ) -> Callable[[], None]:
             it = itertools.cycle(range(args.rotate))
             desc = f"B={b} {info['mode']}" + (f" keep={info['keep']}" if info["keep"] else "")
 
             def fn() -> None:
                 call(next(it))
-                progress.step(desc)
+                progress.step(desc + what)
 
             return fn
 
-        timings = time_interleaved([rotating(*j) for j in jobs], dev, args.warmup, args.repeats)
-        best = min(t["ms"] for (info, _), t in zip(jobs, timings) if info["keep"] is None)
-        for (info, call), t in zip(jobs, timings):
+        fns = [f for info, e2e, lo in jobs for f in (rotating(info, e2e),
+                                                     rotating(info, lo, " (logits)"))]
+        timed = time_interleaved(fns, dev, args.warmup, args.repeats)
+        timings, logits = timed[0::2], timed[1::2]
+        best = min(t["ms"] for (info, *_), t in zip(jobs, timings) if info["keep"] is None)
+        best_lo = min(t["ms"] for (info, *_), t in zip(jobs, logits) if info["keep"] is None)
+        for (info, call, _), t, lo in zip(jobs, timings, logits):
             r = {"model": "tiny" if args.quick else args.model, "res": res, "batch": b, **info,
-                 **t}
+                 **t, "logits_ms": lo["ms"], "logits_p20": lo["p20"], "logits_p80": lo["p80"],
+                 "logits_samples_ms": lo["samples_ms"]}
             if gpu:
-                r["peak_mib"] = _peak_mib(lambda call=call: call(0))
+                # a replay allocates nothing: its memory is the graph pool, shared by all graphs
+                r["peak_mib"] = None if GRAPH in info["mode"] else \
+                    _peak_mib(lambda call=call: call(0))
                 r["syncs"] = _syncs(lambda call=call: call(0))
                 progress.step(f"B={b} {info['mode']} memory, syncs")
                 progress.step(f"B={b} {info['mode']} memory, syncs")
@@ -383,6 +456,8 @@ def bench(args) -> tuple[dict, list[dict], list[str]]:
             saving = 1 - r["gflops"] * 1e9 / dense_macs
             pruned = info["keep"] is not None
             r["realized"] = (1 - r["ms"] / best) / saving if pruned and saving else None
+            r["logits_realized"] = (1 - lo["ms"] / best_lo) / saving if pruned and saving \
+                else None
             r["tokens"] = "/".join(f"{c:.0f}" for c in r["tokens_per_stage"])
             rows.append(r)
     progress.close()

@@ -1,8 +1,20 @@
 """Per-op benchmarks on the ViT-DToP shapes: every backend that can run here, against baselines.
 
-    python benchmarks/ops.py                     # ViT-B at 512 (N = 1024, C = 768, H = 12)
+    python benchmarks/ops.py                     # GPU: ViT-B and ViT-L, batch 1 and 8; CPU: ViT-B, 8
     python benchmarks/ops.py --model large --res 640 --batch 4 --json
+    python benchmarks/ops.py --auto-order        # GPU: record the measured auto order per op
     python benchmarks/ops.py --quick             # tiny shapes, few repeats (smoke test)
+
+Every implementation of every op runs at each shape (keep 0.7: images spread over keep +- 0.2):
+the package's backends, and as peers PyTorch's varlen attention, padded SDPA with a key mask,
+FlexAttention with a document mask, nested-tensor SDPA, the per-image loop, dense SDPA on the
+same token count, and cuBLAS (F.linear) on the gathered rows. A peer that cannot run here is a
+row with its reason in the note column (e.g. GPU only on a CPU).
+
+--auto-order [PATH] (GPU): per op, the package backends ranked by their summed forward time over
+the measured shapes (a backend that could not run every shape after those that could) become the
+entry of this GPU architecture in dtop_kernels/auto_order.json (or PATH), with the device,
+versions, date and commit; commit it only from a run whose GPU tests passed.
 
 Derived figures (formulas):
 - memory-bound ops: GB/s = bytes moved / time; bytes are counted per op below; "% copy" is that
@@ -15,6 +27,7 @@ Derived figures (formulas):
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import warnings
@@ -27,9 +40,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import default_json_path, environment, format_table, header, time_fn, write_json
 
 import dtop_kernels as dk
+from dtop_kernels import auto_order
 from dtop_kernels.backends import BACKENDS, BackendError
+from dtop_kernels.reference import attention as ref_attention
+from dtop_kernels.reference import torch_varlen
 
 SHAPES = {"base": (768, 12), "large": (1024, 16)}
+NAMES = {"base": "ViT-B", "large": "ViT-L"}
+# benchmark op -> the dispatched op whose auto order it ranks (forward rows only)
+RANKED = {"gather_tokens": "gather_tokens", "scatter_tokens": "scatter_tokens",
+          "gather+layernorm": "layer_norm", "attention fwd": "varlen_attention",
+          "mlp fwd": "packed_linear", "dtop_select": "dtop_select"}
 
 
 def _counts(b: int, n: int, keep: float) -> list[int]:
@@ -60,15 +81,48 @@ def _backends(fn) -> list[str]:
     return ok
 
 
+def measured_orders(rows: list[dict]) -> dict[str, list[str]]:
+    """Per dispatched op: the backends with rows, fastest first by their summed median time over
+    the shapes; a backend missing at some shape (it could not run there) after the others."""
+    shapes = {r["shape"] for r in rows}
+    total: dict[str, dict[str, list[float]]] = {}
+    for r in rows:
+        op, be = RANKED.get(r["op"]), r.get("backend")
+        if op and be and r.get("ms") is not None:
+            total.setdefault(op, {}).setdefault(be, []).append(r["ms"])
+    return {op: sorted(times, key=lambda be: (len(times[be]) < len(shapes), sum(times[be])))
+            for op, times in total.items()}
+
+
+def write_auto_order(path: Path, env: dict, rows: list[dict], source: str) -> Path:
+    """Put this GPU architecture's measured orders into the table at ``path``."""
+    table = auto_order.load(path) if path.exists() else {"format": auto_order.FORMAT,
+                                                          "gpus": {}}
+    arch = auto_order.arch(torch.device("cuda"))
+    table["gpus"][arch] = auto_order.make_entry(env, measured_orders(rows), source)
+    auto_order.check(table, str(path))
+    path.write_text(json.dumps(table, indent=2) + "\n")
+    return path
+
+
 def bench(args) -> tuple[dict, list[dict]]:
     dev = torch.device(args.device)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     env = environment(dtype, dev)
-    c, h = SHAPES[args.model]
-    n = (args.res // 16) ** 2
-    b = args.batch
+    rows = []
+    for model in args.model:
+        for b in args.batch:
+            rows += bench_shape(args, dev, dtype, model, b)
+    return env, rows
+
+
+def bench_shape(args, dev: torch.device, dtype: torch.dtype, model: str, b: int) -> list[dict]:
+    c, h = SHAPES[model]
+    n = (args.res // 16) ** 2 if args.res else (512 // 16 if model == "base" else 640 // 16) ** 2
+    shape = f"{NAMES[model]} B={b}"
     if args.quick:
         c, h, n, b = 64, 2, 64, 2
+        shape = f"tiny B={b}"
     d = c // h
     t = _tokens(b, n, args.keep, dev)
     total = int(t.cu_seqlens[-1])  # benchmark setup: one host read is fine here
@@ -77,8 +131,13 @@ def bench(args) -> tuple[dict, list[dict]]:
     tm = lambda fn: time_fn(fn, dev, warmup=args.warmup, repeats=args.repeats)
     esize = torch.empty((), dtype=dtype).element_size()
 
-    def add(op, impl, timing, flops=None, nbytes=None, copy_gbs=None, note=None):
-        row = {"op": op, "impl": impl, "T": total, "B": b, "N": n, "C": c, **timing}
+    def add(op, impl, timing, flops=None, nbytes=None, copy_gbs=None, note=None, backend=None):
+        row = {"shape": shape, "op": op, "impl": impl, "T": total, "B": b, "N": n, "C": c,
+               **timing}
+        if backend is not None:
+            row["backend"] = backend
+        if timing.get("ms") is None:
+            flops = nbytes = None
         if flops is not None:
             row["tflops"] = flops / timing["ms"] / 1e9
         if nbytes is not None:
@@ -101,18 +160,19 @@ def bench(args) -> tuple[dict, list[dict]]:
     moved = 2 * total * c * esize + 4 * total  # read + write rows, read indices
     for be in _backends(lambda be: dk.gather_tokens(x, t, backend=be)):
         add("gather_tokens", be, tm(lambda be=be: dk.gather_tokens(x, t, backend=be)),
-            nbytes=moved, copy_gbs=copy_gbs)
+            nbytes=moved, copy_gbs=copy_gbs, backend=be)
     packed = dk.gather_tokens(x, t, backend="torch")
     out = x.clone()
     for be in _backends(lambda be: dk.scatter_tokens(packed, t, out, backend=be)):
         add("scatter_tokens", be,
             tm(lambda be=be: dk.scatter_tokens(packed, t, out, backend=be)),
-            nbytes=moved, copy_gbs=copy_gbs)
+            nbytes=moved, copy_gbs=copy_gbs, backend=be)
     ln = torch.nn.LayerNorm(c, eps=1e-6, device=dev, dtype=dtype)
     flat = x.reshape(-1, c)
     idx = t.indices.long()
     add("gather+layernorm", "torch index_select+layer_norm",
-        tm(lambda: ln(flat.index_select(0, idx))), nbytes=moved, copy_gbs=copy_gbs)
+        tm(lambda: ln(flat.index_select(0, idx))), nbytes=moved, copy_gbs=copy_gbs,
+        backend="torch")
     if dev.type == "cuda":
         from dtop_kernels.cuda import unavailable_reasons
         from dtop_kernels.ops.layernorm import layer_norm_tokens
@@ -123,7 +183,7 @@ def bench(args) -> tuple[dict, list[dict]]:
             add("gather+layernorm", f"{be} fused",
                 tm(lambda be=be: layer_norm_tokens(flat, ln.weight, ln.bias, t, 1e-6,
                                                    gather=True, backend=be)),
-                nbytes=moved, copy_gbs=copy_gbs)
+                nbytes=moved, copy_gbs=copy_gbs, backend=be)
 
     # --- attention
     q = torch.randn(total, h, d, device=dev, dtype=dtype)
@@ -132,7 +192,15 @@ def bench(args) -> tuple[dict, list[dict]]:
     cu, m = t.cu_seqlens, t.max_seqlen
     for be in _backends(lambda be: dk.varlen_attention(q, k, v, cu, cu, m, m, backend=be)):
         add("attention fwd", f"varlen {be}",
-            tm(lambda be=be: dk.varlen_attention(q, k, v, cu, cu, m, m, backend=be)), fl)
+            tm(lambda be=be: dk.varlen_attention(q, k, v, cu, cu, m, m, backend=be)), fl,
+            backend=be)
+    scale = d ** -0.5
+    why = torch_varlen.reasons(q, k, v)
+    add("attention fwd", "PyTorch varlen_attn (flash)",
+        {"ms": None} if why else tm(lambda: torch_varlen.attention(q, k, v, cu, cu, m, m, scale)),
+        fl, note="; ".join(why) or None)
+    add("attention fwd", "padded SDPA, key mask (no sync)",
+        tm(lambda: ref_attention.attention_padded(q, k, v, cu, cu, m, m, scale)), fl)
     nd = max(1, total // b)
     qd = torch.randn(b, h, nd, d, device=dev, dtype=dtype)
     add("attention fwd", f"dense SDPA [{b}, {nd}] (same T)",
@@ -171,6 +239,9 @@ def bench(args) -> tuple[dict, list[dict]]:
             add("attention fwd", "FlexAttention doc mask (+mask build)", tm(run_flex), fl)
         except Exception as e:  # noqa: BLE001
             add("attention fwd", "FlexAttention", {"ms": None}, note=f"unavailable: {e}"[:80])
+    else:
+        add("attention fwd", "FlexAttention doc mask (+mask build)", {"ms": None},
+            note="GPU only (compiled FlexAttention)")
     # backward
     qg, kg, vg = (z.clone().requires_grad_() for z in (q, k, v))
     for be in _backends(lambda be: dk.varlen_attention(qg, kg, vg, cu, cu, m, m, backend=be)):
@@ -191,7 +262,7 @@ def bench(args) -> tuple[dict, list[dict]]:
     fc2 = torch.nn.Linear(4 * c, c, device=dev, dtype=dtype)
     xp = packed.contiguous()
     mlp_fl = 2 * total * c * 4 * c * 2
-    add("mlp fwd", "cuBLAS/torch F.linear (packed rows)",
+    add("mlp fwd", "F.linear on the gathered rows (cuBLAS on GPU)",
         tm(lambda: fc2(F.gelu(fc1(xp))) + xp), mlp_fl)
 
     def mlp(be):
@@ -200,23 +271,27 @@ def bench(args) -> tuple[dict, list[dict]]:
 
     for be in _backends(mlp):
         add("mlp fwd", f"packed_linear {be} (fused epilogues)" if be != "torch" else
-            "packed_linear torch", tm(lambda be=be: mlp(be)), mlp_fl)
+            "packed_linear torch", tm(lambda be=be: mlp(be)), mlp_fl, backend=be)
 
     # --- selection
     kcls = 150
     cl = torch.randn(b, kcls, 2, device=dev, dtype=dtype)
     ml = torch.randn(kcls, t.capacity, device=dev, dtype=dtype) * 4
     for be in _backends(lambda be: dk.dtop_select(cl, ml, t, 0.9, backend=be)):
-        add("dtop_select", be, tm(lambda be=be: dk.dtop_select(cl, ml, t, 0.9, backend=be)))
-    return env, rows
+        add("dtop_select", be, tm(lambda be=be: dk.dtop_select(cl, ml, t, 0.9, backend=be)),
+            backend=be)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", choices=SHAPES, default="base",
-                   help="layer shapes: base (ViT-B: C=768, 12 heads) or large (C=1024, 16 heads)")
-    p.add_argument("--res", type=int, default=512, help="image size in pixels (16-px patches)")
-    p.add_argument("--batch", type=int, default=8, help="images in the ragged batch")
+    p.add_argument("--model", choices=SHAPES, nargs="+", default=None,
+                   help="layer shapes: base (ViT-B: C=768, 12 heads, 512 px) and/or large "
+                        "(C=1024, 16 heads, 640 px); default both on GPU, base on CPU")
+    p.add_argument("--res", type=int, default=None,
+                   help="image size in pixels (16-px patches; default 512 base, 640 large)")
+    p.add_argument("--batch", type=int, nargs="+", default=None,
+                   help="images in the ragged batch (default 1 and 8 on GPU, 8 on CPU)")
     p.add_argument("--keep", type=float, default=0.7,
                    help="mean fraction of tokens active (images spread around it)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -230,8 +305,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="tiny shapes, 1 repeat (smoke test)")
     p.add_argument("--json", nargs="?", const="", default=None,
                    help="write rows as JSON (default path: benchmarks/results/)")
+    p.add_argument("--auto-order", nargs="?", const=str(auto_order.TABLE), default=None,
+                   help="GPU: write this architecture's measured auto order per op into the "
+                        "table (default dtop_kernels/auto_order.json)")
     args = p.parse_args(argv)
     gpu = args.device.startswith("cuda")
+    if args.auto_order and not gpu:
+        p.error("--auto-order records a GPU architecture's order: run it on a CUDA device")
+    args.model = args.model or (["base", "large"] if gpu else ["base"])
+    args.batch = args.batch or ([1, 8] if gpu else [8])
     args.dtype = args.dtype or ("bf16" if gpu else "fp32")
     args.warmup = args.warmup if args.warmup is not None else (0 if args.quick else 3)
     args.repeats = args.repeats or (1 if args.quick else (50 if gpu else 5))
@@ -242,7 +324,8 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=".*not yet passed its tests on a GPU.*")
     env, rows = bench(args)
     print(header(env))
-    print(format_table(rows, [("op", "op", ""), ("impl", "impl", ""), ("ms", "ms", ".3f"),
+    print(format_table(rows, [("shape", "shape", ""), ("op", "op", ""), ("impl", "impl", ""),
+                              ("ms", "ms", ".3f"),
                               ("p20", "p20", ".3f"), ("p80", "p80", ".3f"),
                               ("gbs", "GB/s", ".1f"), ("pct_copy", "% copy", ".0f"),
                               ("tflops", "TFLOP/s", ".2f"), ("note", "note", "")]))
@@ -250,6 +333,12 @@ def main(argv: list[str] | None = None) -> None:
         path = write_json(args.json or default_json_path(env, "ops"), env, rows,
                           args=vars(args))
         print(f"wrote {path}", file=sys.stderr)
+    orders = measured_orders(rows)
+    print("measured order per op (fastest first, summed over the shapes): " + "; ".join(
+        f"{op}: {' > '.join(o)}" for op, o in orders.items()))
+    if args.auto_order:
+        path = write_auto_order(Path(args.auto_order), env, rows, source=" ".join(sys.argv))
+        print(f"wrote the auto order of this GPU into {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 Every op takes ``backend="auto" | "torch" | "triton" | "cuda"``; the environment variable
 ``DTOP_BACKEND`` overrides the argument process-wide. Each backend answers ``why_not(...)``: the
-list of reasons it cannot run a given call (empty = it can). ``"auto"`` takes the first backend in
-the op's ``auto_order`` with no reasons; when nothing can run, or an explicit backend cannot, the
+list of reasons it cannot run a given call (empty = it can). ``"auto"`` takes the first backend
+with no reasons in the order measured on the call's GPU architecture
+(:mod:`dtop_kernels.auto_order`), then in the op's built-in ``auto_order`` (verified backends
+only); when nothing can run, or an explicit backend cannot, the
 error lists every backend's reasons.
 """
 
@@ -122,6 +124,10 @@ class Dispatcher:
         """
         choice = requested_backend(backend)
         if choice == "auto":
+            measured = _measured(self.op, args, kwargs)
+            for name in measured:  # measured on this GPU's architecture: verified there
+                if not self.why_not[name](*args, **kwargs):
+                    return name
             for name in self.auto_order:
                 if name not in self.unverified and not self.why_not[name](*args, **kwargs):
                     return name
@@ -142,6 +148,18 @@ class Dispatcher:
                 stacklevel=3,
             )
         return choice
+
+
+def _measured(op: str, args: tuple, kwargs: dict) -> tuple[str, ...]:
+    """The measured auto order of ``op`` for the device of the call's first tensor (or
+    TokenSet), from dtop_kernels/auto_order.json; empty without an entry."""
+    from dtop_kernels import auto_order
+
+    for a in (*args, *kwargs.values()):
+        dev = getattr(a, "device", None)
+        if isinstance(dev, torch.device):
+            return auto_order.measured_order(op, dev) or ()
+    return ()
 
 
 def _format(op: str, asked: str, table: dict[str, list[str]]) -> str:

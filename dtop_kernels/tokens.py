@@ -234,18 +234,23 @@ class TokenSet:
             )
         return self
 
-    def tighten(self) -> TokenSet:
-        """Exact capacity and max_seqlen, read back from the device (one host sync).
+    def tighten(self, multiple: int = 1) -> TokenSet:
+        """Exact max_seqlen and a capacity of T rounded up to ``multiple`` (a bucket; at most
+        the current capacity), read back from the device (one host sync).
 
         Worth it where a host sync is cheap (CPU) or once per stage when the saved work outweighs
-        the stall; padding is dropped.
+        the stall (ops that cannot skip padding rows on the device, e.g. cuBLAS GEMMs); padding
+        past the bucket is dropped. A bucket (e.g. 64) keeps the shapes few across batches.
         """
+        if not isinstance(multiple, int) or isinstance(multiple, bool) or multiple < 1:
+            raise ValueError(f"multiple must be a positive int; got {multiple!r}")
         cu = self.cu_seqlens.cpu()
         total = int(cu[-1])
         counts = cu[1:] - cu[:-1]
         max_seqlen = int(counts.max()) if self.batch_size else 0
-        return TokenSet(self.indices[:total], self.cu_seqlens, self.batch_size, self.seq_len,
-                        max_seqlen)
+        cap = min(-(-total // multiple) * multiple, self.capacity)
+        return TokenSet(self.indices[:max(cap, total)], self.cu_seqlens, self.batch_size,
+                        self.seq_len, max_seqlen)
 
     def to(self, device: torch.device | str) -> TokenSet:
         return TokenSet(self.indices.to(device), self.cu_seqlens.to(device), self.batch_size,

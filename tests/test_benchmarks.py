@@ -52,9 +52,10 @@ def test_latency_quick(tmp_path: Path) -> None:
                str(tmp_path / "latency.json"), "--csv", str(tmp_path / "latency.csv"), *extra)
     head = out.stdout.splitlines()
     assert head[0].startswith("device:") and "torch:" in head[0] and "dtype:" in head[0]
-    for title in ("mode", "GFLOPs", "ms", "p20", "p80", "speedup", "realized", "peak MiB",
-                  "syncs"):
+    for title in ("mode", "GFLOPs", "ms", "p20", "p80", "speedup", "realized", "logits ms",
+                  "realized logits", "peak MiB", "syncs"):
         assert title in head[1]
+    assert "+ CUDA graph rows: GPU only" in out.stdout
     for mode in ("dense (SDPA)", "loop (official per-image)", "packed/torch"):
         assert mode in out.stdout
     assert "columns:" in out.stdout and "1 multiply-add\n= 1 FLOP" in out.stdout  # the legend
@@ -62,7 +63,8 @@ def test_latency_quick(tmp_path: Path) -> None:
     modes = {(r["mode"], r["keep"]) for r in rows}
     assert {("dense (SDPA)", None), ("loop (official per-image)", 0.7),
             ("packed/torch", 1.0), ("packed/torch", 0.7)} <= modes
-    assert all(r["ms"] > 0 and r["gflops"] > 0 for r in rows)
+    assert all(r["ms"] > 0 and r["gflops"] > 0 and r["logits_ms"] > 0 for r in rows)
+    assert all(r["logits_realized"] is not None for r in rows if r["keep"] == 0.7)
     assert (tmp_path / "latency.csv").read_text().startswith("model,res,batch,mode,")
     if extra:
         assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -74,6 +76,30 @@ def test_ops_quick(tmp_path: Path) -> None:
     for title in ("op", "impl", "ms", "GB/s", "TFLOP/s"):
         assert title in out.stdout.splitlines()[1]
     assert {r["op"] for r in _rows(tmp_path / "ops.json")} >= {"copy", "gather_tokens"}
+
+
+def _ops_module():
+    spec = importlib.util.spec_from_file_location("bench_ops", BENCH / "ops.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_ops_measured_orders_rank_by_summed_time():
+    ops = _ops_module()
+
+    def r(shape, op, be, ms):
+        return {"shape": shape, "op": op, "impl": f"x {be}", "backend": be, "ms": ms}
+
+    rows = [r("B1", "attention fwd", "torch", 1.0), r("B8", "attention fwd", "torch", 8.0),
+            r("B1", "attention fwd", "triton", 2.0), r("B8", "attention fwd", "triton", 5.0),
+            r("B1", "attention fwd", "cuda", 0.1),  # could not run at B8: ranked last
+            r("B1", "mlp fwd", "torch", 3.0), r("B8", "mlp fwd", "torch", 9.0),
+            r("B1", "attention bwd", "triton", 0.1), r("B8", "attention bwd", "triton", 0.1),
+            {"shape": "B1", "op": "attention fwd", "impl": "peer", "ms": 0.01}]
+    assert ops.measured_orders(rows) == {"varlen_attention": ["triton", "torch", "cuda"],
+                                         "packed_linear": ["torch"]}
 
 
 def _synth():

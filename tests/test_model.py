@@ -97,7 +97,8 @@ def test_dense_equals_packed_without_pruning():
 
 
 @pytest.mark.parametrize("tighten", [pytest.param(True, id="tight"),
-                                     pytest.param(False, id="padded")])
+                                     pytest.param(False, id="padded"),
+                                     pytest.param(16, id="bucket16")])
 def test_loop_equals_packed_with_pruning(tighten):
     model = prunable_model(tighten=tighten)
     img = images()
@@ -195,6 +196,23 @@ def test_bad_inputs():
         model(ok.numpy())
     with pytest.raises(ValueError, match="mode"):
         model(ok, mode="fast")
+    with pytest.raises(ValueError, match="tighten must be"):
+        model(ok, tighten=0)
+    with pytest.raises(ValueError, match="tighten must be"):
+        vit_dtop_tiny(tighten="yes")
+
+
+def test_upsample_false_is_pred_before_the_upsampling():
+    model = prunable_model()
+    img = images(batch=2)
+    with torch.no_grad():
+        full = model(img, mode="packed", backend=BACKEND)
+        grid = model(img, mode="packed", backend=BACKEND, upsample=False)
+    assert grid.pred.shape == (2, model.num_classes, H // 16, W // 16)
+    present = full.class_logits[-1].softmax(-1)[..., 0]
+    torch.testing.assert_close(grid.pred, present[..., None, None] * full.mask_logits[-1].sigmoid())
+    up = torch.nn.functional.interpolate(grid.pred, size=(H, W), mode="bilinear")
+    torch.testing.assert_close(up, full.pred)
 
 
 # ---------------------------------------------------------------------- training

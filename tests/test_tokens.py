@@ -259,6 +259,22 @@ def test_tighten(b, n, counts, gen):
     tight.validate()
 
 
+@pytest.mark.parametrize("multiple", [1, 4, 64])
+def test_tighten_to_a_bucket(multiple, gen):
+    b, n, counts = 3, 20, [7, 0, 13]
+    keep = random_keep(b, n, counts, gen)
+    padded = TokenSet.from_mask(keep, capacity=b * n)
+    tight = padded.tighten(multiple)
+    t = sum(counts)
+    assert tight.capacity == min(-(-t // multiple) * multiple, b * n)
+    assert tight.capacity % multiple == 0 or tight.capacity == b * n
+    assert tight.max_seqlen == max(counts)
+    assert torch.equal(tight.keep_mask(), keep)
+    tight.validate()
+    with pytest.raises(ValueError, match="multiple must be a positive int"):
+        padded.tighten(0)
+
+
 def test_slot_image_and_dense_mask():
     ts = TokenSet.from_mask(torch.tensor([[1, 0, 1], [0, 0, 0], [0, 1, 1]], dtype=torch.bool),
                             capacity=6)

@@ -5,6 +5,7 @@
 - :func:`dtop_loss`: the training loss of every head.
 - :func:`load_timm_backbone`, :func:`load_mmseg_checkpoint`: weight loading.
 - :func:`count_flops`: analytic FLOPs at the actual token counts.
+- :func:`capture_forward`: the forward captured in a CUDA graph, replayed for new images.
 - :func:`save_pruning_maps`: where tokens exited (matplotlib).
 
 timm and matplotlib are optional and imported only where used.
@@ -18,15 +19,18 @@ from dtop_kernels.models.dtop import (
     vit_dtop_tiny,
 )
 from dtop_kernels.models.flops import FlopCount, count_flops
+from dtop_kernels.models.graphs import CapturedForward, capture_forward
 from dtop_kernels.models.loading import LoadReport, load_mmseg_checkpoint, load_timm_backbone
 from dtop_kernels.models.losses import dtop_loss
 from dtop_kernels.models.visualize import save_pruning_maps
 
 __all__ = [
+    "CapturedForward",
     "DToPOutput",
     "FlopCount",
     "LoadReport",
     "ViTDToP",
+    "capture_forward",
     "count_flops",
     "dtop_loss",
     "load_mmseg_checkpoint",

@@ -33,7 +33,8 @@ MODES = ("dense", "loop", "packed")
 class DToPOutput(NamedTuple):
     """What :meth:`ViTDToP.forward` returns (S heads, K classes, token grid Hg x Wg)."""
 
-    pred: torch.Tensor  # [B, K, H, W]: softmax(final class logits)[present] * sigmoid(canvas)
+    pred: torch.Tensor  # [B, K, H, W] (upsample=False: [B, K, Hg, Wg]): softmax(final class
+    # logits)[present] * sigmoid(canvas)
     # Per head that ran (all S unless aux_heads=False):
     class_logits: tuple[torch.Tensor, ...]  # [B, K, 2]: [present, no object]
     mask_logits: tuple[torch.Tensor, ...]  # [B, K, Hg, Wg]: the canvas after that head wrote
@@ -52,10 +53,15 @@ class ViTDToP(nn.Module):
     the DToP rule (``threshold``, ``top_k``) removes confident tokens from all later layers.
     ``threshold >= 1`` never prunes (dense SegViT).
 
-    ``tighten``: read exact token counts back after each selection in packed mode (one host
-    sync, shrinks later work to the real counts). None = only for CPU tensors; on CUDA the
-    default keeps the whole forward free of host syncs.
+    ``tighten``: after each selection in packed mode, read the token counts back (one host
+    sync) and shrink the next stage's capacity: True to the exact count, an int ``m`` to the
+    count rounded up to a multiple of ``m`` (a bucket: few distinct shapes), False never (the
+    forward stays free of host syncs: what a CUDA graph needs; the kernel backends skip the
+    padding rows on the device, but cuBLAS GEMMs of the torch backend run over them). None:
+    exact on the CPU, buckets of ``CUDA_BUCKET`` rows on other devices.
     """
+
+    CUDA_BUCKET = 64  # rows: a multiple of the GEMM tile heights
 
     def __init__(
         self,
@@ -85,6 +91,7 @@ class ViTDToP(nn.Module):
                              f"{depth}; got {stage_ends}")
         if not isinstance(top_k, int) or top_k < 0:
             raise ValueError(f"top_k must be a non-negative int; got {top_k!r}")
+        _check_tighten(tighten)
         self.num_classes = num_classes
         self.embed_dim = embed_dim
         self.patch_size = patch_size
@@ -124,6 +131,8 @@ class ViTDToP(nn.Module):
         threshold: float | None = None,
         aux_heads: bool = True,
         exit_logits: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        tighten: bool | int | None = None,
+        upsample: bool = True,
     ) -> DToPOutput:
         """img: [B, in_chans, H, W], H and W multiples of the patch size, the model's dtype.
 
@@ -139,10 +148,15 @@ class ViTDToP(nn.Module):
         head that the exit rule sees instead of the head's own outputs (the heads still run and
         still write the canvas). For benchmarks and studies without trained weights: the real
         rule then prunes a chosen pattern, identically in "loop" and "packed" modes.
+
+        ``tighten`` overrides the model's setting for this call (class docstring).
+        ``upsample=False`` returns ``pred`` at the token grid, [B, K, Hg, Wg], before the
+        bilinear upsampling to the image size (which no FLOP count includes).
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
         grid = self._check_input(img)
+        _check_tighten(tighten)
         thr = self.threshold if threshold is None else float(threshold)
         prunes = mode != "dense" and thr < 1.0
         if prunes and not aux_heads:
@@ -156,13 +170,15 @@ class ViTDToP(nn.Module):
         elif mode == "loop":
             cls, canvases, counts, exit_stage = self._run_loop(x, thr, aux_heads, exit_logits)
         else:
-            cls, canvases, counts, exit_stage = self._run_packed(x, thr, backend, aux_heads,
-                                                                 exit_logits)
+            cls, canvases, counts, exit_stage = self._run_packed(
+                x, thr, backend, aux_heads, exit_logits, self.tighten if tighten is None
+                else tighten)
         b = img.shape[0]
         masks = tuple(c.reshape(b, self.num_classes, *grid) for c in canvases)
         present = cls[-1].softmax(dim=-1)[..., 0]  # [B, K]
         prob = present[..., None, None] * masks[-1].sigmoid()
-        pred = F.interpolate(prob, size=img.shape[-2:], mode="bilinear", align_corners=False)
+        pred = F.interpolate(prob, size=img.shape[-2:], mode="bilinear", align_corners=False) \
+            if upsample else prob
         return DToPOutput(pred, tuple(cls), masks, counts, exit_stage.view(b, *grid))
 
     def embed(self, img: torch.Tensor) -> torch.Tensor:
@@ -273,10 +289,11 @@ class ViTDToP(nn.Module):
         return cls, canvases, torch.stack(counts), exit_stage
 
     def _run_packed(self, x: torch.Tensor, threshold: float, backend: str, aux_heads: bool,
-                    exit_logits=None):
+                    exit_logits=None, tighten: bool | int | None = None):
         b, n, c = x.shape
         last = self.num_stages - 1
-        tighten = x.device.type == "cpu" if self.tighten is None else self.tighten
+        if tighten is None:
+            tighten = True if x.device.type == "cpu" else self.CUDA_BUCKET
         tokens = TokenSet.all_active(b, n, device=x.device)
         packed = x.reshape(b * n, c)  # all active: the packed layout is the dense one
         exit_stage = torch.full((b, n), last, dtype=torch.long, device=x.device)
@@ -300,10 +317,20 @@ class ViTDToP(nn.Module):
                     m_sel = flat[:, torch.where(tokens.valid_slots(), tokens.indices, 0).long()]
                 sel = dtop_select(c_sel, m_sel, tokens, threshold, self.top_k, backend=backend)
                 exit_stage = torch.where(sel.exited, s, exit_stage)
-                new = sel.tokens.tighten() if tighten else sel.tokens
+                new = sel.tokens
+                if tighten is not False:
+                    new = new.tighten(1 if tighten is True else tighten)
                 packed = repack(packed, tokens, new)
                 tokens = new
         return cls, canvases, torch.stack(counts), exit_stage
+
+
+def _check_tighten(tighten: object) -> None:
+    if tighten is None or isinstance(tighten, bool):
+        return
+    if not isinstance(tighten, int) or tighten < 1:
+        raise ValueError(f"tighten must be None, True, False or a positive int (a bucket of "
+                         f"rows); got {tighten!r}")
 
 
 def repack(packed: torch.Tensor, old: TokenSet, new: TokenSet) -> torch.Tensor:

@@ -6,10 +6,16 @@ import functools
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dtop_kernels import _checks
-from dtop_kernels.backends import Dispatcher, device_reasons_cuda, device_reasons_triton
+from dtop_kernels.backends import (
+    Dispatcher,
+    device_reasons_cuda,
+    device_reasons_triton,
+    requested_backend,
+)
 from dtop_kernels.ops.attention import varlen_attention
 from dtop_kernels.ops.gather import gather_tokens, scatter_tokens
 from dtop_kernels.reference.block import block_packed
@@ -124,16 +130,56 @@ def pruned_stage(
     for blk in blocks:
         check_block(blk, x.shape[-1])
     be = _dispatch.select(backend, x, tokens, blocks)
-    attention = _attention(be)
     x = _checks.last_dim_contiguous(x)
-    if be != "torch":
-        return _stage_kernels(x, tokens, blocks, attention, be)
+    plan = _stage_plan(x, tokens, blocks) if requested_backend(backend) == "auto" else None
+    if plan is None and be != "torch":
+        plan = dict.fromkeys(STAGE_OPS, be)
+    if plan is not None and set(plan.values()) != {"torch"}:
+        return _stage_kernels(x, tokens, blocks, plan)
+    be = "torch"
+    attention = _attention(be)
     packed = gather_tokens(x, tokens, backend=be) if x.dim() == 3 else x
     for blk in blocks:
         packed = block_packed(packed, tokens, blk, attention)
     if x.dim() == 2:
         return packed
     return scatter_tokens(packed, tokens, x.clone(), backend=be)
+
+
+STAGE_OPS = ("gather_tokens", "layer_norm", "packed_linear", "varlen_attention",
+             "scatter_tokens")
+
+
+def _stage_plan(x: torch.Tensor, tokens: TokenSet, blocks: Sequence[nn.Module]
+                ) -> dict[str, str] | None:
+    """Per-op backends of an "auto" stage on a GPU whose architecture has measured orders
+    (dtop_kernels.auto_order), each op its own fastest verified backend; None without any
+    measured order (the stage then runs on one backend)."""
+    from dtop_kernels import auto_order
+    from dtop_kernels.ops import attention as attention_op
+    from dtop_kernels.ops import gather as gather_op
+    from dtop_kernels.ops import linear as linear_op
+
+    if not blocks or auto_order.arch(x.device) is None or \
+            not any(auto_order.measured_order(op, x.device) for op in STAGE_OPS):
+        return None
+    blk = blocks[0]
+    d = x.shape[-1] // blk.attn.num_heads
+    q = x.new_empty(0, blk.attn.num_heads, d)
+    norm = next((b for b in auto_order.measured_order("layer_norm", x.device) or ()
+                 if not _dispatch.why_not[b](x, tokens, blocks)), "torch")
+    fc1 = getattr(blk.mlp, "fc1", None)
+    linear = "torch" if not isinstance(fc1, nn.Linear) else \
+        linear_op._dispatch.select("auto", x, fc1.weight, tokens, None)
+    return {
+        "gather_tokens": gather_op._gather.select("auto", x.new_empty(tokens.batch_size,
+                                                                      tokens.seq_len, 0),
+                                                   tokens),
+        "layer_norm": norm,
+        "packed_linear": linear,
+        "varlen_attention": attention_op._dispatch.select("auto", q, q, q),
+        "scatter_tokens": gather_op._scatter.select("auto", x, tokens, None),
+    }
 
 
 def _identity(m: nn.Module | None) -> bool:
@@ -159,54 +205,82 @@ def _fusable(blk: nn.Module, backend: str) -> bool:
     )
 
 
-def _block_fused(packed, normed1, tokens, blk, attention, norm, backend, dense_out=None):
-    """One standard block with the backend's packed linears: bias, GELU and residual in the GEMM
-    epilogues; with ``dense_out`` the last GEMM scatters its rows straight into it."""
+def _linears(backend: str, scatter_backend: str):
+    """``linear(x, weight, bias, tokens, activation=, residual=, out=)`` on ``backend``: the
+    kernel backends fuse bias, GELU, residual and the scatter into the GEMM; torch runs cuBLAS
+    (addmm: bias fused) on the packed rows, then the rest."""
     from dtop_kernels.ops.linear import linear_tokens
 
+    if backend != "torch":
+        return functools.partial(linear_tokens, backend=backend)
+
+    def linear(x, weight, bias, tokens, activation="none", residual=None, out=None):
+        y = F.linear(x, weight, bias)
+        if activation == "gelu":
+            y = F.gelu(y)
+        if residual is not None:
+            y = y + residual
+        if out is None:
+            return y
+        return scatter_tokens(y, tokens, out, backend=scatter_backend)
+
+    return linear
+
+
+def _block_fused(packed, normed1, tokens, blk, attention, norm, linear, dense_out=None):
+    """One standard block with packed linears (``_linears``): bias, GELU and residual in the
+    GEMM epilogues on the kernel backends; with ``dense_out`` the last GEMM scatters its rows
+    straight into it."""
     attn, mlp = blk.attn, blk.mlp
     cap, c = packed.shape
     h = attn.num_heads
     d = c // h
     if normed1 is None:
         normed1 = norm(blk.norm1, packed)
-    qkv = linear_tokens(normed1, attn.qkv.weight, attn.qkv.bias, tokens, backend)
+    qkv = linear(normed1, attn.qkv.weight, attn.qkv.bias, tokens)
     q, k, v = qkv.view(cap, 3, h, d).unbind(1)
     cu, m = tokens.cu_seqlens, tokens.max_seqlen
     o = attention(q, k, v, cu, cu, m, m, getattr(attn, "scale", d**-0.5)).reshape(cap, c)
-    packed = linear_tokens(o, attn.proj.weight, attn.proj.bias, tokens, backend,
-                           residual=packed)
-    hid = linear_tokens(norm(blk.norm2, packed), mlp.fc1.weight, mlp.fc1.bias, tokens, backend,
-                        activation="gelu")
-    return linear_tokens(hid, mlp.fc2.weight, mlp.fc2.bias, tokens, backend, residual=packed,
-                         out=dense_out)
+    packed = linear(o, attn.proj.weight, attn.proj.bias, tokens, residual=packed)
+    hid = linear(norm(blk.norm2, packed), mlp.fc1.weight, mlp.fc1.bias, tokens,
+                 activation="gelu")
+    return linear(hid, mlp.fc2.weight, mlp.fc2.bias, tokens, residual=packed, out=dense_out)
 
 
-def _stage_kernels(x, tokens, blocks, attention, backend):
-    """Kernel LayerNorms (the first fused with the gather), attention and packed linears with
-    fused epilogues (the last block scattering from its final GEMM); blocks that are not
+def _stage_kernels(x, tokens, blocks, plan: dict[str, str]):
+    """The stage with a backend per op (``plan``, keys ``STAGE_OPS``): LayerNorms (on a kernel
+    backend the first fused with the gather), attention and packed linears (fused epilogues on
+    the kernel backends, the last block scattering from its final GEMM); blocks that are not
     standard (see ``_fusable``) call their own linear modules."""
     from dtop_kernels.ops.layernorm import layer_norm_tokens
 
+    ln_be, lin_be = plan["layer_norm"], plan["packed_linear"]
+
     def norm(mod: nn.LayerNorm, t: torch.Tensor) -> torch.Tensor:
-        return layer_norm_tokens(t, mod.weight, mod.bias, tokens, mod.eps, backend=backend)[0]
+        if ln_be == "torch":
+            return F.layer_norm(t, mod.normalized_shape, mod.weight, mod.bias, mod.eps)
+        return layer_norm_tokens(t, mod.weight, mod.bias, tokens, mod.eps, backend=ln_be)[0]
 
     if not blocks:
         return x if x.dim() == 2 else x.clone()
+    attention = _attention(plan["varlen_attention"])
+    linear = _linears(lin_be, plan["scatter_tokens"])
     dense = x.dim() == 3
     normed1 = None
-    if dense:
+    if dense and ln_be != "torch":
         n1 = blocks[0].norm1
         normed1, packed = layer_norm_tokens(x.reshape(-1, x.shape[-1]), n1.weight, n1.bias,
                                             tokens, n1.eps, gather=True, store_x=True,
-                                            backend=backend)
+                                            backend=ln_be)
+    elif dense:
+        packed = gather_tokens(x, tokens, backend=plan["gather_tokens"])
     else:
         packed = x
     for i, blk in enumerate(blocks):
         last = i == len(blocks) - 1
-        if _fusable(blk, backend):
+        if _fusable(blk, lin_be):
             out = x.clone() if dense and last else None
-            packed = _block_fused(packed, normed1, tokens, blk, attention, norm, backend, out)
+            packed = _block_fused(packed, normed1, tokens, blk, attention, norm, linear, out)
             if out is not None:
                 return packed
         else:
@@ -214,7 +288,7 @@ def _stage_kernels(x, tokens, blocks, attention, backend):
         normed1 = None
     if not dense:
         return packed
-    return scatter_tokens(packed, tokens, x.clone(), backend=backend)
+    return scatter_tokens(packed, tokens, x.clone(), backend=plan["scatter_tokens"])
 
 
 def pruned_block(

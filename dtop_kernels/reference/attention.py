@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dtop_kernels.reference import torch_varlen
+
 
 def _slots(cu_seqlens: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(image, position in image) of every packed slot; padding slots get image B."""
@@ -36,11 +38,19 @@ def varlen_attention(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """See :func:`dtop_kernels.varlen_attention`. Images with no keys give zero output.
 
-    CPU tensors: a loop over images (reading the offsets is free there, and each image runs
-    unmasked SDPA). Elsewhere: pad to the host bounds with a key mask, no host sync.
+    CUDA tensors that PyTorch's varlen attention takes (``torch_varlen.reasons``): that, no
+    padding, no host sync (the logits, when asked, padded). CPU tensors: a loop over images
+    (reading the offsets is free there, and each image runs unmasked SDPA). Elsewhere: pad to
+    the host bounds with a key mask, no host sync.
     """
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
             return_logits, dropout_p)
+    if not torch_varlen.reasons(q, k, v, dropout_p):
+        out = torch_varlen.attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                     max_seqlen_k, scale)
+        if not return_logits:
+            return out
+        return out, head_mean_logits(q, k, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale)
     if q.device.type == "cpu":
         return attention_looped(*args)
     return attention_padded(*args)
@@ -106,6 +116,23 @@ def attention_padded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     lg = cols.index_select(0, src_k)
     lg = torch.where((img_k < b)[:, None], lg, lg.new_zeros(()))
     return res, lg[:, :max_seqlen_q].t()
+
+
+def head_mean_logits(q: torch.Tensor, k: torch.Tensor, cu_seqlens_k: torch.Tensor, num_q: int,
+                     max_seqlen_k: int, scale: float) -> torch.Tensor:
+    """Head-averaged pre-softmax logits [num_q, Tk] for uniform queries (``num_q`` rows per
+    image, q [B * num_q, H, D]); padding columns zero. Padded batched GEMM, no host sync."""
+    b = cu_seqlens_k.shape[0] - 1
+    mk = max(max_seqlen_k, 1)
+    h, d = q.shape[1:]
+    img_k, pos_k = _slots(cu_seqlens_k, k.shape[0])
+    kp = _pad(k, img_k, pos_k, b, mk)  # [B, H, mk, D]
+    qp = q.reshape(b, num_q, h, d).transpose(1, 2)  # [B, H, num_q, D]
+    logits = torch.matmul(qp, kp.transpose(-1, -2)).mean(dim=1) * scale  # [B, num_q, mk]
+    cols = logits.transpose(1, 2).reshape(b * mk, num_q)
+    src_k = torch.where(img_k < b, img_k * mk + pos_k, 0)
+    lg = cols.index_select(0, src_k)
+    return torch.where((img_k < b)[:, None], lg, lg.new_zeros(())).t()
 
 
 def head_mean_logits_backward(

@@ -6,7 +6,7 @@ see dtop_kernels/ops/linear.py).
 ``[B*N, C]`` output (``out[indices[i]] = y[i]``). The grid covers ``capacity`` rows, but tiles
 past ``T = cu_seqlens[B]`` (read on the device) skip the matmul and write zeros, so the pruned
 rows cost no FLOPs and no host sync is needed to know how many rows there are. The input
-gradient runs on cuBLAS (torch.matmul).
+gradient runs on the same kernel (on W^T), skipping the same tiles.
 """
 
 from __future__ import annotations
@@ -149,5 +149,7 @@ def linear_fwd(
 
 
 def linear_bwd_input(dz: torch.Tensor, weight: torch.Tensor, tokens: TokenSet) -> torch.Tensor:
-    """dx = dz @ W on cuBLAS: dz [capacity, N] (zero past T, so dx is too), weight [N, K]."""
-    return dz @ weight
+    """dx = dz @ W: dz [capacity, N], weight [N, K] -> dx [capacity, K], zero past T. The
+    linear kernel on W^T (a copy of the weight, N * K elements): row tiles past T run no
+    product, as in the forward."""
+    return linear_fwd(dz, weight.t().contiguous(), None, tokens)[0]
