@@ -102,7 +102,7 @@ TINY = 2.0**-126  # scores below the smallest normal float32 count as 0
 
 
 def _sigmoid(x: float) -> float:
-    if x != x:
+    if math.isnan(x):
         return x
     if x >= 0:
         return 1.0 / (1.0 + math.exp(-x))
@@ -144,7 +144,7 @@ def naive_select(
             for c in range(ncls):
                 s = present[c] * _sigmoid(ml[b][c][n])
                 s = 0.0 if s < TINY else s
-                if s != s:  # NaN wins (torch.max): never a candidate
+                if math.isnan(s):  # NaN wins (torch.max): never a candidate
                     conf, label = s, c
                     break
                 if s > conf:  # strict: the lowest class keeps a tie

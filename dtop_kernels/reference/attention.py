@@ -69,7 +69,7 @@ def nonfinite_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens
     b = cu_seqlens_q.shape[0] - 1
     cap_q, h = q.shape[:2]
     img_q, pos_q = _slots(cu_seqlens_q, cap_q)
-    img_k, pos_k = _slots(cu_seqlens_k, k.shape[0])
+    img_k, _ = _slots(cu_seqlens_k, k.shape[0])
     bad_q = (q.detach() * 0).sum(-1)  # [Tq, H]
     bad_kv = (k.detach() * 0).sum(-1) + (v.detach() * 0).sum(-1)  # [Tk, H]
     per_image = q.new_zeros(b + 1, h).index_add_(0, img_k.clamp(max=b), bad_kv)

@@ -19,7 +19,6 @@ from dtop_kernels.reference.select import compact
 from dtop_kernels.tokens import TokenSet
 from dtop_kernels.triton._utils import interpret_blocks
 
-
 TINY = 2.0**-126  # scores below the smallest normal float32 count as 0 (every backend)
 
 
