@@ -184,7 +184,9 @@ def varlen_attention(
     q, k, v = (_checks.last_dim_contiguous(t) for t in (q, k, v))
     be = _dispatch.select(backend, q, k, v, dropout_p=dropout_p)
     if b == 0:  # no images: every row is padding
-        res = (q.new_zeros(*q.shape[:2], v.shape[-1]), q.new_zeros(max_seqlen_q, k.shape[0]))
+        res = q.new_zeros(*q.shape[:2], v.shape[-1])
+        if return_logits:
+            res = res, q.new_zeros(max_seqlen_q, k.shape[0])
     elif be != "torch":
         res = _VarlenAttention.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                      max_seqlen_k, scale, return_logits, be)
