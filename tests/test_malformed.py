@@ -301,6 +301,6 @@ def test_broken_contracts_never_crash():
     """Out-of-range and negative indices and broken offsets go straight to the kernels (the
     checks bypassed): the process must survive, nothing outside the buffers is touched."""
     proc = subprocess.run([sys.executable, "-c", _CHILD], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+                          check=False, text=True, timeout=300)
     assert proc.returncode == 0, f"child exited with {proc.returncode}:\n{proc.stderr[-3000:]}"
     assert "survived" in proc.stdout

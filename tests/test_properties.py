@@ -21,10 +21,13 @@ import torch
 import torch.nn.functional as F
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from blocks import Block, randomize_
+from helpers import DEVICE, backend_marks
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from naive import naive_attention, naive_block, naive_gather, naive_scatter, naive_select
 
-from dtop_kernels import (  # noqa: E402
+from dtop_kernels import (
     TokenSet,
     dtop_select,
     gather_tokens,
@@ -33,10 +36,6 @@ from dtop_kernels import (  # noqa: E402
     scatter_tokens,
     varlen_attention,
 )
-
-from blocks import Block, randomize_  # noqa: E402
-from helpers import DEVICE, backend_marks  # noqa: E402
-from naive import naive_attention, naive_block, naive_gather, naive_scatter, naive_select  # noqa: E402
 
 _COMMON = {"deadline": None, "derandomize": True, "database": None, "print_blob": True,
            "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large]}

@@ -15,6 +15,7 @@ from naive import naive_attention, naive_block, naive_select
 
 from dtop_kernels import (
     TokenSet,
+    _checks,
     dtop_select,
     gather_tokens,
     pruned_block,
@@ -22,7 +23,6 @@ from dtop_kernels import (
     scatter_tokens,
     varlen_attention,
 )
-from dtop_kernels import _checks
 
 BACKENDS = backend_params("torch", "triton")
 
