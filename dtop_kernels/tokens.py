@@ -209,7 +209,7 @@ class TokenSet:
         until its tensors are modified in place.
         """
         key = _version_key(self)
-        if self._checked == key:
+        if key is not None and self._checked == key:
             return self
         b, n = self.batch_size, self.seq_len
         both = torch.cat([self.cu_seqlens, self.indices]).long().cpu()  # the one host sync
@@ -280,8 +280,11 @@ class TokenSet:
 
 
 # ---------------------------------------------------------------------- checks
-def _version_key(ts: TokenSet) -> tuple:
-    """Identifies the current contents of the set's tensors (changes on any in-place write)."""
+def _version_key(ts: TokenSet) -> tuple | None:
+    """Identifies the current contents of the set's tensors (changes on any in-place write);
+    None for inference-mode tensors, which keep no version counter (checked every time)."""
+    if ts.indices.is_inference() or ts.cu_seqlens.is_inference():
+        return None
     return tuple((t.data_ptr(), t._version) for t in (ts.indices, ts.cu_seqlens)) + (
         ts.max_seqlen,)
 
