@@ -343,6 +343,8 @@ void attention_bwd(const void* dout, const void* q, const void* k, const void* v
   check_batch_heads(op, batch, heads);
   require(capacity_q >= 0 && capacity_k >= 0, op, "capacities must be >= 0");
   require(max_seqlen_q >= 0 && max_seqlen_k >= 0, op, "max_seqlen_q/k must be >= 0");
+  if (max_seqlen_q > capacity_q) max_seqlen_q = capacity_q;  // a larger bound is valid
+  if (max_seqlen_k > capacity_k) max_seqlen_k = capacity_k;
   if (batch == 0 || capacity_q == 0 || capacity_k == 0) return;
   const Strides sdo{dout_stride_t, dout_stride_h}, sq{q_stride_t, q_stride_h},
       sk{k_stride_t, k_stride_h}, sv{v_stride_t, v_stride_h}, so{out_stride_t, out_stride_h},

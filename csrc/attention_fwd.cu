@@ -197,6 +197,7 @@ void attention_fwd(const void* q, const void* k, const void* v, void* out, float
   check_batch_heads(op, batch, heads);
   require(capacity_q >= 0 && capacity_k >= 0, op, "capacities must be >= 0");
   require(max_seqlen_q >= 0, op, "max_seqlen_q must be >= 0");
+  if (max_seqlen_q > capacity_q) max_seqlen_q = capacity_q;  // a larger bound is valid
   if (batch == 0 || capacity_q == 0 || max_seqlen_q == 0) return;
   const Strides sq{q_stride_t, q_stride_h}, so{out_stride_t, out_stride_h};
   check_rows(op, "q", q, sq);

@@ -117,6 +117,7 @@ void attention_head_mean_logits(const void* q, const void* k, void* logits,
   check_batch_heads(op, batch, heads);
   require(num_q >= 0 && capacity_k >= 0 && max_seqlen_k >= 0, op,
           "num_q, capacity_k and max_seqlen_k must be >= 0");
+  if (max_seqlen_k > capacity_k) max_seqlen_k = capacity_k;  // a larger bound is valid
   require(max_seqlen_k / kBlockN < 65535, op, "max_seqlen_k is too large for the grid");
   require(logits_stride >= capacity_k, op, "logits row stride must be >= capacity_k");
   if (batch == 0 || num_q == 0 || capacity_k == 0 || max_seqlen_k == 0) return;

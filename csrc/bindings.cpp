@@ -27,26 +27,27 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "gather_rows",
       [](std::uintptr_t src, std::uintptr_t indices, std::uintptr_t cu_seqlens, std::uintptr_t dst,
-         int64_t batch, int64_t capacity, int64_t num_cols, int dtype, std::uintptr_t stream) {
+         int64_t batch, int64_t dense_rows, int64_t capacity, int64_t num_cols, int dtype,
+         std::uintptr_t stream) {
         dtop::gather_rows(ptr<const void>(src), ptr<const int32_t>(indices),
-                          ptr<const int32_t>(cu_seqlens), ptr<void>(dst), batch, capacity,
-                          num_cols, dtype, ptr<void>(stream));
+                          ptr<const int32_t>(cu_seqlens), ptr<void>(dst), batch, dense_rows,
+                          capacity, num_cols, dtype, ptr<void>(stream));
       },
       py::arg("src"), py::arg("indices"), py::arg("cu_seqlens"), py::arg("dst"), py::arg("batch"),
-      py::arg("capacity"), py::arg("num_cols"), py::arg("dtype"), py::arg("stream"),
+      py::arg("dense_rows"), py::arg("capacity"), py::arg("num_cols"), py::arg("dtype"), py::arg("stream"),
       "dst[i] = src[indices[i]] for i < T = cu_seqlens[batch], zero for T <= i < capacity.");
 
   m.def(
       "scatter_rows",
       [](std::uintptr_t src, std::uintptr_t indices, std::uintptr_t cu_seqlens, std::uintptr_t dst,
-         int64_t batch, int64_t capacity, int64_t num_cols, int dtype, bool add,
-         std::uintptr_t stream) {
+         int64_t batch, int64_t dense_rows, int64_t capacity, int64_t num_cols, int dtype,
+         bool add, std::uintptr_t stream) {
         dtop::scatter_rows(ptr<const void>(src), ptr<const int32_t>(indices),
-                           ptr<const int32_t>(cu_seqlens), ptr<void>(dst), batch, capacity,
-                           num_cols, dtype, add, ptr<void>(stream));
+                           ptr<const int32_t>(cu_seqlens), ptr<void>(dst), batch, dense_rows,
+                           capacity, num_cols, dtype, add, ptr<void>(stream));
       },
       py::arg("src"), py::arg("indices"), py::arg("cu_seqlens"), py::arg("dst"), py::arg("batch"),
-      py::arg("capacity"), py::arg("num_cols"), py::arg("dtype"), py::arg("add"),
+      py::arg("dense_rows"), py::arg("capacity"), py::arg("num_cols"), py::arg("dtype"), py::arg("add"),
       py::arg("stream"),
       "dst[indices[i]] = src[i] (or += when add) for i < T = cu_seqlens[batch].");
 
@@ -54,19 +55,21 @@ PYBIND11_MODULE(_C, m) {
       "layernorm_fwd",
       [](std::uintptr_t x, std::uintptr_t indices, std::uintptr_t cu_seqlens,
          std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t y, std::uintptr_t x_out,
-         std::uintptr_t mean, std::uintptr_t rstd, int64_t batch, int64_t capacity,
-         int64_t num_cols, int64_t x_stride, int64_t y_stride, int64_t x_out_stride, double eps,
+         std::uintptr_t mean, std::uintptr_t rstd, int64_t batch, int64_t x_rows,
+         int64_t capacity, int64_t num_cols, int64_t x_stride, int64_t y_stride,
+         int64_t x_out_stride, double eps,
          bool gather, int dtype, int weight_dtype, std::uintptr_t stream) {
         dtop::layernorm_fwd(ptr<const void>(x), ptr<const int32_t>(indices),
                             ptr<const int32_t>(cu_seqlens), ptr<const void>(weight),
                             ptr<const void>(bias), ptr<void>(y), ptr<void>(x_out),
-                            ptr<float>(mean), ptr<float>(rstd), batch, capacity, num_cols,
-                            x_stride, y_stride, x_out_stride, eps, gather, dtype, weight_dtype,
+                            ptr<float>(mean), ptr<float>(rstd), batch, x_rows, capacity,
+                            num_cols, x_stride, y_stride, x_out_stride, eps, gather, dtype,
+                            weight_dtype,
                             ptr<void>(stream));
       },
       py::arg("x"), py::arg("indices"), py::arg("cu_seqlens"), py::arg("weight"),
       py::arg("bias"), py::arg("y"), py::arg("x_out"), py::arg("mean"), py::arg("rstd"),
-      py::arg("batch"), py::arg("capacity"), py::arg("num_cols"), py::arg("x_stride"),
+      py::arg("batch"), py::arg("x_rows"), py::arg("capacity"), py::arg("num_cols"), py::arg("x_stride"),
       py::arg("y_stride"), py::arg("x_out_stride"), py::arg("eps"), py::arg("gather"),
       py::arg("dtype"), py::arg("weight_dtype"), py::arg("stream"),
       "LayerNorm of packed rows (optionally gathered); padding rows zero. See csrc/ops.h.");
@@ -76,20 +79,22 @@ PYBIND11_MODULE(_C, m) {
       [](std::uintptr_t dy, std::uintptr_t x, std::uintptr_t indices, std::uintptr_t cu_seqlens,
          std::uintptr_t weight, std::uintptr_t mean, std::uintptr_t rstd, std::uintptr_t dx_add,
          std::uintptr_t dx, std::uintptr_t partials, std::uintptr_t dweight,
-         std::uintptr_t dbias, int64_t batch, int64_t capacity, int64_t num_cols,
-         int64_t dy_stride, int64_t x_stride, int64_t dx_stride, int64_t dx_add_stride,
+         std::uintptr_t dbias, int64_t batch, int64_t x_rows, int64_t capacity,
+         int64_t num_cols, int64_t dy_stride, int64_t x_stride, int64_t dx_stride, int64_t dx_add_stride,
          int64_t num_partials, bool gather, int dtype, int weight_dtype, std::uintptr_t stream) {
         dtop::layernorm_bwd(ptr<const void>(dy), ptr<const void>(x), ptr<const int32_t>(indices),
                             ptr<const int32_t>(cu_seqlens), ptr<const void>(weight),
                             ptr<const float>(mean), ptr<const float>(rstd),
                             ptr<const void>(dx_add), ptr<void>(dx), ptr<float>(partials),
-                            ptr<void>(dweight), ptr<void>(dbias), batch, capacity, num_cols,
+                            ptr<void>(dweight), ptr<void>(dbias), batch, x_rows, capacity,
+                            num_cols,
                             dy_stride, x_stride, dx_stride, dx_add_stride, num_partials, gather,
                             dtype, weight_dtype, ptr<void>(stream));
       },
       py::arg("dy"), py::arg("x"), py::arg("indices"), py::arg("cu_seqlens"), py::arg("weight"),
       py::arg("mean"), py::arg("rstd"), py::arg("dx_add"), py::arg("dx"), py::arg("partials"),
-      py::arg("dweight"), py::arg("dbias"), py::arg("batch"), py::arg("capacity"),
+      py::arg("dweight"), py::arg("dbias"), py::arg("batch"), py::arg("x_rows"),
+      py::arg("capacity"),
       py::arg("num_cols"), py::arg("dy_stride"), py::arg("x_stride"), py::arg("dx_stride"),
       py::arg("dx_add_stride"), py::arg("num_partials"), py::arg("gather"), py::arg("dtype"),
       py::arg("weight_dtype"), py::arg("stream"),
@@ -207,20 +212,21 @@ PYBIND11_MODULE(_C, m) {
          std::uintptr_t residual, std::uintptr_t pre, std::uintptr_t y, std::uintptr_t y_index,
          std::uintptr_t cu_seqlens, int64_t batch, int64_t capacity, int64_t out_features,
          int64_t in_features, int64_t x_stride, int64_t weight_stride, int64_t residual_stride,
-         int64_t pre_stride, int64_t y_stride, int act, int dtype, std::uintptr_t stream) {
+         int64_t pre_stride, int64_t y_stride, int64_t dense_rows, int act, int dtype,
+         std::uintptr_t stream) {
         dtop::linear_fwd(ptr<const void>(x), ptr<const int32_t>(x_index), ptr<const void>(weight),
                          ptr<const void>(bias), ptr<const void>(residual), ptr<void>(pre),
                          ptr<void>(y), ptr<const int32_t>(y_index),
                          ptr<const int32_t>(cu_seqlens), batch, capacity, out_features,
                          in_features, x_stride, weight_stride, residual_stride, pre_stride,
-                         y_stride, act, dtype, ptr<void>(stream));
+                         y_stride, dense_rows, act, dtype, ptr<void>(stream));
       },
       py::arg("x"), py::arg("x_index"), py::arg("weight"), py::arg("bias"), py::arg("residual"),
       py::arg("pre"), py::arg("y"), py::arg("y_index"), py::arg("cu_seqlens"), py::arg("batch"),
       py::arg("capacity"), py::arg("out_features"), py::arg("in_features"), py::arg("x_stride"),
       py::arg("weight_stride"), py::arg("residual_stride"), py::arg("pre_stride"),
-      py::arg("y_stride"), py::arg("act"), py::arg("dtype"), py::arg("stream"),
-      "Packed linear with gather / bias / GELU / residual / scatter fused. See csrc/ops.h.");
+      py::arg("y_stride"), py::arg("dense_rows"), py::arg("act"), py::arg("dtype"),
+      py::arg("stream"), "Packed linear with gather / bias / GELU / residual / scatter fused. See csrc/ops.h.");
 
   m.def(
       "linear_bwd_input",

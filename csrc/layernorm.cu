@@ -45,6 +45,7 @@ struct FwdParams {
   float* rstd;
   int64_t batch, capacity, cols;
   int64_t x_stride, y_stride, x_out_stride;  // row strides, in elements
+  int64_t x_rows;  // rows of x: a gathered index outside [0, x_rows) is never dereferenced
   float eps;
   bool gather;
 };
@@ -62,6 +63,7 @@ struct BwdParams {
   float* partials;  // [2, num_blocks, cols]: dweight partial rows, then dbias partial rows
   int64_t batch, capacity, cols;
   int64_t dy_stride, x_stride, dx_stride, dx_add_stride;
+  int64_t x_rows;
   bool gather;
 };
 
@@ -195,8 +197,9 @@ __global__ void __launch_bounds__(kFwdWarps* kWarp, kFwdMinBlocks)
     T* y = static_cast<T*>(p.y) + row * p.y_stride;
     T* xo = p.x_out == nullptr ? nullptr : static_cast<T*>(p.x_out) + row * p.x_out_stride;
     float mean = 0.f, rstd = 0.f;
-    if (row < total) {
-      const int64_t src = p.gather ? int64_t(p.indices[row]) : row;
+    // a gathered index outside x (checks off, broken contract) is treated as a padding row
+    const int64_t src = row < total && p.gather ? int64_t(p.indices[row]) : row;
+    if (row < total && src >= 0 && src < p.x_rows) {
       const T* x = static_cast<const T*>(p.x) + src * p.x_stride;
       fwd_row<T, W, kVec, kPacks>(p, x, y, xo, mean, rstd, lane);
     } else {  // padding row
@@ -225,11 +228,11 @@ __device__ __forceinline__ void bwd_row(const BwdParams& p, int64_t row, int64_t
   T* dx = static_cast<T*>(p.dx) + row * p.dx_stride;
   const T* add =
       p.dx_add == nullptr ? nullptr : static_cast<const T*>(p.dx_add) + row * p.dx_add_stride;
-  if (row >= total) {  // padding row: dx = dx_add (or 0)
+  const int64_t src = row < total && p.gather ? int64_t(p.indices[row]) : row;
+  if (row >= total || src < 0 || src >= p.x_rows) {  // padding row (or a broken index): dx_add
     copy_or_add_row<T, kVec>(dx, add, packs, lane);
     return;
   }
-  const int64_t src = p.gather ? int64_t(p.indices[row]) : row;
   const T* x = static_cast<const T*>(p.x) + src * p.x_stride;
   const T* dy = static_cast<const T*>(p.dy) + row * p.dy_stride;
   const W* wp = static_cast<const W*>(p.weight);
@@ -465,7 +468,7 @@ unsigned grid_rows(int64_t rows, int per_block) {
 
 void layernorm_fwd(const void* x, const int32_t* indices, const int32_t* cu_seqlens,
                    const void* weight, const void* bias, void* y, void* x_out, float* mean,
-                   float* rstd, int64_t batch, int64_t capacity, int64_t num_cols,
+                   float* rstd, int64_t batch, int64_t x_rows, int64_t capacity, int64_t num_cols,
                    int64_t x_stride, int64_t y_stride, int64_t x_out_stride, double eps,
                    bool gather, int dtype, int weight_dtype, void* stream) {
   const char* op = "layernorm_fwd";
@@ -484,7 +487,8 @@ void layernorm_fwd(const void* x, const int32_t* indices, const int32_t* cu_seql
   }
   if (gather) check_ptr(op, "indices", indices);
   const FwdParams p{x, indices, cu_seqlens, weight, bias, y, x_out, mean, rstd, batch, capacity,
-                    num_cols, x_stride, y_stride, x_out_stride, static_cast<float>(eps), gather};
+                    num_cols, x_stride, y_stride, x_out_stride, x_rows,
+                    static_cast<float>(eps), gather};
   const auto s = static_cast<cudaStream_t>(stream);
   const dim3 grid(grid_rows(capacity, kFwdWarps));
   DTOP_DISPATCH_DTYPE(dt, T, {
@@ -501,7 +505,7 @@ void layernorm_fwd(const void* x, const int32_t* indices, const int32_t* cu_seql
 void layernorm_bwd(const void* dy, const void* x, const int32_t* indices,
                    const int32_t* cu_seqlens, const void* weight, const float* mean,
                    const float* rstd, const void* dx_add, void* dx, float* partials,
-                   void* dweight, void* dbias, int64_t batch, int64_t capacity,
+                   void* dweight, void* dbias, int64_t batch, int64_t x_rows, int64_t capacity,
                    int64_t num_cols, int64_t dy_stride, int64_t x_stride, int64_t dx_stride,
                    int64_t dx_add_stride, int64_t num_partials, bool gather, int dtype,
                    int weight_dtype, void* stream) {
@@ -530,7 +534,7 @@ void layernorm_bwd(const void* dy, const void* x, const int32_t* indices,
     if (gather) check_ptr(op, "indices", indices);
     const BwdParams p{dy, x, indices, cu_seqlens, weight, mean, rstd, dx_add, dx, partials,
                       batch, capacity, num_cols, dy_stride, x_stride, dx_stride, dx_add_stride,
-                      gather};
+                      x_rows, gather};
     const dim3 grid(static_cast<unsigned>(num_partials));
     DTOP_DISPATCH_DTYPE(dt, T, {
       const bool aligned =

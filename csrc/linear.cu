@@ -67,7 +67,15 @@ struct LinearParams {
   int64_t batch, cap, n, k;
   int64_t a_stride, b_stride, res_stride, pre_stride, y_stride;
   int act;
+  int64_t dense_rows;  // rows a_index / y_index may address; others are never dereferenced
 };
+
+// Row `i` of an index, or -1 when the entry lies outside [0, rows) (a broken contract with the
+// checks off): such rows read as zeros and are written nowhere.
+__device__ __forceinline__ int64_t checked_row(const int32_t* index, int64_t i, int64_t rows) {
+  const int64_t r = index[i];
+  return r >= 0 && r < rows ? r : -1;
+}
 
 __device__ __forceinline__ float gelu(float x) {
   return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
@@ -133,9 +141,10 @@ __global__ void __launch_bounds__(kThreads, 2) linear_kernel(const LinearParams 
 #pragma unroll
   for (int i = 0; i < kALoads; ++i) {
     const int64_t row = m0 + tid / (kBK / 8) + i * (kThreads / (kBK / 8));
-    a_ok[i] = row < total;
-    const int64_t src_row = !a_ok[i] ? 0 : (p.a_index != nullptr ? p.a_index[row] : row);
-    a_src[i] = static_cast<const T*>(p.a) + src_row * p.a_stride + a_chunk * 8;
+    int64_t src_row = row < total ? row : -1;
+    if (src_row >= 0 && p.a_index != nullptr) src_row = checked_row(p.a_index, row, p.dense_rows);
+    a_ok[i] = src_row >= 0;
+    a_src[i] = static_cast<const T*>(p.a) + (a_ok[i] ? src_row : 0) * p.a_stride + a_chunk * 8;
   }
   const T* b = static_cast<const T*>(p.b);
 
@@ -256,8 +265,9 @@ __global__ void __launch_bounds__(kThreads, 2) linear_kernel(const LinearParams 
 #pragma unroll
         for (int i = 0; i < 4; ++i) v[i] += r[i];
       }
-      const int64_t dst_row = p.y_index != nullptr ? p.y_index[row] : row;
-      store4(y + dst_row * p.y_stride + col, v);
+      const int64_t dst_row =
+          p.y_index != nullptr ? checked_row(p.y_index, row, p.dense_rows) : row;
+      if (dst_row >= 0) store4(y + dst_row * p.y_stride + col, v);
     }
     __syncwarp();  // the next round overwrites the staging rows
   }
@@ -316,11 +326,12 @@ void linear_fwd(const void* x, const int32_t* x_index, const void* weight, const
                 const void* residual, void* pre, void* y, const int32_t* y_index,
                 const int32_t* cu_seqlens, int64_t batch, int64_t capacity, int64_t out_features,
                 int64_t in_features, int64_t x_stride, int64_t weight_stride,
-                int64_t residual_stride, int64_t pre_stride, int64_t y_stride, int act,
-                int dtype, void* stream) {
+                int64_t residual_stride, int64_t pre_stride, int64_t y_stride, int64_t dense_rows,
+                int act, int dtype, void* stream) {
+  require(dense_rows >= 0, "linear_fwd", "dense_rows must be >= 0");
   LinearParams p{x, x_index, weight, bias, residual, pre, y, y_index, cu_seqlens,
                  batch, capacity, out_features, in_features, x_stride, weight_stride,
-                 residual_stride, pre_stride, y_stride, act};
+                 residual_stride, pre_stride, y_stride, act, dense_rows};
   run("linear_fwd", p, /*b_kn=*/false, dtype, stream);
 }
 
@@ -331,7 +342,7 @@ void linear_bwd_input(const void* dz, const void* weight, void* dx, const int32_
   // dx [cap, in] = dz [cap, out] @ W [out, in]: a GEMM of N = in, K = out with B read [k][n].
   LinearParams p{dz, nullptr, weight, nullptr, nullptr, nullptr, dx, nullptr, cu_seqlens,
                  batch, capacity, in_features, out_features, dz_stride, weight_stride,
-                 0, 0, dx_stride, 0};
+                 0, 0, dx_stride, 0, 0};
   run("linear_bwd_input", p, /*b_kn=*/true, dtype, stream);
 }
 

@@ -13,17 +13,21 @@ namespace dtop {
 //   cu_seqlens int32 [B + 1]     T = cu_seqlens[B] is read on the device (no host sync).
 // `dtype` is 0 = float32, 1 = float16, 2 = bfloat16.
 
+// An index outside [0, dense_rows = B * N) is never dereferenced (gather: the row is zero;
+// scatter: nothing is written); valid indices are a contract the Python side can check.
+
 // dst[i] = src[indices[i]] for i < T; dst[i] = 0 for T <= i < capacity.
 // src: [B * N, num_cols], dst: [capacity, num_cols], both row-major and contiguous.
 void gather_rows(const void* src, const int32_t* indices, const int32_t* cu_seqlens, void* dst,
-                 int64_t batch, int64_t capacity, int64_t num_cols, int dtype, void* stream);
+                 int64_t batch, int64_t dense_rows, int64_t capacity, int64_t num_cols,
+                 int dtype, void* stream);
 
 // For i < T: dst[indices[i]] = src[i] (add = false) or dst[indices[i]] += src[i] (add = true,
 // summed in float32). Rows i >= T are ignored. Indices must be unique (no atomics).
 // src: [capacity, num_cols], dst: [B * N, num_cols], both row-major and contiguous.
 void scatter_rows(const void* src, const int32_t* indices, const int32_t* cu_seqlens, void* dst,
-                  int64_t batch, int64_t capacity, int64_t num_cols, int dtype, bool add,
-                  void* stream);
+                  int64_t batch, int64_t dense_rows, int64_t capacity, int64_t num_cols,
+                  int dtype, bool add, void* stream);
 
 // ---------------------------------------------------------------------------- layernorm
 // Row path: rows i < T are normalized, rows T <= i < capacity are padding.
@@ -32,10 +36,11 @@ void scatter_rows(const void* src, const int32_t* indices, const int32_t* cu_seq
 // y[i] = LayerNorm(x[r]) * weight + bias with r = indices[i] (gather) or i; mean[i], rstd[i] in
 // float32 (rstd = 1 / sqrt(var + eps), biased var). x_out (nullable) receives the raw row x[r].
 // Padding rows: y = x_out = 0, mean = rstd = 0.
-// x: [rows, num_cols] (dense [B * N] rows with gather, else [capacity]); y, x_out: [capacity, ...].
+// x: [x_rows, num_cols] (dense [B * N] rows with gather, else [capacity]); y, x_out:
+// [capacity, ...]. A gathered index outside [0, x_rows) is never dereferenced (reads zeros).
 void layernorm_fwd(const void* x, const int32_t* indices, const int32_t* cu_seqlens,
                    const void* weight, const void* bias, void* y, void* x_out, float* mean,
-                   float* rstd, int64_t batch, int64_t capacity, int64_t num_cols,
+                   float* rstd, int64_t batch, int64_t x_rows, int64_t capacity, int64_t num_cols,
                    int64_t x_stride, int64_t y_stride, int64_t x_out_stride, double eps,
                    bool gather, int dtype, int weight_dtype, void* stream);
 
@@ -46,7 +51,7 @@ void layernorm_fwd(const void* x, const int32_t* indices, const int32_t* cu_seql
 void layernorm_bwd(const void* dy, const void* x, const int32_t* indices,
                    const int32_t* cu_seqlens, const void* weight, const float* mean,
                    const float* rstd, const void* dx_add, void* dx, float* partials,
-                   void* dweight, void* dbias, int64_t batch, int64_t capacity,
+                   void* dweight, void* dbias, int64_t batch, int64_t x_rows, int64_t capacity,
                    int64_t num_cols, int64_t dy_stride, int64_t x_stride, int64_t dx_stride,
                    int64_t dx_add_stride, int64_t num_partials, bool gather, int dtype,
                    int weight_dtype, void* stream);
@@ -60,7 +65,8 @@ int64_t select_workspace_bytes(int64_t capacity);
 // class_logits [B, K, 2] (strides class_stride_b, class_stride_k, 1; class_dtype);
 // mask_logits [K, capacity] (row stride mask_stride, mask_dtype), column j = slot j.
 // Per valid slot: conf / label = max / argmax_c sigmoid(l_present - l_none) * sigmoid(mask) in
-// float32 (lowest class on ties; a NaN score wins, so that slot is never a candidate;
+// float32, scores below 2**-126 counted as 0 (lowest class on ties; a NaN score wins, so that
+// slot is never a candidate; sigmoid(+-inf) = 1 / 0;
 // mask_stride may be 0, one row shared by all classes); candidates have conf > threshold; a
 // candidate exits when at least top_k candidates of its image and label beat it (higher conf,
 // or equal conf at a lower slot). Outputs: next_indices [capacity] (kept slots in order, -1
@@ -133,14 +139,16 @@ void attention_head_mean_logits(const void* q, const void* k, void* logits,
 // null), y_row(i) = act(z) + residual[i] (act 0 = identity, 1 = exact GELU; bias / residual
 // nullable). x_row(i) = x[x_index[i]] when x_index is not null (the gather), else x[i];
 // y_row(i) = y[y_index[i]] when y_index is not null (the scatter; other rows of y untouched),
-// else y[i]. For T <= i < capacity: y[i] = 0 (unless scattering) and pre[i] = 0.
+// else y[i]. For T <= i < capacity: y[i] = 0 (unless scattering) and pre[i] = 0. An x_index /
+// y_index entry outside [0, dense_rows) is never dereferenced: the row reads as zeros and is not
+// written (a broken contract: the Python side can check it, see DTOP_CHECK).
 // weight: [out_features, in_features]; bias: [out_features]; residual, pre: [capacity, out].
 void linear_fwd(const void* x, const int32_t* x_index, const void* weight, const void* bias,
                 const void* residual, void* pre, void* y, const int32_t* y_index,
                 const int32_t* cu_seqlens, int64_t batch, int64_t capacity, int64_t out_features,
                 int64_t in_features, int64_t x_stride, int64_t weight_stride,
-                int64_t residual_stride, int64_t pre_stride, int64_t y_stride, int act,
-                int dtype, void* stream);
+                int64_t residual_stride, int64_t pre_stride, int64_t y_stride, int64_t dense_rows,
+                int act, int dtype, void* stream);
 
 // Input gradient of linear_fwd: dx[i] = dz[i] @ weight for i < T, dx[i] = 0 for
 // T <= i < capacity. dz: [capacity, out_features]; dx: [capacity, in_features].

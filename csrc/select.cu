@@ -3,7 +3,9 @@
 //
 //   1. score:    conf / label per valid slot (fp32): present[c] = sigmoid(l_present - l_none),
 //                s = present[c] * sigmoid(mask_logit[c, slot]), max over c, lowest c on ties
-//                (a NaN score wins, as in torch.max: such a slot is never a candidate).
+//                (a NaN score wins, as in torch.max: such a slot is never a candidate);
+//                scores below 2**-126 count as 0 (subnormal exponentials differ between
+//                hardware and libraries; the reference and the Triton kernel flush the same).
 //   2. rank:     for a candidate (conf > threshold), the number of candidates of its image and
 //                label that beat it (higher conf, or equal conf at a lower slot); it exits when
 //                that number is >= top_k. keep[slot] = 1 for valid slots that do not exit.
@@ -27,6 +29,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int64_t kMaxClasses = 12288;  // present[] of one image in 48 KB of shared memory
 constexpr int64_t kAlign = 256;         // workspace sub-buffers start on 256-byte boundaries
+constexpr float kTiny = 1.17549435e-38f;  // 2**-126: smaller scores count as 0
 
 int64_t align_up(int64_t n) { return ceil_div(n, kAlign) * kAlign; }
 
@@ -83,8 +86,8 @@ __device__ __forceinline__ float load_any(const void* p, int64_t i, int dtype) {
   }
 }
 
-// Without overflow for large |x| (1 / (1 + expf(-x)) is exactly 0 below x = -88.7, where
-// torch's softmax / sigmoid still return subnormal values). NaN stays NaN.
+// Without overflow for large |x| (the naive 1 / (1 + expf(-x)) overflows expf below -88.7);
+// sigmoid(+inf) = 1, sigmoid(-inf) = 0, NaN stays NaN.
 __device__ __forceinline__ float sigmoid(float x) {
   const float e = expf(-fabsf(x));
   return x >= 0.f ? 1.f / (1.f + e) : e / (1.f + e);
@@ -117,7 +120,8 @@ __global__ void __launch_bounds__(kThreads)
   float best = -1.f;
   int32_t best_c = 0;
   for (int64_t c = 0; c < num_classes; ++c) {
-    const float s = present[c] * sigmoid(to_float(mask_logits[c * mask_stride + slot]));
+    float s = present[c] * sigmoid(to_float(mask_logits[c * mask_stride + slot]));
+    if (s < kTiny) s = 0.f;  // NaN stays NaN
     if (s > best || s != s) {  // strict: the lowest class wins ties
       best = s;
       best_c = static_cast<int32_t>(c);
@@ -229,6 +233,7 @@ void dtop_select(const void* class_logits, const void* mask_logits, const int32_
   require(num_classes == 1 || mask_stride >= 0, op, "mask_logits row stride must be >= 0");
   require(top_k >= 0, op, "top_k must be >= 0");
   require(threshold == threshold, op, "threshold is NaN");
+  if (max_seqlen > capacity) max_seqlen = capacity;  // a larger bound is valid
   for (auto [name, p] :
        {std::pair<const char*, const void*>{"cu_seqlens", cu_seqlens},
         {"next_cu_seqlens", next_cu_seqlens}, {"exited", exited}}) {

@@ -1,6 +1,8 @@
-"""Input checks shared by the public ops: host-side only, never a device sync."""
+"""Input checks shared by the public ops: host-side only, except the checked mode (one sync)."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -42,6 +44,8 @@ def token_set(t: object) -> TokenSet:
 
 
 def same_device(**tensors: torch.Tensor) -> None:
+    for name, t in tensors.items():
+        tensor(name, t)
     devs = {name: t.device for name, t in tensors.items()}
     if len(set(devs.values())) > 1:
         listed = ", ".join(f"{n} on {d}" for n, d in devs.items())
@@ -72,3 +76,58 @@ def packed_matches(name: str, p: torch.Tensor, tokens: TokenSet) -> None:
 
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.numel() == 0 else t.contiguous()
+
+
+# ---------------------------------------------------------------------- checked mode
+def checking(check: bool | None, device: torch.device) -> bool:
+    """Whether the device-side contracts are verified for this call.
+
+    Always for CPU tensors (reading them back costs no sync there); on other devices when
+    ``check=True``, or when ``check`` is None and ``DTOP_CHECK=1`` is set. Off by default there:
+    the hot path never syncs, and a violated contract gives unspecified values (never an
+    out-of-bounds access).
+    """
+    if device.type == "cpu" or check:
+        return True
+    if check is None:
+        return os.environ.get("DTOP_CHECK", "").strip() not in ("", "0")
+    return False
+
+
+def tokens_contract(tokens: TokenSet, check: bool | None) -> None:
+    """:meth:`TokenSet.validate` (one host sync) when :func:`checking` says so."""
+    if checking(check, tokens.device):
+        tokens.validate()
+
+
+def cu_contract(check: bool | None, **specs: tuple[torch.Tensor, int, int]) -> None:
+    """Offsets ``name=(cu_seqlens, rows, max_seqlen)``: start at 0, never decrease, end at most
+    at ``rows``, and no image exceeds ``max_seqlen``; one host sync for all of them, when
+    :func:`checking` says so."""
+    tensors = [cu for cu, _, _ in specs.values()]
+    if not tensors or not checking(check, tensors[0].device):
+        return
+    host = torch.cat(tensors).long().cpu().split([t.shape[0] for t in tensors])
+    for (name, (_, rows, max_seqlen)), cu in zip(specs.items(), host):
+        if int(cu[0]) != 0:
+            raise ValueError(f"{name}[0] must be 0; got {int(cu[0])} (offsets start at 0: "
+                             f"{name} = [0, cumsum(counts)])")
+        counts = cu[1:] - cu[:-1]
+        if counts.numel() and bool((counts < 0).any()):
+            j = int((counts < 0).nonzero()[0])
+            raise ValueError(f"{name} must be non-decreasing; {name}[{j + 1}] = "
+                             f"{int(cu[j + 1])} < {name}[{j}] = {int(cu[j])} (build it as "
+                             "[0, cumsum(counts)])")
+        if int(cu[-1]) > rows:
+            raise ValueError(f"{name}[-1] = {int(cu[-1])} exceeds the {rows} packed rows it "
+                             "indexes: the offsets count more tokens than the tensor holds")
+        if counts.numel() and int(counts.max()) > max_seqlen:
+            raise ValueError(f"image {int(counts.argmax())} has {int(counts.max())} rows in "
+                             f"{name}, more than its max_seqlen = {max_seqlen}; pass a bound of "
+                             "at least the largest count")
+
+
+def check_flag(check: object) -> bool | None:
+    if check is not None and not isinstance(check, bool):
+        raise TypeError(f"check must be True, False or None (DTOP_CHECK decides); got {check!r}")
+    return check

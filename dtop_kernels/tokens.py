@@ -18,7 +18,7 @@ reading counts back to the host. :meth:`TokenSet.tighten` trades one host sync f
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -37,6 +37,9 @@ class TokenSet:
     batch_size: int  # B
     seq_len: int  # N, tokens per image in the dense layout
     max_seqlen: int  # host upper bound on any image's count (<= N)
+    # (indices, cu_seqlens) storage and versions last seen valid by validate(): a set is checked
+    # once until its tensors are modified in place
+    _checked: tuple = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _check_metadata(self)
@@ -80,7 +83,8 @@ class TokenSet:
         True (no host sync)."""
         n = self.batch_size * self.seq_len
         flat = torch.zeros(n + 1, dtype=torch.bool, device=self.device)
-        idx = torch.where(slots & self.valid_slots(), self.indices, n).long()
+        ok = slots & self.valid_slots() & (self.indices >= 0) & (self.indices < n)
+        idx = torch.where(ok, self.indices, n).long()
         flat[idx] = True
         return flat[:n].view(self.batch_size, self.seq_len)
 
@@ -103,8 +107,8 @@ class TokenSet:
 
         Without ``capacity`` the set is exact, which reads the count back to the host once.
         With ``capacity`` (>= the true total, e.g. ``B * N``) there is no host sync; padding fills
-        the rest. ``max_seqlen`` is N in that case. A total above ``capacity`` raises on CPU; on
-        CUDA it cannot be seen without a sync: ``validate()`` catches it.
+        the rest. ``max_seqlen`` is ``min(N, capacity)`` in that case. A total above ``capacity``
+        raises on CPU; on CUDA it cannot be seen without a sync: ``validate()`` catches it.
         """
         if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.dim() != 2:
             raise TypeError(
@@ -130,8 +134,9 @@ class TokenSet:
         buf.scatter_(0, dest, torch.arange(b * n, dtype=torch.int32, device=keep.device))
         indices = buf[:capacity]
         if keep.device.type == "cpu" and int(cu[-1]) > capacity:
-            raise ValueError(f"{int(cu[-1])} active tokens do not fit in capacity={capacity}")
-        return cls(indices, cu, b, n, n)
+            raise ValueError(f"{int(cu[-1])} active tokens do not fit in capacity={capacity}; "
+                             "pass a capacity of at least keep.sum() (or None for an exact set)")
+        return cls(indices, cu, b, n, min(n, capacity))
 
     @classmethod
     def from_lists(
@@ -196,24 +201,39 @@ class TokenSet:
 
     # ------------------------------------------------------------------ utilities
     def validate(self) -> TokenSet:
-        """Check the device-side invariants (one host sync); raise ValueError naming the fault."""
-        cu = self.cu_seqlens.long().cpu()
-        idx = self.indices.long().cpu()
+        """Check the device-side invariants (one host sync); raise ValueError naming the fault.
+
+        ``cu_seqlens`` starts at 0, never decreases and ends at most at ``capacity``; no image
+        has more than ``max_seqlen`` tokens; the valid ``indices`` of image b lie in
+        ``[b * N, (b + 1) * N)`` and increase strictly. A set that passed is not checked again
+        until its tensors are modified in place.
+        """
+        key = _version_key(self)
+        if key is not None and self._checked == key:
+            return self
         b, n = self.batch_size, self.seq_len
+        both = torch.cat([self.cu_seqlens, self.indices]).long().cpu()  # the one host sync
+        cu, idx = both[: b + 1], both[b + 1:]
         if int(cu[0]) != 0:
-            raise ValueError(f"cu_seqlens[0] must be 0; got {int(cu[0])}")
+            raise ValueError(f"cu_seqlens[0] must be 0; got {int(cu[0])} (offsets start at 0: "
+                             "cu_seqlens = [0, cumsum(counts)])")
         counts = cu[1:] - cu[:-1]
         if b and bool((counts < 0).any()):
-            raise ValueError("cu_seqlens must be non-decreasing")
+            j = int((counts < 0).nonzero()[0])
+            raise ValueError(
+                f"cu_seqlens must be non-decreasing; cu_seqlens[{j + 1}] = {int(cu[j + 1])} < "
+                f"cu_seqlens[{j}] = {int(cu[j])} (build it as [0, cumsum(counts)])"
+            )
         total = int(cu[-1])
         if total > self.capacity:
             raise ValueError(
-                f"cu_seqlens[-1] = {total} exceeds capacity (len(indices)) = {self.capacity}"
+                f"cu_seqlens[-1] = {total} exceeds capacity (len(indices)) = {self.capacity}: "
+                "the offsets count more tokens than indices holds"
             )
         if b and int(counts.max()) > self.max_seqlen:
             raise ValueError(
-                f"an image has {int(counts.max())} active tokens, more than max_seqlen = "
-                f"{self.max_seqlen}"
+                f"image {int(counts.argmax())} has {int(counts.max())} active tokens, more than "
+                f"max_seqlen = {self.max_seqlen}; pass a max_seqlen of at least the largest count"
             )
         valid = idx[:total]
         image = torch.repeat_interleave(torch.arange(b), counts) if b else valid
@@ -222,8 +242,8 @@ class TokenSet:
         if bool(bad.any()):
             j = int(bad.nonzero()[0])
             raise ValueError(
-                f"indices[{j}] = {int(valid[j])} does not belong to image {int(image[j])} "
-                f"(expected a flat index in [{int(lo[j])}, {int(hi[j])}) = b*N + position)"
+                f"indices[{j}] = {int(valid[j])} does not belong to image {int(image[j])} (out "
+                f"of range: expected a flat index b*N + position in [{int(lo[j])}, {int(hi[j])}))"
             )
         if total > 1 and bool((valid[1:] <= valid[:-1]).any()):
             j = int((valid[1:] <= valid[:-1]).nonzero()[0])
@@ -232,6 +252,7 @@ class TokenSet:
                 f"then position, no duplicates); indices[{j}] = {int(valid[j])} >= "
                 f"indices[{j + 1}] = {int(valid[j + 1])}"
             )
+        object.__setattr__(self, "_checked", key)
         return self
 
     def tighten(self, multiple: int = 1) -> TokenSet:
@@ -264,6 +285,15 @@ class TokenSet:
 
 
 # ---------------------------------------------------------------------- checks
+def _version_key(ts: TokenSet) -> tuple | None:
+    """Identifies the current contents of the set's tensors (changes on any in-place write);
+    None for inference-mode tensors, which keep no version counter (checked every time)."""
+    if ts.indices.is_inference() or ts.cu_seqlens.is_inference():
+        return None
+    return tuple((t.data_ptr(), t._version) for t in (ts.indices, ts.cu_seqlens)) + (
+        ts.max_seqlen,)
+
+
 def _describe(t: object) -> str:
     if isinstance(t, torch.Tensor):
         return f"tensor of shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"

@@ -98,13 +98,12 @@ def naive_block(x: torch.Tensor, keep: torch.Tensor, blocks: nn.Module | list[nn
     return out
 
 
-def _softmax2_first(a: float, b: float) -> float:
-    m = max(a, b)
-    ea, eb = math.exp(a - m), math.exp(b - m)
-    return ea / (ea + eb)
+TINY = 2.0**-126  # scores below the smallest normal float32 count as 0
 
 
 def _sigmoid(x: float) -> float:
+    if math.isnan(x):
+        return x
     if x >= 0:
         return 1.0 / (1.0 + math.exp(-x))
     e = math.exp(x)
@@ -123,8 +122,10 @@ def naive_select(
     class_logits [B, K, 2]; mask_logits [B, K, N] (dense per token; only active tokens read);
     keep bool [B, N] (active tokens). Returns the bool [B, N] mask of the tokens that exit.
 
-    Per image: s[c, n] = softmax(class_logits[b, c])[0] * sigmoid(mask_logits[b, c, n]);
-    conf = max_c s, label = argmax_c s (lowest c on ties); candidates: active with conf > p0;
+    Per image: s[c, n] = softmax(class_logits[b, c])[0] * sigmoid(mask_logits[b, c, n]), as
+    sigmoid(l_present - l_none) (the limit for infinite logits), 0 below TINY;
+    conf = max_c s, label = argmax_c s (lowest c on ties; a NaN score wins and is never a
+    candidate); candidates: active with conf > p0;
     per class with candidates the min(k, count) most confident candidates (lower position on
     ties) stay; every other candidate exits.
     """
@@ -134,7 +135,7 @@ def naive_select(
     bsz, ncls, n_tok = mask_logits.shape
     exits = [[False] * n_tok for _ in range(bsz)]
     for b in range(bsz):
-        present = [_softmax2_first(cls[b][c][0], cls[b][c][1]) for c in range(ncls)]
+        present = [_sigmoid(cls[b][c][0] - cls[b][c][1]) for c in range(ncls)]
         by_class: dict[int, list[tuple[float, int]]] = {}
         for n in range(n_tok):
             if not kp[b][n]:
@@ -142,6 +143,10 @@ def naive_select(
             conf, label = -1.0, -1
             for c in range(ncls):
                 s = present[c] * _sigmoid(ml[b][c][n])
+                s = 0.0 if s < TINY else s
+                if math.isnan(s):  # NaN wins (torch.max): never a candidate
+                    conf, label = s, c
+                    break
                 if s > conf:  # strict: the lowest class keeps a tie
                     conf, label = s, c
             if conf > threshold:

@@ -293,7 +293,7 @@ def test_error_return_logits_non_uniform():
         pytest.param({"cu_q": [0, 3, 6], "cu_k": [0, 6]}, ValueError, id="cu-shape-mismatch"),
         pytest.param({"dropout_p": 1.0}, ValueError, id="dropout-1"),
         pytest.param({"max_q": -1}, ValueError, id="negative-max"),
-        pytest.param({"max_q": 7}, ValueError, id="max-over-rows"),
+        pytest.param({"max_q": 5}, ValueError, id="max-below-count"),
         pytest.param({"int_q": True}, TypeError, id="int-q"),
         pytest.param({"q2d": True}, ValueError, id="2d-q"),
     ],

@@ -59,7 +59,7 @@ def test_from_mask_capacity(b, n, counts, extra, gen):
     cap = b * n if extra is None else min(b * n, t + extra)
     ts = TokenSet.from_mask(keep, capacity=cap)
     assert ts.capacity == cap
-    assert ts.max_seqlen == n  # no host sync: the bound is N
+    assert ts.max_seqlen == min(n, cap)  # no host sync: the bound is min(N, capacity)
     assert torch.equal(ts.indices[:t], _expected_indices(keep))
     assert torch.all(ts.indices[t:] == PAD_INDEX)
     assert torch.equal(ts.cu_seqlens, _expected_cu(keep))

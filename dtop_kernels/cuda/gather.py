@@ -3,7 +3,9 @@
 No autograd here (see dtop_kernels/ops/). Token layout: ``indices`` int32 [capacity] holds flat
 row indices into the B * N rows of ``x``, image after image; ``cu_seqlens`` int32 [B + 1];
 T = cu_seqlens[B] is read by the kernel, so nothing here waits for the GPU. The indices must
-be valid (in [0, B * N), unique): they are not checked on the device.
+be valid (in [0, B * N), unique; the public ops check this when asked, see DTOP_CHECK); an
+index outside [0, B * N) is never dereferenced by the kernels (its row reads as zeros and is
+written nowhere).
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ def gather_rows(x: torch.Tensor, indices: torch.Tensor, cu_seqlens: torch.Tensor
     with torch.cuda.device(x.device):
         load_C().gather_rows(
             x.data_ptr(), indices.data_ptr(), cu_seqlens.data_ptr(), out.data_ptr(),
-            x.shape[0], capacity, num_cols, DTYPE_CODES[x.dtype],
+            x.shape[0], x.shape[0] * x.shape[1], capacity, num_cols, DTYPE_CODES[x.dtype],
             torch.cuda.current_stream(x.device).cuda_stream,
         )
     return out
@@ -92,7 +94,8 @@ def scatter_rows(packed: torch.Tensor, indices: torch.Tensor, cu_seqlens: torch.
     with torch.cuda.device(out.device):
         load_C().scatter_rows(
             packed.data_ptr(), indices.data_ptr(), cu_seqlens.data_ptr(), out.data_ptr(),
-            out.shape[0], capacity, num_cols, DTYPE_CODES[out.dtype], bool(add),
+            out.shape[0], out.shape[0] * out.shape[1], capacity, num_cols, DTYPE_CODES[out.dtype],
+            bool(add),
             torch.cuda.current_stream(out.device).cuda_stream,
         )
     return out

@@ -101,7 +101,8 @@ def layer_norm_fwd(
         load_C().layernorm_fwd(
             x2d.data_ptr(), tokens.indices.data_ptr(), tokens.cu_seqlens.data_ptr(),
             weight.data_ptr(), bias.data_ptr(), y.data_ptr(), 0 if xp is None else xp.data_ptr(),
-            mean.data_ptr(), rstd.data_ptr(), tokens.batch_size, cap, c, x2d.stride(0),
+            mean.data_ptr(), rstd.data_ptr(), tokens.batch_size, x2d.shape[0], cap, c,
+            x2d.stride(0),
             y.stride(0), c, eps, bool(gather), DTYPE_CODES[x2d.dtype], DTYPE_CODES[weight.dtype],
             _args.stream(dev),
         )
@@ -168,7 +169,8 @@ def layer_norm_bwd(
             dy.data_ptr(), x2d.data_ptr(), tokens.indices.data_ptr(),
             tokens.cu_seqlens.data_ptr(), weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
             0 if dx_add is None else dx_add.data_ptr(), dx.data_ptr(), partials.data_ptr(),
-            dweight.data_ptr(), dbias.data_ptr(), tokens.batch_size, cap, c, dy.stride(0),
+            dweight.data_ptr(), dbias.data_ptr(), tokens.batch_size, x2d.shape[0], cap, c,
+            dy.stride(0),
             x2d.stride(0), dx.stride(0), 0 if dx_add is None else dx_add.stride(0), parts,
             bool(gather), DTYPE_CODES[x2d.dtype], DTYPE_CODES[weight.dtype], _args.stream(dev),
         )

@@ -89,7 +89,8 @@ def linear_fwd(
             y.data_ptr(), idx if out is not None else 0, tokens.cu_seqlens.data_ptr(),
             tokens.batch_size, cap, n, k, x.stride(0), weight.stride(0),
             0 if residual is None else residual.stride(0), 0 if pre is None else pre.stride(0),
-            y.stride(0), act, DTYPE_CODES[x.dtype], _args.stream(dev),
+            y.stride(0), tokens.batch_size * tokens.seq_len, act, DTYPE_CODES[x.dtype],
+            _args.stream(dev),
         )
     return y, pre
 

@@ -64,6 +64,8 @@ class _VarlenAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, scale, return_logits, backend):
         kern = _kernels(backend)
         out, lse = kern.attention_fwd(q, k, v, cu_q, cu_k, max_q, scale)
+        if backend == "cuda":  # the Triton kernel applies the non-finite rule itself
+            out += ref.nonfinite_rows(q, k, v, cu_q, cu_k)
         logits = kern.head_mean_logits(q, k, cu_k, max_q, max_k, scale) if return_logits \
             else None
         ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
@@ -92,10 +94,19 @@ def _check_cu(name: str, cu: torch.Tensor, rows: int, max_seqlen: int) -> None:
         raise TypeError(f"{name} must be int32; got {cu.dtype} (use .int())")
     if cu.shape[0] < 1:
         raise ValueError(f"{name} must have B + 1 >= 1 entries")
-    if not isinstance(max_seqlen, int) or max_seqlen < 0:
+    if not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool) or max_seqlen < 0:
         raise ValueError(f"max_seqlen for {name} must be a non-negative int; got {max_seqlen!r}")
-    if max_seqlen > rows > 0:
-        raise ValueError(f"max_seqlen {max_seqlen} exceeds the {rows} packed rows of {name}")
+
+
+def _with_grad_path(out: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+    """``out`` connected to ``inputs`` in autograd (zero gradient) when it is not already, so
+    that a result that is all zeros (no image has keys, B = 0) still supports backward()."""
+    if out.grad_fn is not None or not torch.is_grad_enabled() or \
+            not any(t.requires_grad for t in inputs):
+        return out
+    anchor = sum(t.sum() for t in inputs)
+    return out + torch.where(torch.zeros((), dtype=torch.bool, device=out.device), anchor,
+                             anchor.new_zeros(())).to(out.dtype)
 
 
 def varlen_attention(
@@ -111,15 +122,24 @@ def varlen_attention(
     dropout_p: float = 0.0,
     return_logits: bool = False,
     backend: str = "auto",
+    check: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention where each image's queries see only that image's keys.
 
     q: [Tq, H, D], k: [Tk, H, D], v: [Tk, H, Dv], packed image after image; image b owns query
     rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` and key rows ``cu_seqlens_k[b]:cu_seqlens_k[b+1]``
     (int32, [B + 1]). Rows past ``cu_seqlens[-1]`` are padding: ignored as keys, zero as output.
-    ``max_seqlen_q/k`` are host-side upper bounds on any image's count. ``scale`` defaults to
-    ``D ** -0.5``. ``dropout_p`` drops attention probabilities (training only; the torch backend
-    only). An image with no keys gets zero output.
+    ``max_seqlen_q/k`` are host-side upper bounds on any image's count (any bound >= the true
+    maximum is valid). ``scale`` defaults to ``D ** -0.5``. ``dropout_p`` drops attention
+    probabilities (training only; the torch backend only). An image with no keys gets zero
+    output. Non-finite inputs: a query row with a NaN or Inf gives a NaN output row; a NaN or
+    Inf in a key or value row of image b (head h) gives NaN in every output row of image b
+    (head h); other images are unaffected; on every backend.
+
+    ``check``: verify the offsets (start at 0, non-decreasing, ``cu_seqlens[-1]`` at most the
+    rows, every count at most its ``max_seqlen``) with one host sync; always done for CPU
+    tensors; None follows ``DTOP_CHECK``. Unchecked, a violated contract gives unspecified
+    values but no out-of-bounds access.
 
     Returns out [Tq, H, Dv]. With ``return_logits=True`` also the head-averaged pre-softmax
     logits ``mean_h(q·k) * scale`` as [Kq, Tk] for a uniform query layout of Kq =
@@ -148,6 +168,9 @@ def varlen_attention(
     if cu_seqlens_q.shape != cu_seqlens_k.shape:
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must both be [B + 1]; got "
                          f"{tuple(cu_seqlens_q.shape)} and {tuple(cu_seqlens_k.shape)}")
+    _checks.cu_contract(_checks.check_flag(check),
+                        cu_seqlens_q=(cu_seqlens_q, q.shape[0], max_seqlen_q),
+                        cu_seqlens_k=(cu_seqlens_k, k.shape[0], max_seqlen_k))
     b = cu_seqlens_q.shape[0] - 1
     if return_logits and q.shape[0] != b * max_seqlen_q:
         raise ValueError(
@@ -161,12 +184,15 @@ def varlen_attention(
     q, k, v = (_checks.last_dim_contiguous(t) for t in (q, k, v))
     be = _dispatch.select(backend, q, k, v, dropout_p=dropout_p)
     if b == 0:  # no images: every row is padding
-        out = q.new_zeros(*q.shape[:2], v.shape[-1])
+        res = q.new_zeros(*q.shape[:2], v.shape[-1])
         if return_logits:
-            return out, q.new_zeros(max_seqlen_q, k.shape[0])
-        return out
-    if be != "torch":
-        return _VarlenAttention.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                      max_seqlen_k, scale, return_logits, be)
-    return ref.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                max_seqlen_k, scale, return_logits, dropout_p)
+            res = res, q.new_zeros(max_seqlen_q, k.shape[0])
+    elif be != "torch":
+        res = _VarlenAttention.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                     max_seqlen_k, scale, return_logits, be)
+    else:
+        res = ref.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                   max_seqlen_k, scale, return_logits, dropout_p)
+    if return_logits:
+        return _with_grad_path(res[0], q, k, v), _with_grad_path(res[1], q, k)
+    return _with_grad_path(res, q, k, v)

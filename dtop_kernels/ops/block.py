@@ -60,11 +60,30 @@ _dispatch = Dispatcher(
 )
 
 _REQUIRED = ("norm1", "attn", "attn.qkv", "attn.proj", "attn.num_heads", "norm2", "mlp")
+# Submodules whose math block_packed reproduces (timm Block / Attention names); anything else
+# (a parameter or module it would not apply) is named in the error.
+_BLOCK_PARTS = {"norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2"}
+_ATTN_PARTS = {"qkv", "q_norm", "k_norm", "attn_drop", "norm", "gate", "proj", "proj_drop"}
+
+
+def _timm_class_ok(mod: nn.Module, name: str, cls: str) -> None:
+    """A timm module must be (or inherit unchanged) timm's ``cls``: other timm blocks and
+    attentions (post-norm, parallel, differential, rotary, ...) compute something else."""
+    fwd = type(mod).forward
+    if not type(mod).__module__.startswith("timm."):
+        return
+    if fwd.__qualname__ != f"{cls}.forward" or not fwd.__module__.startswith("timm."):
+        raise TypeError(
+            f"{name} is timm's {type(mod).__name__}, whose forward differs from timm's {cls}: "
+            f"pruned_block reproduces the pre-norm timm Block with its standard Attention only"
+        )
 
 
 def check_block(block: nn.Module, dim: int) -> None:
-    """Raise if ``block`` lacks timm ``Block`` names, does not match ``dim``, or would need
-    dropout / drop-path (not applied on the packed path)."""
+    """Raise unless ``block`` computes what the packed path computes: a pre-norm block with
+    timm ``Block`` names (optional ``ls1``/``ls2`` layer scale, ``attn.q_norm``/``k_norm``,
+    ``attn.norm``, ``attn.gate``), matching ``dim``, without dropout / drop-path in training.
+    The error names the attribute that cannot be honoured."""
     for name in _REQUIRED:
         obj = block
         for part in name.split("."):
@@ -74,14 +93,33 @@ def check_block(block: nn.Module, dim: int) -> None:
                     f"Block attribute names {_REQUIRED} (optional ls1/ls2)"
                 )
             obj = getattr(obj, part)
-    qkv = block.attn.qkv
+    attn = block.attn
+    _timm_class_ok(block, "block", "Block")
+    _timm_class_ok(attn, "block.attn", "Attention")
+    for owner, oname, parts in ((block, "block", _BLOCK_PARTS), (attn, "block.attn", _ATTN_PARTS)):
+        for name, _ in owner.named_children():
+            if name not in parts:
+                raise TypeError(f"{oname}.{name} is a submodule pruned_block does not apply "
+                                f"(it knows {sorted(parts)}); run this block densely")
+        for name, _ in owner.named_parameters(recurse=False):
+            raise TypeError(f"{oname}.{name} is a parameter pruned_block does not apply (e.g. a "
+                            "separate q/v bias or layer-scale gamma); fold it into the known "
+                            "submodules (qkv bias, ls1/ls2) or run this block densely")
+    h = attn.num_heads
+    if not isinstance(h, int) or h <= 0:
+        raise ValueError(f"block.attn.num_heads must be a positive int; got {h!r}")
+    qkv = attn.qkv
     if getattr(qkv, "in_features", dim) != dim or getattr(qkv, "out_features", 3 * dim) != 3 * dim:
         raise ValueError(
             f"block.attn.qkv maps {qkv.in_features} -> {qkv.out_features}; the tokens have C = "
             f"{dim}, so it must map {dim} -> {3 * dim}"
         )
-    if dim % block.attn.num_heads:
-        raise ValueError(f"C = {dim} is not divisible by num_heads = {block.attn.num_heads}")
+    if dim % h:
+        raise ValueError(f"C = {dim} is not divisible by num_heads = {h}")
+    head_dim = getattr(attn, "head_dim", dim // h)
+    if head_dim != dim // h:
+        raise ValueError(f"block.attn.head_dim = {head_dim} but C / num_heads = {dim // h}: "
+                         "pruned_block needs head_dim * num_heads = C")
     if block.training:
         for name, m in block.named_modules():
             p = m.p if isinstance(m, nn.Dropout) else getattr(m, "drop_prob", 0.0)
@@ -97,7 +135,9 @@ def _attention(backend: str):
 
 
 def _attn_positional(q, k, v, cu_q, cu_k, mq, mk, scale, *, backend):
-    return varlen_attention(q, k, v, cu_q, cu_k, mq, mk, scale=scale, backend=backend)
+    # the stage validated its tokens (the offsets here are theirs)
+    return varlen_attention(q, k, v, cu_q, cu_k, mq, mk, scale=scale, backend=backend,
+                            check=False)
 
 
 def pruned_stage(
@@ -106,12 +146,15 @@ def pruned_stage(
     blocks: Sequence[nn.Module],
     *,
     backend: str = "auto",
+    check: bool | None = None,
 ) -> torch.Tensor:
     """Run ``blocks`` in order on the active tokens only.
 
     x: dense [B, N, C] -> dense [B, N, C] (gathered once, scattered once; inactive tokens come
     out unchanged), or packed [capacity, C] -> packed [capacity, C] (padding rows carry no
-    meaning). Each active token attends only to the active tokens of its own image.
+    meaning). Each active token attends only to the active tokens of its own image. Every block
+    must pass :func:`check_block`. ``check``: validate ``tokens`` once (one host sync; always for
+    CPU tensors; None follows ``DTOP_CHECK``).
 
     Equivalent PyTorch, per image b with keep mask m_b::
 
@@ -129,6 +172,7 @@ def pruned_stage(
                          f"{_checks.describe(x)}")
     for blk in blocks:
         check_block(blk, x.shape[-1])
+    _checks.tokens_contract(tokens, _checks.check_flag(check))
     be = _dispatch.select(backend, x, tokens, blocks)
     x = _checks.last_dim_contiguous(x)
     plan = _stage_plan(x, tokens, blocks) if requested_backend(backend) == "auto" else None
@@ -138,12 +182,12 @@ def pruned_stage(
         return _stage_kernels(x, tokens, blocks, plan)
     be = "torch"
     attention = _attention(be)
-    packed = gather_tokens(x, tokens, backend=be) if x.dim() == 3 else x
+    packed = gather_tokens(x, tokens, backend=be, check=False) if x.dim() == 3 else x
     for blk in blocks:
         packed = block_packed(packed, tokens, blk, attention)
     if x.dim() == 2:
         return packed
-    return scatter_tokens(packed, tokens, x.clone(), backend=be)
+    return scatter_tokens(packed, tokens, x.clone(), backend=be, check=False)
 
 
 STAGE_OPS = ("gather_tokens", "layer_norm", "packed_linear", "varlen_attention",
@@ -199,7 +243,7 @@ def _fusable(blk: nn.Module, backend: str) -> bool:
         return False
     return (
         isinstance(getattr(mlp, "act", None), nn.GELU) and mlp.act.approximate == "none"
-        and all(_identity(getattr(attn, n, None)) for n in ("q_norm", "k_norm", "norm"))
+        and all(_identity(getattr(attn, n, None)) for n in ("q_norm", "k_norm", "norm", "gate"))
         and _identity(getattr(mlp, "norm", None))
         and all(_identity(getattr(blk, n, None)) for n in ("ls1", "ls2"))
     )
@@ -273,7 +317,7 @@ def _stage_kernels(x, tokens, blocks, plan: dict[str, str]):
                                             tokens, n1.eps, gather=True, store_x=True,
                                             backend=ln_be)
     elif dense:
-        packed = gather_tokens(x, tokens, backend=plan["gather_tokens"])
+        packed = gather_tokens(x, tokens, backend=plan["gather_tokens"], check=False)
     else:
         packed = x
     for i, blk in enumerate(blocks):
@@ -288,16 +332,20 @@ def _stage_kernels(x, tokens, blocks, plan: dict[str, str]):
         normed1 = None
     if not dense:
         return packed
-    return scatter_tokens(packed, tokens, x.clone(), backend=plan["scatter_tokens"])
+    return scatter_tokens(packed, tokens, x.clone(), backend=plan["scatter_tokens"],
+                          check=False)
 
 
 def pruned_block(
-    x: torch.Tensor, tokens: TokenSet, block: nn.Module, *, backend: str = "auto"
+    x: torch.Tensor, tokens: TokenSet, block: nn.Module, *, backend: str = "auto",
+    check: bool | None = None,
 ) -> torch.Tensor:
     """A pre-norm ViT block (timm ``Block`` names) applied to the active tokens only.
 
     LayerNorm -> multi-head self-attention -> residual -> LayerNorm -> MLP -> residual (with
-    ``ls1``/``ls2`` layer scale when present). x: dense [B, N, C] -> dense (inactive tokens
-    unchanged) or packed [capacity, C] -> packed. Same as ``pruned_stage(x, tokens, [block])``.
+    ``ls1``/``ls2`` layer scale, ``attn.q_norm``/``k_norm``, ``attn.norm`` and the
+    ``attn.gate`` sigmoid gate when present). x: dense [B, N, C] -> dense (inactive tokens
+    unchanged) or packed [capacity, C] -> packed. Same as ``pruned_stage(x, tokens, [block])``;
+    a block whose math differs (see :func:`check_block`) raises, naming the attribute.
     """
-    return pruned_stage(x, tokens, [block], backend=backend)
+    return pruned_stage(x, tokens, [block], backend=backend, check=check)

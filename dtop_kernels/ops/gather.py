@@ -100,10 +100,13 @@ class _Scatter(torch.autograd.Function):
         return grad_packed, None, grad_base, None, None  # packed, tokens, out, add, backend
 
 
-def gather_tokens(x: torch.Tensor, tokens: TokenSet, *, backend: str = "auto") -> torch.Tensor:
+def gather_tokens(x: torch.Tensor, tokens: TokenSet, *, backend: str = "auto",
+                  check: bool | None = None) -> torch.Tensor:
     """Pack the active tokens: ``packed[i] = x[b, n]`` for the i-th active token.
 
     x: [B, N, C]. Returns packed [tokens.capacity, C]; padding rows (i >= T) are zero.
+    ``check``: validate ``tokens`` first (one host sync; always for CPU tensors; None follows
+    ``DTOP_CHECK``, see :meth:`TokenSet.validate`). Values are copied bit for bit (NaN too).
 
     Equivalent PyTorch (exact tokens, no padding)::
 
@@ -113,6 +116,7 @@ def gather_tokens(x: torch.Tensor, tokens: TokenSet, *, backend: str = "auto") -
     _checks.float_tensor("x", x, dim=3)
     _checks.dense_matches("x", x, tokens)
     _checks.same_device(x=x, indices=tokens.indices)
+    _checks.tokens_contract(tokens, _checks.check_flag(check))
     x = _checks.last_dim_contiguous(x)
     be = _gather.select(backend, x, tokens)
     if be != "torch":
@@ -127,13 +131,14 @@ def scatter_tokens(
     *,
     add: bool = False,
     backend: str = "auto",
+    check: bool | None = None,
 ) -> torch.Tensor:
     """Write the packed rows back to their dense places, in place in ``out``.
 
     packed: [capacity, C]; out: [B, N, C] (zeros when None). Rows of inactive tokens are left
     untouched; ``add=True`` adds instead of overwriting (the residual form). Padding rows of
     ``packed`` are ignored. Returns ``out``. Differentiable with respect to ``packed`` and
-    ``out`` (as in-place PyTorch ops are).
+    ``out`` (as in-place PyTorch ops are). ``check`` as in :func:`gather_tokens`.
 
     Equivalent PyTorch (exact tokens)::
 
@@ -151,6 +156,7 @@ def scatter_tokens(
         raise ValueError(f"packed has C={packed.shape[1]} but out has C={out.shape[2]}")
     _checks.same_dtype(packed=packed, out=out)
     _checks.same_device(packed=packed, out=out, indices=tokens.indices)
+    _checks.tokens_contract(tokens, _checks.check_flag(check))
     packed = _checks.last_dim_contiguous(packed)
     be = _scatter.select(backend, packed, tokens, out)
     if be != "torch":

@@ -122,6 +122,7 @@ def packed_linear(
     residual: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     backend: str = "auto",
+    check: bool | None = None,
 ) -> torch.Tensor:
     """``activation(x @ weight^T + bias) + residual`` on the active tokens only.
 
@@ -131,7 +132,9 @@ def packed_linear(
     out: None -> returns packed [capacity, N_out], zero past T; or a contiguous dense
     [B, N, N_out] tensor whose token rows are overwritten in place (the scatter, inside the GEMM's
     epilogue on the kernel backends) and which is returned. Rows past T cost no FLOPs on the
-    kernel backends. Differentiable in x, weight, bias, residual and out.
+    kernel backends. Differentiable in x, weight, bias, residual and out. ``check``: validate
+    ``tokens`` (one host sync; always for CPU tensors; None follows ``DTOP_CHECK``). Non-finite
+    values propagate as in IEEE arithmetic, row by row.
 
     Equivalent PyTorch, per image b with keep mask m_b::
 
@@ -170,6 +173,7 @@ def packed_linear(
             raise ValueError(f"out must be dense [B, N, N_out = {n}]; got {_checks.describe(out)}")
     _checks.same_dtype(**tensors)
     _checks.same_device(indices=tokens.indices, **tensors)
+    _checks.tokens_contract(tokens, _checks.check_flag(check))
     be = _dispatch.select(backend, x, weight, tokens, out)
     if be == "torch":
         y = ref.packed_linear(x, weight, bias, tokens, activation, residual, out)

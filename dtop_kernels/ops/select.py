@@ -48,18 +48,26 @@ def dtop_select(
     top_k: int = 5,
     *,
     backend: str = "auto",
+    check: bool | None = None,
 ) -> Selection:
     """The DToP exit rule at an auxiliary head, on the device, with no host sync.
 
     class_logits: [B, K, 2] ([present, no object] per class query); mask_logits: [K, capacity],
     column j for the token in slot j of ``tokens`` (the layout ``varlen_attention(...,
     return_logits=True)`` returns). Score ``s[c, n] = softmax(class_logits[b, c])[0] *
-    sigmoid(mask_logits[c, n])`` in fp32; confidence and label are its max / argmax over c
-    (lowest class on ties). Candidates: active tokens with confidence > ``threshold``
-    (strict). For each image and label the ``top_k`` most confident candidates stay active
-    (lowest position first on ties); every other candidate exits. Not differentiable. A NaN
-    logit makes the confidence of the tokens it touches NaN (as ``torch.max`` does): those
-    tokens never exit (a NaN class logit keeps its whole image).
+    sigmoid(mask_logits[c, n])`` in fp32, computed as ``sigmoid(l_present - l_none) *
+    sigmoid(mask_logit)``, with scores below the smallest normal float32 (2**-126) counted as
+    0; confidence and label are its max / argmax over c (lowest class on ties). Candidates:
+    active tokens with confidence > ``threshold`` (strict). For each image and label the
+    ``top_k`` most confident candidates stay active (lowest position first on ties); every
+    other candidate exits. Not differentiable.
+
+    Non-finite logits, the same on every backend: ``sigmoid(+inf) = 1`` and ``sigmoid(-inf) =
+    0``, so a +Inf present logit (finite no-object logit) is a sure class and -Inf an absent
+    one; a NaN logit, or +Inf/-Inf in both class logits (inf - inf), makes the confidence of
+    the tokens it touches NaN (as ``torch.max`` does): those tokens never exit (a NaN class
+    logit keeps its whole image). ``check`` validates ``tokens`` (one host sync; always for CPU
+    tensors; None follows ``DTOP_CHECK``).
 
     Returns ``Selection(tokens, exited)``: the next TokenSet (exited tokens removed, same
     capacity and bounds; call ``.tighten()`` for exact ones) and the bool [B, N] exit mask.
@@ -81,6 +89,7 @@ def dtop_select(
     threshold = float(threshold)
     if math.isnan(threshold):
         raise ValueError("threshold is NaN")
+    _checks.tokens_contract(tokens, _checks.check_flag(check))
     be = _dispatch.select(backend, class_logits, mask_logits, tokens)
     if b == 0 or k == 0:
         none = torch.zeros(b, tokens.seq_len, dtype=torch.bool, device=tokens.device)

@@ -16,10 +16,16 @@ def _slots(cu_seqlens: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch
     return image, slots.long() - start
 
 
+def _in_pad(image: torch.Tensor, pos: torch.Tensor, b: int, m: int) -> torch.Tensor:
+    """Slots that have a place in the [B, m] padded layout (all valid slots when the offsets
+    keep their contract; out-of-contract slots are dropped rather than indexed)."""
+    return (image < b) & (pos >= 0) & (pos < m)
+
+
 def _pad(x: torch.Tensor, image: torch.Tensor, pos: torch.Tensor, b: int, m: int) -> torch.Tensor:
     """[capacity, H, D] packed -> [B, H, m, D] zero-padded (padding slots dropped)."""
     _, h, d = x.shape
-    dest = torch.where(image < b, image * m + pos, b * m)
+    dest = torch.where(_in_pad(image, pos, b, m), image * m + pos, b * m)
     buf = x.new_zeros(b * m + 1, h, d).index_copy(0, dest, x)
     return buf[: b * m].view(b, m, h, d).transpose(1, 2)
 
@@ -36,7 +42,9 @@ def varlen_attention(
     return_logits: bool = False,
     dropout_p: float = 0.0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """See :func:`dtop_kernels.varlen_attention`. Images with no keys give zero output.
+    """See :func:`dtop_kernels.varlen_attention`. Images with no keys give zero output; a
+    non-finite query row gives a NaN row, a non-finite key or value row NaN rows for its whole
+    image (:func:`nonfinite_rows`).
 
     CUDA tensors that PyTorch's varlen attention takes (``torch_varlen.reasons``): that, no
     padding, no host sync (the logits, when asked, padded). CPU tensors: a loop over images
@@ -48,12 +56,42 @@ def varlen_attention(
     if not torch_varlen.reasons(q, k, v, dropout_p):
         out = torch_varlen.attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                      max_seqlen_k, scale)
-        if not return_logits:
-            return out
-        return out, head_mean_logits(q, k, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale)
-    if q.device.type == "cpu":
-        return attention_looped(*args)
-    return attention_padded(*args)
+        if return_logits:
+            out = out, head_mean_logits(q, k, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale)
+        res = out
+    elif q.device.type == "cpu":
+        res = attention_looped(*args)
+    else:
+        res = attention_padded(*args)
+    poison = nonfinite_rows(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    if return_logits:
+        return res[0] + poison, res[1]
+    return res + poison
+
+
+def nonfinite_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                   cu_seqlens_k: torch.Tensor) -> torch.Tensor:
+    """[Tq, H, 1]: 0, or NaN where the output row must be NaN, no host sync.
+
+    The documented semantics (the same on every backend): the output row of a query with a NaN
+    or Inf entry is NaN, and so are all rows of an image with a NaN or Inf in any of its key or
+    value rows (per head); an image without keys gives zero rows whatever its queries hold, and
+    padding rows stay zero. ``x * 0`` is 0 for finite x and NaN otherwise, so adding this to the
+    output changes nothing else. Not differentiated.
+    """
+    b = cu_seqlens_q.shape[0] - 1
+    cap_q, h = q.shape[:2]
+    img_q, pos_q = _slots(cu_seqlens_q, cap_q)
+    img_k, _ = _slots(cu_seqlens_k, k.shape[0])
+    bad_q = (q.detach() * 0).sum(-1)  # [Tq, H]
+    bad_kv = (k.detach() * 0).sum(-1) + (v.detach() * 0).sum(-1)  # [Tk, H]
+    per_image = q.new_zeros(b + 1, h).index_add_(0, img_k.clamp(max=b), bad_kv)
+    nk = torch.zeros(b + 1, dtype=torch.int64, device=q.device)
+    nk[:b] = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
+    img = img_q.clamp(max=b)
+    has_keys = (img_q < b) & (pos_q >= 0) & (nk[img] > 0)
+    poison = torch.where(has_keys[:, None], bad_q + per_image[img], bad_q.new_zeros(()))
+    return poison[..., None]
 
 
 def attention_looped(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
@@ -90,13 +128,14 @@ def attention_padded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                      return_logits=False, dropout_p=0.0):
     """:func:`varlen_attention` padded to the host bounds (no host sync)."""
     b = cu_seqlens_q.shape[0] - 1
-    mq, mk = max(max_seqlen_q, 1), max(max_seqlen_k, 1)
+    # a bound above the rows is valid; padding past the rows would only cost memory
+    mq, mk = max(min(max_seqlen_q, q.shape[0]), 1), max(min(max_seqlen_k, k.shape[0]), 1)
     img_q, pos_q = _slots(cu_seqlens_q, q.shape[0])
     img_k, pos_k = _slots(cu_seqlens_k, k.shape[0])
     qp = _pad(q, img_q, pos_q, b, mq)  # [B, H, mq, D]
     kp = _pad(k, img_k, pos_k, b, mk)
     vp = _pad(v, img_k, pos_k, b, mk)
-    nk = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()  # [B]
+    nk = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long().clamp(0, mk)  # [B]
     ar = torch.arange(mk, device=q.device)
     # Key padding mask. An image with no keys may see its first (all-zero) padded key, so its
     # softmax is finite and its output is exactly zero.
@@ -104,17 +143,17 @@ def attention_padded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=allowed[:, None, None, :],
                                          dropout_p=dropout_p, scale=scale)  # [B, H, mq, Dv]
     flat = out.transpose(1, 2).reshape(b * mq, *out.shape[1:2], out.shape[-1])
-    src = torch.where(img_q < b, img_q * mq + pos_q, 0)
-    res = flat.index_select(0, src)
-    res = torch.where((img_q < b)[:, None, None], res, res.new_zeros(()))
+    ok_q = _in_pad(img_q, pos_q, b, mq)
+    res = flat.index_select(0, torch.where(ok_q, img_q * mq + pos_q, 0))
+    res = torch.where(ok_q[:, None, None], res, res.new_zeros(()))
     if not return_logits:
         return res
     # Head-averaged pre-softmax logits, [Kq, capacity_k] with Kq = max_seqlen_q queries/image.
     logits = torch.matmul(qp, kp.transpose(-1, -2)).mean(dim=1) * scale  # [B, mq, mk]
     cols = logits.transpose(1, 2).reshape(b * mk, mq)
-    src_k = torch.where(img_k < b, img_k * mk + pos_k, 0)
-    lg = cols.index_select(0, src_k)
-    lg = torch.where((img_k < b)[:, None], lg, lg.new_zeros(()))
+    ok_k = _in_pad(img_k, pos_k, b, mk)
+    lg = cols.index_select(0, torch.where(ok_k, img_k * mk + pos_k, 0))
+    lg = torch.where(ok_k[:, None], lg, lg.new_zeros(()))
     return res, lg[:, :max_seqlen_q].t()
 
 
@@ -144,7 +183,7 @@ def head_mean_logits_backward(
     backends, whose forward computes the logits in a kernel."""
     tq, h, d = q.shape
     b = cu_k.shape[0] - 1
-    mk = max(max_k, 1)
+    mk = max(min(max_k, k.shape[0]), 1)
     img, pos = _slots(cu_k, k.shape[0])
     kp = _pad(k, img, pos, b, mk).transpose(1, 2).reshape(b, mk, h * d)  # [B, mk, HD]
     dlp = _pad(dl.t()[:, None, :], img, pos, b, mk)[:, 0].transpose(1, 2)  # [B, num_q, mk]
@@ -152,7 +191,7 @@ def head_mean_logits_backward(
     dq = torch.bmm(dlp.float(), kp.float()) * c  # [B, num_q, HD]
     qb = q.reshape(b, num_q, h * d).float()
     dkp = torch.bmm(dlp.float().transpose(1, 2), qb) * c  # [B, mk, HD]
-    src = torch.where(img < b, img * mk + pos, 0)
-    dk = dkp.reshape(b * mk, h, d).index_select(0, src)
-    dk = torch.where((img < b)[:, None, None], dk, dk.new_zeros(()))
+    ok = _in_pad(img, pos, b, mk)
+    dk = dkp.reshape(b * mk, h, d).index_select(0, torch.where(ok, img * mk + pos, 0))
+    dk = torch.where(ok[:, None, None], dk, dk.new_zeros(()))
     return dq.reshape(tq, h, d).to(q.dtype), dk.to(k.dtype)

@@ -21,7 +21,7 @@ def block_packed(
 ) -> torch.Tensor:
     """One block on packed tokens [capacity, C] -> [capacity, C].
 
-    ``x + ls1(proj(attn(norm1(x))))`` then ``x + ls2(mlp(norm2(x)))``; each token attends to the
+    ``x + ls1(proj(attn(norm1(x)) * sigmoid(gate(norm1(x)))))`` (no gate: factor 1) then ``x + ls2(mlp(norm2(x)))``; each token attends to the
     active tokens of its own image only. ``attention`` has the signature of
     :func:`dtop_kernels.reference.attention.varlen_attention`; ``norm(module, x)`` applies a
     LayerNorm module (default: calling it); ``normed1`` is ``norm1(packed)`` when already computed
@@ -40,8 +40,11 @@ def block_packed(
     q, k = _apply(attn, "q_norm", q), _apply(attn, "k_norm", k)
     cu, m = tokens.cu_seqlens, tokens.max_seqlen
     scale = getattr(attn, "scale", d**-0.5)
-    o = attention(q, k, v, cu, cu, m, m, scale).reshape(cap, c)
-    o = attn.proj(_apply(attn, "norm", o))
+    o = _apply(attn, "norm", attention(q, k, v, cu, cu, m, m, scale).reshape(cap, c))
+    gate = getattr(attn, "gate", None)
+    if gate is not None:  # timm's gated attention: sigmoid(gate(norm1(x))) scales the heads
+        o = o * gate(normed1).sigmoid()
+    o = attn.proj(o)
     packed = packed + _apply(block, "ls1", o)
     return packed + _apply(block, "ls2", block.mlp(norm(block.norm2, packed)))
 

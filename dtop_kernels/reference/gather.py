@@ -18,6 +18,12 @@ def host_count(tokens: TokenSet) -> int | None:
     return None
 
 
+def in_range(indices: torch.Tensor, rows: int) -> torch.Tensor:
+    """Bool: indices that address one of ``rows`` rows. Unchecked out-of-range indices (a
+    broken contract on the sync-free path) read zeros and write nowhere, never out of bounds."""
+    return (indices >= 0) & (indices < rows)
+
+
 def gather_tokens(x: torch.Tensor, tokens: TokenSet) -> torch.Tensor:
     """Packed rows of the active tokens: ``packed[i] = x.view(B*N, C)[indices[i]]``.
 
@@ -42,7 +48,7 @@ def gather_masked(x: torch.Tensor, tokens: TokenSet) -> torch.Tensor:
     """:func:`gather_tokens` with T left on the device (no sync)."""
     b, n, c = x.shape
     flat = x.reshape(b * n, c)
-    valid = tokens.valid_slots()
+    valid = tokens.valid_slots() & in_range(tokens.indices, b * n)
     packed = flat.index_select(0, torch.where(valid, tokens.indices, 0))  # padding: any value
     return torch.where(valid[:, None], packed, packed.new_zeros(()))
 
@@ -79,7 +85,8 @@ def scatter_masked(
     """:func:`scatter_tokens` with T left on the device (no sync)."""
     b, n, c = base.shape
     flat = base.reshape(b * n, c)
-    dest = torch.where(tokens.valid_slots(), tokens.indices.long(), b * n)  # padding -> spare row
+    valid = tokens.valid_slots() & in_range(tokens.indices, b * n)
+    dest = torch.where(valid, tokens.indices.long(), b * n)  # padding -> spare row
     ext = torch.cat([flat, base.new_zeros(1, c)])
     ext = ext.index_add(0, dest, packed) if add else ext.index_copy(0, dest, packed)
     return ext[: b * n].view(b, n, c)

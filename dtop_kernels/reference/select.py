@@ -6,20 +6,28 @@ import torch
 
 from dtop_kernels.tokens import PAD_INDEX, TokenSet
 
+# Scores below the smallest normal float32 count as 0 on every backend (hardware and libraries
+# differ on subnormal exponentials: some flush them, some keep them).
+TINY = 2.0**-126
+
 
 def token_scores(
     class_logits: torch.Tensor, mask_logits: torch.Tensor, tokens: TokenSet
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Confidence and label of every packed slot, in fp32.
 
-    ``s[c, n] = softmax(class_logits[b, c])[0] * sigmoid(mask_logits[c, n])``;
-    ``conf = max_c s``, ``label = argmax_c s`` (lowest class on ties). Padding slots get conf 0.
-    class_logits: [B, K, 2]; mask_logits: [K, capacity]. Returns (conf [capacity], label int64).
+    ``s[c, n] = softmax(class_logits[b, c])[0] * sigmoid(mask_logits[c, n])``, as
+    ``sigmoid(l_present - l_none)`` (the limit for infinite logits), scores below ``TINY`` set
+    to 0; ``conf = max_c s``, ``label = argmax_c s`` (lowest class on ties; NaN wins).
+    Padding slots get conf 0. class_logits: [B, K, 2]; mask_logits: [K, capacity].
+    Returns (conf [capacity], label int64).
     """
     b = tokens.batch_size
-    present = class_logits.float().softmax(dim=-1)[..., 0]  # [B, K]
+    cl = class_logits.float()
+    present = torch.sigmoid(cl[..., 0] - cl[..., 1])  # [B, K]
     image = tokens.slot_image()
     score = present[image.clamp(max=b - 1)] * mask_logits.float().t().sigmoid()  # [cap, K]
+    score = torch.where(score < TINY, score.new_zeros(()), score)  # NaN stays NaN
     conf, label = score.max(dim=1)
     conf = torch.where(image < b, conf, conf.new_zeros(()))
     return conf, label

@@ -55,6 +55,10 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # Non-finite rule: x * 0 is 0 for finite x, NaN for NaN / Inf. A bad query row, or a bad
+    # key / value row anywhere in the image, makes the output row NaN (when there are keys).
+    q_bad = tl.sum(q.to(tl.float32) * 0.0, axis=1)
+    kv_bad = tl.zeros([BLOCK_M], dtype=tl.float32)
     for n0 in range(0, len_k, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < len_k
@@ -72,8 +76,11 @@ def _fwd_kernel(
                     other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
+        kv_bad += tl.sum(tl.sum(k.to(tl.float32) * 0.0, axis=1), axis=0) + \
+            tl.sum(tl.sum(v.to(tl.float32) * 0.0, axis=1), axis=0)
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # an image with no keys: zero output
-    out = acc / l_safe[:, None]
+    poison = tl.where(len_k > 0, q_bad + kv_bad, 0.0)
+    out = acc / l_safe[:, None] + poison[:, None]
     tl.store(O + rows_q[:, None] * so_t + h * so_h + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
     tl.store(LSE + h * slse_h + rows_q, m_i + tl.log2(l_safe), mask=m_mask)
@@ -236,6 +243,7 @@ def attention_fwd(
     out = torch.zeros_like(q)
     lse = torch.zeros(h, tq, device=q.device, dtype=torch.float32)
     bm, bn, bd, warps = _blocks(d, q.dtype, "fwd")
+    max_q = min(max_q, tq)  # a bound above the rows is valid; no program past them
     grid = (triton.cdiv(max_q, bm), b, h)
     if tq and b and max_q:
         _fwd_kernel[grid](
@@ -260,6 +268,7 @@ def attention_bwd(
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     bm, bn, bd, warps = _blocks(d, q.dtype, "bwd")
     prec = dot_precision(q.dtype)
+    max_q, max_k = min(max_q, tq), min(max_k, k.shape[0])
     common = (cu_q, cu_k, tq, k.shape[0], scale * LOG2E, scale,
               q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
               do.stride(0), do.stride(1), lse.stride(0))
@@ -286,6 +295,7 @@ def head_mean_logits(
     out = torch.zeros(num_q, k.shape[0], device=q.device, dtype=q.dtype)
     bm, bn, bd, warps = _blocks(d, q.dtype, "logits")
     bm = min(bm, max(16, triton.next_power_of_2(num_q)))
+    max_k = min(max_k, k.shape[0])
     if b and num_q and max_k:
         _logits_kernel[(triton.cdiv(num_q, bm), triton.cdiv(max_k, bn), b)](
             q, k, out, cu_k, k.shape[0], num_q, scale / h,

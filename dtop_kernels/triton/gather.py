@@ -1,7 +1,9 @@
 """Triton row gather / scatter between dense ``[B*N, C]`` and packed ``[capacity, C]``.
 
 The valid count ``T = cu_seqlens[B]`` is read on the device; the grid covers ``capacity`` rows
-and programs past ``T`` write zeros (gather) or nothing (scatter).
+and programs past ``T`` write zeros (gather) or nothing (scatter). An index outside
+``[0, B*N)`` (a broken contract with the checks off) is never dereferenced: its row reads as
+zeros and is written nowhere.
 """
 
 from __future__ import annotations
@@ -14,13 +16,13 @@ from dtop_kernels.tokens import TokenSet
 
 
 @triton.jit
-def _gather_kernel(X, IDX, CU, OUT, B, cap, C, sx, so,
+def _gather_kernel(X, IDX, CU, OUT, B, cap, C, sx, so, dense_rows,
                    ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     total = tl.minimum(tl.load(CU + B), cap)
     in_cap = rows < cap
-    valid = rows < total
-    src = tl.load(IDX + rows, mask=valid, other=0).to(tl.int64)
+    src = tl.load(IDX + rows, mask=rows < total, other=0).to(tl.int64)
+    valid = (rows < total) & (src >= 0) & (src < dense_rows)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         cm = cols < C
@@ -31,12 +33,12 @@ def _gather_kernel(X, IDX, CU, OUT, B, cap, C, sx, so,
 
 
 @triton.jit
-def _scatter_kernel(SRC, IDX, CU, OUT, B, cap, C, ss, so,
+def _scatter_kernel(SRC, IDX, CU, OUT, B, cap, C, ss, so, dense_rows,
                     ADD: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     total = tl.minimum(tl.load(CU + B), cap)
-    valid = rows < total
-    dst = tl.load(IDX + rows, mask=valid, other=0).to(tl.int64)
+    dst = tl.load(IDX + rows, mask=rows < total, other=0).to(tl.int64)
+    valid = (rows < total) & (dst >= 0) & (dst < dense_rows)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         m = valid[:, None] & (cols < C)[None, :]
@@ -62,7 +64,7 @@ def gather_rows(x2d: torch.Tensor, tokens: TokenSet) -> torch.Tensor:
     rows, block_c = _launch_cfg(c)
     _gather_kernel[(triton.cdiv(cap, rows),)](
         x2d, tokens.indices, tokens.cu_seqlens, out, tokens.batch_size, cap, c,
-        x2d.stride(0), out.stride(0), ROWS=rows, BLOCK_C=block_c,
+        x2d.stride(0), out.stride(0), x2d.shape[0], ROWS=rows, BLOCK_C=block_c,
     )
     return out
 
@@ -75,5 +77,5 @@ def scatter_rows(packed: torch.Tensor, tokens: TokenSet, out2d: torch.Tensor, ad
     rows, block_c = _launch_cfg(c)
     _scatter_kernel[(triton.cdiv(cap, rows),)](
         packed, tokens.indices, tokens.cu_seqlens, out2d, tokens.batch_size, cap, c,
-        packed.stride(0), out2d.stride(0), ADD=add, ROWS=rows, BLOCK_C=block_c,
+        packed.stride(0), out2d.stride(0), out2d.shape[0], ADD=add, ROWS=rows, BLOCK_C=block_c,
     )

@@ -18,7 +18,7 @@ from dtop_kernels.tokens import TokenSet
 
 
 @triton.jit
-def _ln_fwd_kernel(X, IDX, CU, Y, XOUT, W, Bias, MEAN, RSTD, B, cap, C, sx, sy, eps,
+def _ln_fwd_kernel(X, IDX, CU, Y, XOUT, W, Bias, MEAN, RSTD, B, cap, C, sx, sy, eps, x_rows,
                    GATHER: tl.constexpr, STORE_X: tl.constexpr, BLOCK_C: tl.constexpr):
     row = tl.program_id(0)
     total = tl.minimum(tl.load(CU + B), cap)
@@ -35,7 +35,9 @@ def _ln_fwd_kernel(X, IDX, CU, Y, XOUT, W, Bias, MEAN, RSTD, B, cap, C, sx, sy, 
         src = tl.load(IDX + row).to(tl.int64)
     else:
         src = row.to(tl.int64)
-    x_raw = tl.load(X + src * sx + cols, mask=cm, other=0.0)
+    # an index outside x (checks off, broken contract) reads as a zero row, never out of bounds
+    src_v = src + cols * 0  # the row index per column (a vector mask)
+    x_raw = tl.load(X + src * sx + cols, mask=cm & (src_v >= 0) & (src_v < x_rows), other=0.0)
     if STORE_X:
         tl.store(XOUT + row.to(tl.int64) * sy + cols, x_raw, mask=cm)
     x = x_raw.to(tl.float32)
@@ -52,7 +54,7 @@ def _ln_fwd_kernel(X, IDX, CU, Y, XOUT, W, Bias, MEAN, RSTD, B, cap, C, sx, sy, 
 
 @triton.jit
 def _ln_bwd_kernel(DY, X, IDX, CU, W, MEAN, RSTD, DX, DW, DB, B, cap, C, sdy, sx, sdx,
-                   rows_per_prog, GATHER: tl.constexpr, BLOCK_C: tl.constexpr):
+                   rows_per_prog, x_rows, GATHER: tl.constexpr, BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)
     total = tl.minimum(tl.load(CU + B), cap)
     cols = tl.arange(0, BLOCK_C)
@@ -68,7 +70,9 @@ def _ln_bwd_kernel(DY, X, IDX, CU, W, MEAN, RSTD, DX, DW, DB, B, cap, C, sdy, sx
             src = tl.load(IDX + row).to(tl.int64)
         else:
             src = row
-        x = tl.load(X + src * sx + cols, mask=cm, other=0.0).to(tl.float32)
+        src_v = src + cols * 0  # the row index per column (a vector mask)
+        x = tl.load(X + src * sx + cols, mask=cm & (src_v >= 0) & (src_v < x_rows),
+                    other=0.0).to(tl.float32)
         dy = tl.load(DY + row * sdy + cols, mask=cm, other=0.0).to(tl.float32)
         mean = tl.load(MEAN + row)
         rstd = tl.load(RSTD + row)
@@ -104,7 +108,7 @@ def layer_norm_fwd(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     if cap:
         _ln_fwd_kernel[(cap,)](
             x2d, tokens.indices, tokens.cu_seqlens, y, xout, weight, bias, mean, rstd,
-            tokens.batch_size, cap, c, x2d.stride(0), y.stride(0), eps,
+            tokens.batch_size, cap, c, x2d.stride(0), y.stride(0), eps, x2d.shape[0],
             GATHER=gather, STORE_X=store_x, BLOCK_C=_block_c(c),
         )
     return y, (xout if store_x else None), mean, rstd
@@ -125,7 +129,7 @@ def layer_norm_bwd(dy: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor,
         _ln_bwd_kernel[(progs,)](
             dy, x2d, tokens.indices, tokens.cu_seqlens, weight, mean, rstd, dx, dw, db,
             tokens.batch_size, cap, c, dy.stride(0), x2d.stride(0), dx.stride(0),
-            rows_per_prog, GATHER=gather, BLOCK_C=_block_c(c),
+            rows_per_prog, x2d.shape[0], GATHER=gather, BLOCK_C=_block_c(c),
         )
     if dx_add is not None:
         dx = dx + dx_add

@@ -23,7 +23,7 @@ ACT_NONE, ACT_GELU = 0, 1
 
 @triton.jit
 def _linear_kernel(
-    X, W, Bias, R, Y, Z, IDX, CU, B, cap, N, K, sx, sw, sr, sy, sz,
+    X, W, Bias, R, Y, Z, IDX, CU, B, cap, N, K, sx, sw, sr, sy, sz, dense_rows,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SAVE_PRE: tl.constexpr,
     GATHER: tl.constexpr, SCATTER: tl.constexpr, I64: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PREC: tl.constexpr,
@@ -51,16 +51,23 @@ def _linear_kernel(
     # Tiles past the valid rows run no iterations: no FLOPs for pruned rows.
     k_end = tl.where(pid_m * BLOCK_M < total, K, 0)
     offs_k = tl.arange(0, BLOCK_K)
-    if GATHER:  # row i of the operand is dense row indices[i]
-        src = tl.load(IDX + offs_m, mask=row_ok, other=0)
-        src = src.to(tl.int64) if I64 else src
+    if GATHER or SCATTER:  # row i of the operand / result is dense row indices[i]
+        idx = tl.load(IDX + offs_m, mask=row_ok, other=0)
+        # an index outside the dense rows (checks off, broken contract) is never dereferenced
+        idx_ok = row_ok & (idx >= 0) & (idx < dense_rows)
+        idx = tl.where(idx_ok, idx, 0)
+        idx = idx.to(tl.int64) if I64 else idx
+    if GATHER:
+        src = idx
+        a_ok = idx_ok
     else:
         src = rows
+        a_ok = row_ok
     a_ptrs = X + src[:, None] * sx + offs_k[None, :]
     w_ptrs = W + offs_k[:, None] + cols[None, :] * sw  # W^T tile [K, N]
     for k0 in range(0, k_end, BLOCK_K):
         k_ok = (k0 + offs_k) < K
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        a = tl.load(a_ptrs, mask=a_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc += tl.dot(a, w, input_precision=PREC)
         a_ptrs += BLOCK_K
@@ -78,10 +85,8 @@ def _linear_kernel(
                        mask=row_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
     acc = tl.where(row_ok[:, None], acc, 0.0)
     if SCATTER:
-        dst = tl.load(IDX + offs_m, mask=row_ok, other=0)
-        dst = dst.to(tl.int64) if I64 else dst
-        tl.store(Y + dst[:, None] * sy + offs_n[None, :], acc.to(Y.dtype.element_ty),
-                 mask=row_ok[:, None] & n_ok[None, :])
+        tl.store(Y + idx[:, None] * sy + offs_n[None, :], acc.to(Y.dtype.element_ty),
+                 mask=idx_ok[:, None] & n_ok[None, :])
     else:
         tl.store(Y + rows[:, None] * sy + offs_n[None, :], acc.to(Y.dtype.element_ty),
                  mask=(offs_m < cap)[:, None] & n_ok[None, :])
@@ -141,7 +146,7 @@ def linear_fwd(
     _linear_kernel[grid](
         x, weight, bias if bias is not None else weight, r, y, z, tokens.indices,
         tokens.cu_seqlens, tokens.batch_size, cap, n, k, x.stride(0), weight.stride(0),
-        r.stride(0), y.stride(0), z.stride(0),
+        r.stride(0), y.stride(0), z.stride(0), tokens.batch_size * tokens.seq_len,
         ACT=act, HAS_BIAS=bias is not None, HAS_RES=residual is not None, SAVE_PRE=save_pre,
         GATHER=gather, SCATTER=scatter, I64=i64, PREC=dot_precision(x.dtype), **cfg,
     )

@@ -19,17 +19,20 @@ from dtop_kernels.reference.select import compact
 from dtop_kernels.tokens import TokenSet
 from dtop_kernels.triton._utils import interpret_blocks
 
+TINY = 2.0**-126  # scores below the smallest normal float32 count as 0 (every backend)
+
 
 @triton.jit
 def _sigmoid(x):
-    # No overflow for large |x|: 1 / (1 + exp(-x)) is exactly 0 below x = -88.7, where torch
-    # still returns subnormal values. NaN stays NaN.
+    # No overflow for large |x| (the naive 1 / (1 + exp(-x)) overflows exp below x = -88.7);
+    # sigmoid(+inf) = 1, sigmoid(-inf) = 0, NaN stays NaN. Values below about -87.3 are
+    # subnormal or flushed depending on the hardware; the score flushes them (TINY).
     e = tl.exp(-tl.abs(x))
     return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
 @triton.jit
-def _score_kernel(CLS, MASK, CU, CONF, LABEL, cap, K, s_cls_b, s_cls_k, s_mask_k,
+def _score_kernel(CLS, MASK, CU, CONF, LABEL, cap, K, s_cls_b, s_cls_k, s_mask_k, tiny,
                   BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     b = tl.program_id(1)
@@ -48,6 +51,7 @@ def _score_kernel(CLS, MASK, CU, CONF, LABEL, cap, K, s_cls_b, s_cls_k, s_mask_k
         present = _sigmoid(l_present - l_none)  # softmax over the 2 logits
         ml = tl.load(MASK + c * s_mask_k + slots, mask=m, other=0.0).to(tl.float32)
         s = present * _sigmoid(ml)
+        s = tl.where(s < tiny, 0.0, s)  # NaN stays NaN
         # strict: the lowest class wins ties; a NaN wins and stays (torch.max): never a candidate
         better = ((s > best) | (s != s)) & (best == best)  # noqa: PLR0124 (NaN tests)
         best = tl.where(better, s, best)
@@ -101,11 +105,12 @@ def exit_slots(
     block = small or 128
     cls = class_logits if class_logits.stride(-1) == 1 else class_logits.contiguous()
     ml = mask_logits if mask_logits.stride(-1) == 1 else mask_logits.contiguous()
-    grid = (triton.cdiv(tokens.max_seqlen, block), b)
+    max_seqlen = min(tokens.max_seqlen, cap)
+    grid = (triton.cdiv(max_seqlen, block), b)
     _score_kernel[grid](cls, ml, tokens.cu_seqlens, conf, label, cap, k, cls.stride(0),
-                        cls.stride(1), ml.stride(0), BLOCK=block)
+                        cls.stride(1), ml.stride(0), TINY, BLOCK=block)
     bi, bj = (small, small) if small else (64, 128)
-    _rank_kernel[(triton.cdiv(tokens.max_seqlen, bi), b)](
+    _rank_kernel[(triton.cdiv(max_seqlen, bi), b)](
         conf, label, tokens.cu_seqlens, exits, cap, float(threshold), int(top_k),
         BLOCK_I=bi, BLOCK_J=bj)
     return exits.bool()
