@@ -15,8 +15,13 @@ SCRIPT = Path(__file__).resolve().parent / "compile_kernels.py"
 
 
 def test_triton_kernels_compile_for_gpus():
+    import dtop_kernels
+
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    # The script imports the same dtop_kernels as this test (installed, or this checkout).
+    where = str(Path(dtop_kernels.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (where, env.get("PYTHONPATH")) if p)
     procs = {arch: subprocess.Popen([sys.executable, str(SCRIPT), "--arch", arch], env=env,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for arch in ("80", "90")}
