@@ -156,6 +156,10 @@ def test_cli_optional_dependency_fails_before_the_work() -> None:
     pytest.param([str(BENCH / "ops.py")], id="ops"),
     pytest.param(["-m", "dtop_kernels.models.pruning_maps"], id="pruning_maps"),
     pytest.param([str(ROOT / "examples" / "dtop_model_tour.py")], id="tour"),
+    pytest.param(["-m", "dtop_kernels.models.train"], id="train"),
+    pytest.param(["-m", "dtop_kernels.models.evaluate"], id="evaluate"),
+    pytest.param(["-m", "dtop_kernels.models.synthetic_dataset"], id="synthetic_dataset"),
+    pytest.param([str(ROOT / "examples" / "train_synthetic.py")], id="train_synthetic"),
 ])
 def test_cli_help_documents_every_option(cmd: list[str]) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -288,7 +288,7 @@ def format_report(report: dict, latency: list[dict] | None = None,
 
 def main(argv: Sequence[str] | None = None) -> dict:
     from dtop_kernels.models.checkpoint import load_model
-    from dtop_kernels.models.data import DataError, default_split, read_meta
+    from dtop_kernels.models.data import DataError, default_split, read_meta, require_pillow
 
     ap = argparse.ArgumentParser(
         prog="python -m dtop_kernels.models.evaluate",
@@ -298,17 +298,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--checkpoint", required=True, help="a checkpoint written by the trainer")
     ap.add_argument("--data", required=True, help="data set root (ADE20K or folder layout)")
     ap.add_argument("--split", default=None, help="default: validation (ADE20K) / val")
-    ap.add_argument("--thresholds", type=float, nargs="+", default=[0.8, 0.9, 0.95])
+    ap.add_argument("--thresholds", type=float, nargs="+", default=[0.8, 0.9, 0.95],
+                    help="DToP exit thresholds p0, one report row each (after the dense row)")
     ap.add_argument("--scale", type=int, nargs=2, default=None, metavar=("LONG", "SHORT"),
                     help="test resize (default: the checkpoint's training scale, else 2048 512)")
-    ap.add_argument("--mode", choices=("slide", "whole"), default="slide")
+    ap.add_argument("--mode", choices=("slide", "whole"), default="slide",
+                    help="sliding windows (the official protocol) or the whole image")
     ap.add_argument("--crop", type=int, default=None,
                     help="slide window (default: the training crop, else 512)")
     ap.add_argument("--stride", type=int, default=None,
                     help="slide stride (default: 2/3 of the crop rounded down, 341 for 512)")
-    ap.add_argument("--max-images", type=int, default=None)
-    ap.add_argument("--backend", default="auto")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--max-images", type=int, default=None,
+                    help="evaluate only the first N images (default: all)")
+    ap.add_argument("--backend", default="auto",
+                    help="kernel backend of the packed ops: auto, torch, triton or cuda")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="torch device")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's)")
     ap.add_argument("--latency-images", type=int, default=4,
@@ -317,12 +322,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--json", default=None, help="write the report (and latency) as JSON")
     ap.add_argument("--maps", default=None, metavar="DIR",
                     help="write pruning maps of the first validation images (needs matplotlib)")
-    ap.add_argument("--map-images", type=int, default=4)
+    ap.add_argument("--map-images", type=int, default=4,
+                    help="number of validation images drawn with --maps")
     ap.add_argument("--map-threshold", type=float, default=None,
                     help="threshold whose exits the maps show (default: the model's)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        require_pillow("python -m dtop_kernels.models.evaluate")
+    except ImportError as e:
+        ap.exit(2, f"error: {e}\n")
     if args.maps:
         from dtop_kernels.models.visualize import require_matplotlib
 

@@ -181,8 +181,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--val", type=int, default=40, help="validation images")
     ap.add_argument("--classes", type=int, default=len(CLASSES),
                     help=f"number of classes (at most {len(CLASSES)})")
-    ap.add_argument("--layout", choices=("ade20k", "folder"), default="ade20k")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--layout", choices=("ade20k", "folder"), default="ade20k",
+                    help="ADE20K layout (mmseg) or the folder layout (module docstring)")
+    ap.add_argument("--seed", type=int, default=0, help="the data set is a function of it")
     args = ap.parse_args(argv)
     try:
         require_pillow("python -m dtop_kernels.models.synthetic_dataset")

@@ -55,6 +55,7 @@ from dtop_kernels.models.data import (
     default_split,
     open_dataset,
     read_meta,
+    require_pillow,
 )
 from dtop_kernels.models.evaluate import evaluate
 from dtop_kernels.models.loading import load_mmseg_checkpoint, load_timm_backbone
@@ -367,7 +368,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--split", default=None, help="training split (default training / train)")
     ap.add_argument("--num-classes", type=int, default=None,
                     help="default: dataset.json's, else 150 (ADE20K layout)")
-    ap.add_argument("--arch", choices=sorted(ARCHS), default="base")
+    ap.add_argument("--arch", choices=sorted(ARCHS), default="base",
+                    help="model size: base / large are the paper's ViT-B/16 and ViT-L/16")
     ap.add_argument("--pos-grid", type=int, default=None,
                     help="position-embedding grid (default: the arch's)")
     ap.add_argument("--threshold", type=float, default=0.9,
@@ -378,12 +380,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=2, help="images per process and step")
     ap.add_argument("--lr", type=float, default=2e-5, help="backbone learning rate")
     ap.add_argument("--head-lr-mult", type=float, default=10.0, help="heads' learning rate factor")
-    ap.add_argument("--weight-decay", type=float, default=0.01)
-    ap.add_argument("--warmup-iters", type=int, default=1500)
+    ap.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    ap.add_argument("--warmup-iters", type=int, default=1500,
+                    help="linear warm-up iterations from 1e-6 x the learning rate")
     ap.add_argument("--crop", type=int, default=512, help="training crop (pixels)")
     ap.add_argument("--scale", type=int, nargs=2, default=(2048, 512), metavar=("LONG", "SHORT"),
                     help="resize scale before the random ratio 0.5-2 (also the test scale)")
-    ap.add_argument("--cat-max-ratio", type=float, default=0.75)
+    ap.add_argument("--cat-max-ratio", type=float, default=0.75,
+                    help="crops are redrawn (up to 10 times) while one class covers more")
     ap.add_argument("--no-photometric", action="store_true", help="no photometric distortion")
     ap.add_argument("--amp", choices=("bf16", "fp16", "off"), default="bf16",
                     help="mixed precision on CUDA (ignored on CPU)")
@@ -391,15 +395,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--workers", type=int, default=2, help="data loader processes")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads of the training process (default: torch's)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the weights, the data order and the augmentations")
     ap.add_argument("--init", default=None,
                     help="weights to start from: an mmseg checkpoint, a timm state dict, or a "
                          "checkpoint of this trainer")
     ap.add_argument("--timm-model", default=None,
                     help="timm model name whose pretrained weights start the backbone")
     ap.add_argument("--resume", default=None, help="checkpoint to continue, or 'auto'")
-    ap.add_argument("--log-interval", type=int, default=50)
-    ap.add_argument("--ckpt-interval", type=int, default=4000)
+    ap.add_argument("--log-interval", type=int, default=50,
+                    help="iterations between log lines and log.jsonl records")
+    ap.add_argument("--ckpt-interval", type=int, default=4000,
+                    help="iterations between checkpoints RUN/iter_N.pth")
     ap.add_argument("--eval-interval", type=int, default=0,
                     help="evaluate dense and DToP mIoU every N iterations (0: never)")
     ap.add_argument("--eval-images", type=int, default=None, help="validation images per eval")
@@ -412,6 +419,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.resume and (args.init or args.timm_model):
         ap.error("--resume continues a run: it cannot be combined with --init / --timm-model")
+    try:
+        require_pillow("python -m dtop_kernels.models.train")
+    except ImportError as e:
+        ap.exit(2, f"error: {e}\n")
     return args
 
 
