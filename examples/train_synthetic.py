@@ -1,6 +1,6 @@
-"""Train a small ViT-DToP on a synthetic data set and report dense vs DToP (CPU, ~20 minutes).
+"""Train a small ViT-DToP on a synthetic data set and report dense vs DToP (CPU, ~15 minutes).
 
-    python examples/train_synthetic.py --out runs/synth            # the documented run
+    python examples/train_synthetic.py --out runs/synth            # docs/training.md's run
     python examples/train_synthetic.py --out /tmp/s --iters 20 --train 16 --val 4   # a smoke run
 
 Three steps, each also a command of its own (printed as it runs):
