@@ -4,6 +4,7 @@
     python benchmarks/latency.py --model large     # ViT-L/16 at 640
     python benchmarks/latency.py --sweep --plot benchmarks/results/latency-sweep.png
     python benchmarks/latency.py --quick           # tiny model: smoke test, not a timing
+    python benchmarks/latency.py --checkpoint RUN/final.pth --data DIR   # learned pruning
 
 Rows (one per mode and batch size; with --sweep one per keep level for the pruned modes):
 - "dense (SDPA)": ``mode="dense", aux_heads=False``, the SegViT baseline at inference;
@@ -25,7 +26,9 @@ first; after every auxiliary head a fraction ``keep`` of the active tokens stays
 over keep +- 0.1 so a batch is ragged), through the model's real rule (p0 = its threshold, top-5 per
 class). Default ``keep``: solved (bisection on the analytic FLOP count) so that the FLOP saving
 equals the paper's ADE20K figure, 21.0% for ViT-B (109.9 -> 86.8 GFLOPs), 33.1% for ViT-L.
-"loop" and every "packed" row see the same logits. Before timing, every mode is checked: loop and
+"loop" and every "packed" row see the same logits.
+With ``--checkpoint CKPT --data DIR`` the pruning is learned instead: the trained model's own heads
+decide the exits (at its saved threshold) on validation images of DIR, and "keep" is measured. Before timing, every mode is checked: loop and
 each packed backend give the same pred (within dtype tolerance), active_counts and exit_stage, equal
 to the synthesized plan; dense equals packed at threshold 1.0 (the run aborts otherwise).
 
@@ -82,6 +85,8 @@ from dtop_kernels.models import (
     vit_dtop_large,
     vit_dtop_tiny,
 )
+from dtop_kernels.models.checkpoint import load_model, read_checkpoint
+from dtop_kernels.models.data import EvalTransform, default_split, open_dataset, require_pillow
 from dtop_kernels.models.synthetic import synthetic_images
 
 # model -> (factory, default resolution, the paper's ADE20K FLOP saving: 1 - DToP / SegViT GFLOPs)
@@ -262,12 +267,51 @@ def spread_warnings(rows: list[dict], threads: int | None,
     return [f"WARNING: {w}" for w in out]
 
 
+# ---------------------------------------------------------------------- learned pruning
+def learned_images(args, batch: int, res: int, dtype, dev) -> list[torch.Tensor]:
+    """``args.rotate`` batches of validation images from ``args.data`` (test-resized at the
+    checkpoint's scale, the top-left res x res window, zero-padded when smaller)."""
+    ckpt_args = read_checkpoint(args.checkpoint).get("args", {})
+    scale = tuple(ckpt_args.get("scale") or (2048, 512))
+    ds = open_dataset(args.data, default_split(args.data, train=False),
+                      transform=EvalTransform(scale=scale))
+    out = []
+    for r in range(args.rotate):
+        imgs = []
+        for j in range(batch):
+            img = ds[(r * batch + j) % len(ds)][0][:, :res, :res]
+            imgs.append(torch.nn.functional.pad(img, (0, res - img.shape[2],
+                                                      0, res - img.shape[1])))
+        out.append(torch.stack(imgs).to(dev, dtype))
+    return out
+
+
+def learned_plans(model, imgs: list[torch.Tensor]) -> list[ExitPlan]:
+    """What the trained heads prune on each batch, from the official per-image loop: plans
+    without exit logits (the model's own heads decide) whose counts and exit stages the packed
+    rows must reproduce."""
+    plans = []
+    for img in imgs:
+        out = model(img, mode="loop")
+        plans.append(ExitPlan(None, out.active_counts.cpu(), out.exit_stage.flatten(1).cpu()))
+    return plans
+
+
+def learned_keep(plans: list[ExitPlan]) -> float:
+    """Mean fraction of the active tokens left after each exit: (n_last / n_first)^(1/(S-1))."""
+    c = torch.cat([p.counts for p in plans], dim=1).double()
+    return round(float(((c[-1] / c[0]) ** (1 / (c.shape[0] - 1))).mean()), 3)
+
+
 # ---------------------------------------------------------------------- benchmark
 def bench(args) -> tuple[dict, list[dict], list[str]]:
     dev = torch.device(args.device)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     gpu = dev.type == "cuda"
     factory, res, paper_saving = QUICK if args.quick else MODELS[args.model]
+    if args.checkpoint:  # a trained model: its own heads prune real images
+        ckpt_model, ckpt = load_model(args.checkpoint)
+        factory, res = (lambda: ckpt_model), ckpt.get("args", {}).get("crop") or res
     res = args.res or res
     env = environment(dtype, dev)
     notes: list[str] = []
@@ -292,9 +336,18 @@ def bench(args) -> tuple[dict, list[dict], list[str]]:
     progress = _Progress(args.quiet)
     rows: list[dict] = []
     for b in args.batch:
-        imgs = [synthetic_images(b, res, res, seed=r, dtype=dtype).to(dev)
-                for r in range(args.rotate)]
-        if args.sweep is not None:
+        if args.checkpoint:
+            imgs = learned_images(args, b, res, dtype, dev)
+        else:
+            imgs = [synthetic_images(b, res, res, seed=r, dtype=dtype).to(dev)
+                    for r in range(args.rotate)]
+        if args.checkpoint:
+            learned = learned_plans(model, imgs)
+            keeps = [learned_keep(learned)]
+            notes.append(f"B={b}: pruning learned: the checkpoint's heads at threshold "
+                         f"{model.threshold:g} on validation images of {args.data} (test-resized, "
+                         f"cropped or padded to {res} x {res}); keep {keeps[0]} measured")
+        elif args.sweep is not None:
             keeps = args.sweep
         elif args.keep is not None:
             keeps = [args.keep]
@@ -318,9 +371,10 @@ def bench(args) -> tuple[dict, list[dict], list[str]]:
             return model(imgs[i], mode="loop", exit_logits=plans[i].exit_logits, upsample=up)
 
         # --- pruning plans per keep level and rotation set (fp32 exit logits on the device)
-        plans = {keep: [plan_exits(b, grid, k_cls, stages, keep, threshold=model.threshold,
-                                   top_k=model.top_k, seed=1000 + r).to(dev)
-                        for r in range(args.rotate)] for keep in keeps}
+        plans = {keep: learned if args.checkpoint else
+                 [plan_exits(b, grid, k_cls, stages, keep, threshold=model.threshold,
+                             top_k=model.top_k, seed=1000 + r).to(dev)
+                  for r in range(args.rotate)] for keep in keeps}
 
         # --- which backends run here: a forward at threshold 1.0 and a pruned one (every op)
         checked: list[str] = []  # max |d pred| of every check
@@ -441,7 +495,10 @@ def bench(args) -> tuple[dict, list[dict], list[str]]:
         best = min(t["ms"] for (info, *_), t in zip(jobs, timings) if info["keep"] is None)
         best_lo = min(t["ms"] for (info, *_), t in zip(jobs, logits) if info["keep"] is None)
         for (info, call, _), t, lo in zip(jobs, timings, logits):
-            r = {"model": "tiny" if args.quick else args.model, "res": res, "batch": b, **info,
+            name = "tiny" if args.quick else args.model
+            if args.checkpoint:
+                name = f"checkpoint ({Path(args.checkpoint).name})"
+            r = {"model": name, "res": res, "batch": b, **info,
                  **t, "logits_ms": lo["ms"], "logits_p20": lo["p20"], "logits_p80": lo["p80"],
                  "logits_samples_ms": lo["samples_ms"]}
             if gpu:
@@ -555,6 +612,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "within a few percent on a quiet CPU)")
     p.add_argument("--rotate", type=int, default=None,
                    help="different input batches cycled through (default 3)")
+    p.add_argument("--checkpoint", default=None,
+                   help="a trained checkpoint (python -m dtop_kernels.models.train): its heads "
+                        "prune real images from --data instead of the synthesized pattern")
+    p.add_argument("--data", default=None,
+                   help="data set root (ADE20K or folder layout) whose validation images the "
+                        "--checkpoint prunes (needs Pillow)")
     p.add_argument("--quick", action="store_true",
                    help="tiny model, 128 px, batch 2, 1 repeat: a smoke test, not a timing")
     p.add_argument("--quiet", action="store_true", help="no progress output on stderr")
@@ -573,6 +636,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     gpu = args.device.startswith("cuda")
     if args.sweep is not None and not args.sweep:
         args.sweep = list(SWEEP)
+    if bool(args.checkpoint) != bool(args.data):
+        p.error("--checkpoint and --data go together: the trained heads prune the data's images")
+    if args.checkpoint and (args.sweep is not None or args.keep is not None):
+        p.error("--keep and --sweep synthesize the pruning; with --checkpoint the trained heads "
+                "decide it")
+    if args.checkpoint:
+        try:
+            require_pillow("--data")
+        except ImportError as e:
+            p.error(str(e))
     if args.plot and args.sweep is None:
         p.error("--plot needs --sweep")
     for k in [args.keep] + (args.sweep or []):

@@ -182,6 +182,10 @@ def test_cli_optional_dependency_fails_before_the_work() -> None:
     pytest.param([str(BENCH / "ops.py")], id="ops"),
     pytest.param(["-m", "dtop_kernels.models.pruning_maps"], id="pruning_maps"),
     pytest.param([str(ROOT / "examples" / "dtop_model_tour.py")], id="tour"),
+    pytest.param(["-m", "dtop_kernels.models.train"], id="train"),
+    pytest.param(["-m", "dtop_kernels.models.evaluate"], id="evaluate"),
+    pytest.param(["-m", "dtop_kernels.models.synthetic_dataset"], id="synthetic_dataset"),
+    pytest.param([str(ROOT / "examples" / "train_synthetic.py")], id="train_synthetic"),
 ])
 def test_cli_help_documents_every_option(cmd: list[str]) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -198,3 +202,25 @@ def test_cli_help_documents_every_option(cmd: list[str]) -> None:
         next_line = i + 1 < len(lines) and lines[i + 1].startswith("   ") \
             and lines[i + 1].strip()
         assert same_line or next_line, f"{lines[i].strip()} has no help text"
+
+
+def test_latency_learned_pruning(tmp_path: Path) -> None:
+    """--checkpoint --data: the trained heads prune validation images; the legend and checks
+    stay."""
+    pytest.importorskip("PIL", reason="--data reads images with Pillow")
+    from dtop_kernels.models.synthetic_dataset import write_synthetic_dataset
+    from dtop_kernels.models.train import main as train_main
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    write_synthetic_dataset(data, train=2, val=2, num_classes=3, height=(64, 70),
+                            width=(64, 80))
+    train_main(["--data", str(data), "--out", str(run), "--arch", "tiny", "--iters", "1",
+                "--crop", "64", "--scale", "128", "64", "--workers", "0", "--quiet"])
+    out = _run("latency.py", "--quiet", "--checkpoint", str(run / "final.pth"), "--data",
+               str(data), "--json", str(tmp_path / "learned.json"))
+    assert "pruning learned: the checkpoint's heads at threshold 0.9" in out.stdout
+    assert "columns:" in out.stdout and "checks passed" in out.stdout
+    rows = _rows(tmp_path / "learned.json")
+    assert {r["mode"] for r in rows} >= {"dense (SDPA)", "loop (official per-image)",
+                                         "packed/torch"}
+    assert all(r["model"] == "checkpoint (final.pth)" and r["res"] == 64 for r in rows)

@@ -8,7 +8,12 @@
 - :func:`capture_forward`: the forward captured in a CUDA graph, replayed for new images.
 - :func:`save_pruning_maps`: where tokens exited (matplotlib).
 
-timm and matplotlib are optional and imported only where used.
+Training and evaluation on data (Pillow): :mod:`.data` (ADE20K / folder layouts, mmseg
+transforms), :mod:`.synthetic_dataset` (a synthetic data set in the ADE20K layout),
+:mod:`.evaluate` (mIoU, dense vs DToP report; ``python -m dtop_kernels.models.evaluate``),
+:mod:`.train` (``python -m dtop_kernels.models.train``), :mod:`.checkpoint`.
+
+timm, matplotlib and Pillow are optional and imported only where used.
 """
 
 from dtop_kernels.models.dtop import (

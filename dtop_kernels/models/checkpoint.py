@@ -1,0 +1,77 @@
+"""Model configurations by name and training checkpoints (save, load, rebuild the model).
+
+A checkpoint is a dict saved with ``torch.save``: ``model`` (state dict), ``config`` (``arch``,
+``num_classes`` and the keyword overrides that rebuild the model with :func:`build_model`),
+``iteration``, and when written by the trainer ``optimizer``, ``scaler``, ``rng`` (torch,
+numpy, CUDA generator states) and ``args``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dtop_kernels.models.dtop import ViTDToP, vit_dtop_base, vit_dtop_large, vit_dtop_tiny
+
+
+def vit_dtop_small(num_classes: int = 6, threshold: float = 0.9, **kw) -> ViTDToP:
+    """A small configuration that trains on a CPU in minutes: 6 layers, 128 wide, 4 heads;
+    heads after layers 3, 4, 6 (ViT-B's 6 / 8 / 12 pattern halved; 64 wide, 2 heads); 16 x 16
+    position grid (256-pixel crops)."""
+    cfg = {"embed_dim": 128, "depth": 6, "num_heads": 4, "stage_ends": (3, 4, 6),
+           "head_width": 64, "head_heads": 2, "top_k": 5, "pos_grid": 16}
+    return ViTDToP(num_classes, threshold=threshold, **{**cfg, **kw})
+
+
+ARCHS = {"tiny": vit_dtop_tiny, "small": vit_dtop_small, "base": vit_dtop_base,
+         "large": vit_dtop_large}
+
+
+def build_model(arch: str, num_classes: int, **overrides) -> ViTDToP:
+    """``ARCHS[arch](num_classes, **overrides)``; ValueError naming the choices otherwise."""
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {sorted(ARCHS)}; got {arch!r}")
+    return ARCHS[arch](num_classes=num_classes, **overrides)
+
+
+def model_config(arch: str, num_classes: int, **overrides) -> dict:
+    return {"arch": arch, "num_classes": num_classes, "overrides": dict(overrides)}
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, config: dict, iteration: int,
+                    **extra) -> Path:
+    """Write a checkpoint atomically (a temporary file renamed into place)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save({"model": model.state_dict(), "config": config, "iteration": iteration, **extra},
+               tmp)
+    tmp.replace(path)
+    return path
+
+
+def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """The checkpoint dict; ValueError naming the file when it is not one of ours."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(ckpt, dict) or not {"model", "config"} <= ckpt.keys():
+        raise ValueError(f"{path} is not a dtop_kernels training checkpoint (no 'model' and "
+                         "'config'); load official or timm weights with load_mmseg_checkpoint "
+                         "or load_timm_backbone")
+    return ckpt
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", **overrides
+               ) -> tuple[ViTDToP, dict]:
+    """Rebuild the model of a checkpoint and load its weights: (model in eval mode, checkpoint).
+    ``overrides`` (e.g. ``threshold``) replace the saved configuration's."""
+    ckpt = read_checkpoint(path)
+    cfg = ckpt["config"]
+    model = build_model(cfg["arch"], cfg["num_classes"], **{**cfg["overrides"], **overrides})
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt
