@@ -58,6 +58,8 @@ import argparse
 import csv
 import itertools
 import os
+import random
+import statistics
 import sys
 import time
 import warnings
@@ -120,6 +122,7 @@ which no FLOP count includes) | realized logits: realized from logits ms against
 row's logits ms | + CUDA graph: captured once (capture_forward) and replayed; packed at fixed
 capacity with the exit rule inside the graph, no host syncs (GPU only)"""
 SPREAD_LIMIT = 1.10  # p80 / p20 above this: the row's samples are too spread to read a fraction
+INTERVAL_LIMIT = 0.2  # realized fraction's 80% bootstrap interval wider than this: too uncertain
 
 
 class CheckError(RuntimeError):
@@ -237,33 +240,52 @@ class _Progress:
             self.bar.close()
 
 
+def realized_interval(row: dict, dense: dict, rounds: int = 2000, seed: int = 0
+                      ) -> tuple[float, float] | None:
+    """80% bootstrap interval of ``row``'s realized fraction: the medians of ``row``'s and the
+    dense row's timing samples resampled with replacement (None without samples or saving)."""
+    saving = row["flop_saving"] / 100
+    xs, ds = row.get("samples_ms"), dense.get("samples_ms")
+    if not saving or not xs or not ds:
+        return None
+    rng = random.Random(seed)
+    vals = sorted((1 - statistics.median(rng.choices(xs, k=len(xs)))
+                   / statistics.median(rng.choices(ds, k=len(ds)))) / saving
+                  for _ in range(rounds))
+    return vals[int(0.1 * rounds)], vals[int(0.9 * rounds) - 1]
+
+
 def spread_warnings(rows: list[dict], threads: int | None,
                     load: tuple[float, float, float] | None) -> list[str]:
     """Warnings when the timings cannot support the realized fraction: a row whose p80 / p20
-    exceeds SPREAD_LIMIT (with the realized range its spread allows), or (CPU) a load average
-    above the threads this run uses, i.e. other processes competed for the cores."""
+    exceeds SPREAD_LIMIT, a pruned row whose realized fraction has an 80% bootstrap interval
+    wider than INTERVAL_LIMIT (both say which interval the samples allow), or (CPU) a load
+    average above the threads this run uses, i.e. other processes competed for the cores."""
     out = []
     for r in rows:
         ratio = r["p80"] / r["p20"] if r["p20"] > 0 else float("inf")
-        if ratio <= SPREAD_LIMIT:
+        dense = [d for d in rows if d["batch"] == r["batch"] and d["keep"] is None]
+        interval = None
+        if r["keep"] is not None and dense:
+            interval = realized_interval(r, min(dense, key=lambda d: d["ms"]))
+        wide = interval is not None and interval[1] - interval[0] > INTERVAL_LIMIT
+        if ratio <= SPREAD_LIMIT and not wide:
             continue
         what = f"B={r['batch']} {r['mode']}" + (f" keep={r['keep']}" if r["keep"] else "")
-        msg = f"{what}: p80/p20 = {ratio:.2f} > {SPREAD_LIMIT}"
-        dense = [d for d in rows if d["batch"] == r["batch"] and d["keep"] is None]
-        saving = r["flop_saving"] / 100
-        if r["keep"] is not None and saving and dense:
-            best = min(dense, key=lambda d: d["ms"])
-            lo = (1 - r["p80"] / best["p20"]) / saving
-            hi = (1 - r["p20"] / best["p80"]) / saving
-            msg += f"; its realized fraction could be anywhere in [{lo:.2f}, {hi:.2f}]"
+        msg = f"{what}: p80/p20 = {ratio:.2f}" + (f" > {SPREAD_LIMIT}" if ratio > SPREAD_LIMIT
+                                                  else "")
+        if interval is not None:
+            msg += (f"; its realized fraction has the 80% bootstrap interval "
+                    f"[{interval[0]:.2f}, {interval[1]:.2f}]")
         out.append(msg)
     if load is not None and threads is not None and load[0] > threads + 0.5:
         out.append(f"CPU load average {load[0]:.1f} exceeds the {threads} threads this run uses: "
                    "other processes shared the cores, so the timings are not those of a quiet "
                    "machine")
     if out:
-        out.append("these timings are too noisy to read the realized fraction: rerun on a quiet "
-                   "machine, or with more --repeats")
+        out.append("these timings are too noisy to read the realized fraction to within "
+                   f"{INTERVAL_LIMIT / 2:.2f}: rerun on a quiet machine, or with more --repeats "
+                   "(the interval narrows as the square root of the repeats)")
     return [f"WARNING: {w}" for w in out]
 
 
@@ -608,8 +630,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="default bf16 on GPU, fp32 on CPU")
     p.add_argument("--warmup", type=int, default=None, help="default 5 GPU, 1 CPU")
     p.add_argument("--repeats", type=int, default=None,
-                   help="timed forwards per row (default 30 GPU, 10 CPU: enough for p20-p80 "
-                        "within a few percent on a quiet CPU)")
+                   help="timed forwards per row (default 30 GPU, 15 CPU: on a quiet 2-core CPU "
+                        "p20-p80 within a few percent of the median)")
     p.add_argument("--rotate", type=int, default=None,
                    help="different input batches cycled through (default 3)")
     p.add_argument("--checkpoint", default=None,
@@ -654,7 +676,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.dtype = args.dtype or ("bf16" if gpu else "fp32")
     args.batch = args.batch or ([2] if args.quick else ([1, 8] if gpu else [1]))
     args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
-    args.repeats = args.repeats or (1 if args.quick else (30 if gpu else 10))
+    args.repeats = args.repeats or (1 if args.quick else (30 if gpu else 15))
     args.rotate = args.rotate or (2 if args.quick else 3)
     return args
 

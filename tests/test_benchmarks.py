@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -141,22 +142,29 @@ def _latency_module():
     return mod
 
 
-def _row(mode: str, keep, ms: float, p20: float, p80: float, saving: float = 0.0) -> dict:
-    return {"batch": 1, "mode": mode, "keep": keep, "ms": ms, "p20": p20, "p80": p80,
-            "flop_saving": saving}
+def _row(mode: str, keep, samples: list[float], saving: float = 0.0) -> dict:
+    samples = sorted(samples)
+    q = statistics.quantiles(samples, n=5)
+    return {"batch": 1, "mode": mode, "keep": keep, "ms": statistics.median(samples),
+            "p20": q[0], "p80": q[3], "flop_saving": saving, "samples_ms": samples}
 
 
 def test_spread_warnings_flag_noisy_rows_and_load() -> None:
     lat = _latency_module()
-    quiet = [_row("dense (SDPA)", None, 100, 99, 101), _row("packed/torch", 0.7, 80, 79, 81, 20)]
+    tight_dense = [100 + 0.1 * i for i in range(-5, 6)]
+    tight_packed = [80 + 0.1 * i for i in range(-5, 6)]
+    quiet = [_row("dense (SDPA)", None, tight_dense), _row("packed/torch", 0.7, tight_packed, 20)]
     assert lat.spread_warnings(quiet, threads=2, load=(1.9, 1.0, 1.0)) == []
-    noisy = [_row("dense (SDPA)", None, 100, 90, 110), _row("packed/torch", 0.7, 80, 79, 81, 20)]
+    # realized = (1 - 80/100) / 0.2 = 1.0, known to within the bootstrap of tight samples
+    lo, hi = lat.realized_interval(quiet[1], quiet[0])
+    assert 0.97 < lo <= 1.0 <= hi < 1.03
+    spread_dense = [90, 95, 100, 105, 110, 115, 85, 100, 100, 120, 80]
+    noisy = [_row("dense (SDPA)", None, spread_dense), _row("packed/torch", 0.7, tight_packed, 20)]
     warn = lat.spread_warnings(noisy, threads=2, load=(1.0, 1.0, 1.0))
-    assert len(warn) == 2 and "dense (SDPA)" in warn[0] and "1.22" in warn[0]
-    spread = [_row("dense (SDPA)", None, 100, 99, 101), _row("packed/torch", 0.7, 80, 70, 90, 20)]
-    warn = lat.spread_warnings(spread, threads=2, load=None)
-    # realized between (1 - 90/99)/0.2 and (1 - 70/101)/0.2
-    assert "[0.45, 1.53]" in warn[0]
+    assert len(warn) == 3 and "dense (SDPA)" in warn[0] and "> 1.1" in warn[0]
+    assert "packed/torch" in warn[1] and "bootstrap interval" in warn[1]
+    lo, hi = lat.realized_interval(noisy[1], noisy[0])
+    assert hi - lo > 0.2
     loaded = lat.spread_warnings(quiet, threads=1, load=(3.0, 3.0, 3.0))
     assert len(loaded) == 2 and "load average 3.0" in loaded[0]
 
