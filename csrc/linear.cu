@@ -2,14 +2,22 @@
 // ragged token batch, the CUDA twin of _linear_kernel in dtop_kernels/triton/linear.py.
 //
 // One kernel serves the forward (B = W [N, K], read as [n][k]) and the input gradient of the
-// backward (dx = dz @ W, B read as [k][n]). Block tile 128 x 128 x 32, 8 warps as 2 (m) x 4 (n),
-// warp tile 64 x 32 = 4 x 4 mma.m16n8k16 per 16-deep step; a 3-stage cp.async pipeline. The
-// shared-memory tiles and fragment loads are the attention kernels' (attention.cuh): rows padded
-// by 16 bytes, so every ldmatrix phase hits distinct banks without a swizzle.
+// backward (dx = dz @ W, B read as [k][n]). The block tile is a compile-time configuration
+// (TileConfig), two of which are instantiated and picked at launch by the GEMM's output width N
+// (for dx: the layer's in_features), the rule of _config in dtop_kernels/triton/linear.py:
+//   N > 1024:  128 x 128 x 32, 8 warps as 2 (m) x 4 (n), 3 cp.async stages, 60 KB shared;
+//   N <= 1024: 128 x 64 x 64,  4 warps as 2 (m) x 2 (n), 3 cp.async stages, 81 KB shared.
+// Both use warp tiles of 64 x 32 = 4 x 4 mma.m16n8k16 per 16-deep step. Half-width tiles for
+// N <= 1024: at N = 768 (attention proj, MLP fc2) and M ~ 6000 rows, 128 x 128 tiles make
+// 47 x 6 = 282 tiles, one more than two per SM on 132 SMs, so the busiest SMs run 3 tile-times
+// against 2.14 for perfectly spread work; 128 x 64 tiles (564) bound that at 2.5. Not yet
+// confirmed by timing on a GPU. The shared-memory tiles and fragment loads are the attention
+// kernels' (attention.cuh): rows padded by 16 bytes, so every ldmatrix phase hits distinct banks
+// without a swizzle.
 //
 // Ragged rows: T = cu_seqlens[B] is read on the device. Row tiles past T skip the main loop (the
 // pruned rows cost no FLOPs and the host never learns T). The token gather is fused into the A
-// load (row i of A is a[a_index[i]]: each thread resolves its two rows once, then streams their
+// load (row i of A is a[a_index[i]]: each thread resolves its rows once, then streams their
 // k-chunks), and the epilogue adds the bias, stores the pre-activation, applies the exact GELU,
 // adds the residual and writes row i either packed or scattered to y[y_index[i]].
 //
@@ -28,31 +36,59 @@ using attn::cp_async_wait;
 using attn::kWarpThreads;
 using attn::smem_addr;
 
-constexpr int kBM = 128, kBN = 128, kBK = 32, kStages = 3;
-constexpr int kWarpsM = 2, kWarpsN = 4, kThreads = kWarpsM * kWarpsN * kWarpThreads;
-constexpr int kWarpM = kBM / kWarpsM, kWarpN = kBN / kWarpsN;  // 64 x 32
-constexpr int kMTiles = kWarpM / 16, kNTiles = kWarpN / 8;     // 4 x 4
 constexpr int kGroupM = 8;  // row tiles per group of the tile order (L2 reuse of B)
 
-constexpr int kPitchK = kBK + 8;  // [rows][k] tiles (A, and B read as [n][k])
-constexpr int kPitchN = kBN + 8;  // B read as [k][n]
-constexpr int kATile = kBM * kPitchK;
-constexpr int kBTile = kBN * kPitchK > kBK * kPitchN ? kBN * kPitchK : kBK * kPitchN;
-constexpr int kStageElems = kATile + kBTile;
+// A block tile shape: BM x BN output tile, BK-deep k steps, `Stages` cp.async stages, warps
+// laid out WarpsM (m) x WarpsN (n). Every divisibility the load loops and the epilogue assume is
+// asserted here, so a new shape that breaks one fails to compile.
+template <int BM, int BN, int BK, int Stages, int WarpsM, int WarpsN>
+struct TileConfig {
+  static constexpr int kBM = BM, kBN = BN, kBK = BK, kStages = Stages;
+  static constexpr int kWarpsM = WarpsM, kWarpsN = WarpsN;
+  static constexpr int kThreads = kWarpsM * kWarpsN * kWarpThreads;
+  static constexpr int kWarpM = kBM / kWarpsM, kWarpN = kBN / kWarpsN;
+  static constexpr int kMTiles = kWarpM / 16, kNTiles = kWarpN / 8;
 
-// Epilogue staging: per warp 32 rows x (32 + 8) floats (pitch = 8 banks mod 32: the float2
-// writes of one half-warp land on distinct banks).
-constexpr int kStagePitch = kWarpN + 8;
-constexpr int kStageRows = 32;
+  static constexpr int kPitchK = kBK + 8;  // [rows][k] tiles (A, and B read as [n][k])
+  static constexpr int kPitchN = kBN + 8;  // B read as [k][n]
+  static constexpr int kATile = kBM * kPitchK;
+  static constexpr int kBTile = kBN * kPitchK > kBK * kPitchN ? kBN * kPitchK : kBK * kPitchN;
+  static constexpr int kStageElems = kATile + kBTile;
 
-constexpr size_t kSmemBytes = sizeof(__half) * kStages * kStageElems;
-static_assert(sizeof(float) * kWarpsM * kWarpsN * kStageRows * kStagePitch <= kSmemBytes,
-              "epilogue staging must fit in the pipeline's shared memory");
-static_assert(kBM * (kBK / 8) % kThreads == 0 && kBN * (kBK / 8) % kThreads == 0 &&
-                  kBK * (kBN / 8) % kThreads == 0,
-              "tile loads must split evenly over the threads");
+  // Epilogue staging: per warp 32 rows x (32 + 8) floats (pitch = 8 banks mod 32: the float2
+  // writes of one half-warp land on distinct banks).
+  static constexpr int kStagePitch = kWarpN + 8;
+  static constexpr int kStageRows = 32;
 
-constexpr int kALoads = kBM * (kBK / 8) / kThreads;  // 16-byte chunks per thread per A tile
+  static constexpr size_t kSmemBytes = sizeof(__half) * kStages * kStageElems;
+  static constexpr int kALoads = kBM * (kBK / 8) / kThreads;  // 16-byte A chunks per thread
+
+  static_assert(kStages >= 2, "the pipeline needs at least two stages");
+  static_assert(kBM % (kWarpsM * 16) == 0 && kBN % (kWarpsN * 8) == 0 && kBK % 16 == 0,
+                "warp tiles must be whole mma.m16n8k16 tiles");
+  static_assert(kNTiles % 2 == 0, "B fragments are loaded for two 8-column tiles at a time");
+  static_assert(kWarpN == 32, "the epilogue reads back 32 columns per warp (8 lanes x 4)");
+  static_assert(kWarpM % kStageRows == 0 && kStageRows == 32 && kMTiles % 2 == 0,
+                "the epilogue parks two 16-row m tiles (32 rows) per round");
+  static_assert(kThreads % (kBK / 8) == 0, "A rows must split evenly over the threads");
+  static_assert(kBM * (kBK / 8) % kThreads == 0 && kBN * (kBK / 8) % kThreads == 0 &&
+                    kBK * (kBN / 8) % kThreads == 0,
+                "tile loads must split evenly over the threads");
+  static_assert(sizeof(float) * kWarpsM * kWarpsN * kStageRows * kStagePitch <= kSmemBytes,
+                "epilogue staging must fit in the pipeline's shared memory");
+  static_assert(kSmemBytes <= attn::kMaxSmemBytes,
+                "shared memory above the sm_86 / sm_89 limit");
+};
+
+// Wide outputs (N > 1024): 60 KB shared, two blocks of 8 warps per SM.
+using WideTiles = TileConfig<128, 128, 32, 3, 2, 4>;
+// Narrow outputs (N <= 1024; ViT-B's 768): twice the tiles, so the last wave is fuller. 81 KB
+// shared (k steps of 64 halve the barriers per FLOP), two blocks of 4 warps per SM on
+// H100 / H200 (227 KB) and A100 (164 KB: 2 x (81 + 1 reserved) KB fits exactly).
+using NarrowTiles = TileConfig<128, 64, 64, 3, 2, 2>;
+constexpr int64_t kNarrowMaxN = 1024;  // largest N launched with NarrowTiles
+static_assert(WideTiles::kSmemBytes == 61440 && NarrowTiles::kSmemBytes == 82944,
+              "the header comment's shared-memory figures");
 
 struct LinearParams {
   const void* a;            // [rows, K] (rows of a_index, or cap)
@@ -97,7 +133,7 @@ __device__ __forceinline__ void store4(T* dst, const float (&v)[4]) {
 }
 
 // Zeros rows [m0, m_end) x columns [n0, n_end) of a [rows][stride] buffer, 8 columns a store.
-template <typename T>
+template <int kThreads, typename T>
 __device__ void zero_rows(T* buf, int64_t stride, int64_t m0, int64_t m_end, int64_t n0,
                           int64_t n_end) {
   const int64_t cols = (n_end - n0) / 8, count = (m_end - m0) * cols;
@@ -107,8 +143,14 @@ __device__ void zero_rows(T* buf, int64_t stride, int64_t m0, int64_t m_end, int
   }
 }
 
-template <typename T, bool kBKN>
-__global__ void __launch_bounds__(kThreads, 2) linear_kernel(const LinearParams p) {
+template <typename T, bool kBKN, typename C>
+__global__ void __launch_bounds__(C::kThreads, 2) linear_kernel(const LinearParams p) {
+  constexpr int kBM = C::kBM, kBN = C::kBN, kBK = C::kBK, kStages = C::kStages;
+  constexpr int kWarpsN = C::kWarpsN, kThreads = C::kThreads;
+  constexpr int kWarpM = C::kWarpM, kWarpN = C::kWarpN, kMTiles = C::kMTiles;
+  constexpr int kNTiles = C::kNTiles, kPitchK = C::kPitchK, kPitchN = C::kPitchN;
+  constexpr int kATile = C::kATile, kStageElems = C::kStageElems, kALoads = C::kALoads;
+  constexpr int kStagePitch = C::kStagePitch, kStageRows = C::kStageRows;
   extern __shared__ __align__(16) unsigned char smem[];
   T* tiles = reinterpret_cast<T*>(smem);
 
@@ -126,8 +168,8 @@ __global__ void __launch_bounds__(kThreads, 2) linear_kernel(const LinearParams 
 
   if (m0 >= total) {  // padding rows only: no product; packed outputs are zero
     const int64_t m_end = p.cap - m0 < kBM ? p.cap : m0 + kBM;
-    if (p.y_index == nullptr) zero_rows(y, p.y_stride, m0, m_end, n0, n_end);
-    if (pre != nullptr) zero_rows(pre, p.pre_stride, m0, m_end, n0, n_end);
+    if (p.y_index == nullptr) zero_rows<kThreads>(y, p.y_stride, m0, m_end, n0, n_end);
+    if (pre != nullptr) zero_rows<kThreads>(pre, p.pre_stride, m0, m_end, n0, n_end);
     return;
   }
 
@@ -286,13 +328,24 @@ void check_operand(const char* op, const char* name, const void* ptr, int64_t st
               std::to_string(stride) + "); pass a contiguous copy");
 }
 
-template <typename T, bool kBKN>
-void launch(const LinearParams& p, cudaStream_t stream) {
-  auto kernel = linear_kernel<T, kBKN>;
-  attn::allow_smem(kernel, kSmemBytes);
-  const int64_t blocks = ceil_div(p.cap, kBM) * ceil_div(p.n, kBN);
-  kernel<<<static_cast<unsigned>(blocks), kThreads, kSmemBytes, stream>>>(p);
+template <typename T, bool kBKN, typename C>
+void launch(const char* op, const LinearParams& p, cudaStream_t stream) {
+  const int64_t blocks = ceil_div(p.cap, C::kBM) * ceil_div(p.n, C::kBN);
+  require(blocks <= 0x7fffffff, op, "too many tiles");
+  auto kernel = linear_kernel<T, kBKN, C>;
+  attn::allow_smem(kernel, C::kSmemBytes);
+  kernel<<<static_cast<unsigned>(blocks), C::kThreads, C::kSmemBytes, stream>>>(p);
   DTOP_CHECK_LAUNCH();
+}
+
+// The tile shape by the GEMM's output width (for dx: the layer's in_features).
+template <typename T, bool kBKN>
+void launch_by_width(const char* op, const LinearParams& p, cudaStream_t stream) {
+  if (p.n <= kNarrowMaxN) {
+    launch<T, kBKN, NarrowTiles>(op, p, stream);
+  } else {
+    launch<T, kBKN, WideTiles>(op, p, stream);
+  }
 }
 
 void run(const char* op, LinearParams p, bool b_kn, int dtype, void* stream) {
@@ -315,9 +368,10 @@ void run(const char* op, LinearParams p, bool b_kn, int dtype, void* stream) {
   check_operand(op, "pre", p.pre, p.pre_stride, false);
   require(p.bias == nullptr || aligned_to(p.bias, 8), op, "bias must be 8-byte aligned");
   if (p.cap == 0 || p.n == 0) return;
-  require(ceil_div(p.cap, kBM) * ceil_div(p.n, kBN) <= 0x7fffffff, op, "too many tiles");
   auto s = static_cast<cudaStream_t>(stream);
-  DTOP_DISPATCH_HALF(dtype, T, b_kn ? launch<T, true>(p, s) : launch<T, false>(p, s));
+  DTOP_DISPATCH_HALF(dtype, T,
+                     b_kn ? launch_by_width<T, true>(op, p, s)
+                          : launch_by_width<T, false>(op, p, s));
 }
 
 }  // namespace

@@ -116,6 +116,17 @@ def check(group: str, dtype: torch.dtype, device, kernel: str = "cuda") -> None:
              lambda x, w, r, base, be: dk.packed_linear(x, w, None, t, residual=r,
                                                         out=base.clone(), backend=be),
              [x, w, r, base])
+        # The CUDA linear picks its tile shape by the GEMM's output width (N <= 1024 or not; for
+        # dx: in_features): each shape, forward and dx, with partial N and K tiles. Fewer rows
+        # (one row tile either way) keep the wide GEMMs quick under the Triton interpreter.
+        ts = _tokens(device, counts=(0, 9, 5), n=16)
+        for n_out, k_in in ((1032, 24), (40, 1040)):
+            pw = torch.randn(ts.capacity, k_in, device=device, dtype=dtype)
+            ww = torch.randn(n_out, k_in, device=device, dtype=dtype) / k_in**0.5
+            bw = torch.randn(n_out, device=device, dtype=dtype)
+            both(f"packed_linear {k_in} -> {n_out} gelu",
+                 lambda p, w, bias, be: dk.packed_linear(p, w, bias, ts, activation="gelu",
+                                                         backend=be), [pw, ww, bw])
     elif group == "select":
         kc = 5
         cl = torch.randn(b, kc, 2, device=device, dtype=dtype) * 3

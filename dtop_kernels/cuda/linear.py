@@ -5,6 +5,10 @@ dtop_kernels/triton/linear.py: rows ``i < T = cu_seqlens[B]`` are tokens, row ti
 no product, packed outputs are zero there. float16 / bfloat16 only, in and out features
 multiples of 8. With gather or scatter, ``tokens.indices`` must be valid (in [0, B * N)) on the
 first T slots: they are not checked on the device. Nothing here waits for the GPU.
+
+Tile shape: the kernel picks 128 x 64 tiles for outputs of N <= 1024 columns and 128 x 128
+above (for dx: by in_features), the rule of the Triton backend's ``_config``; the figures are in
+the header of csrc/linear.cu.
 """
 
 from __future__ import annotations

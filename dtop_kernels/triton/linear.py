@@ -107,7 +107,9 @@ def _config(dtype: torch.dtype, n: int) -> dict:
     Why N <= 1024 gets half-width tiles: at N = 768 (proj, fc2) and M ~ 6000 rows, 128 x 128
     tiles make 47 x 6 = 282 tiles, one more than two per SM on 132 SMs, so the busiest SMs run 3
     tile-times against 2.14 for perfectly spread work; 128 x 64 tiles (564) bound that at 2.5.
-    Not yet confirmed by timing on a GPU.
+    Not yet confirmed by timing on a GPU. The CUDA linear (csrc/linear.cu) splits by N at the
+    same 1024 with the same block tiles (its 128 x 128 tile steps k by 32): keep the two rules
+    together.
     """
     small = interpret_blocks()
     if small:
