@@ -100,8 +100,8 @@ def resource_usage(compiled) -> str:
 
 def _record_ops(calls_of, dtype: torch.dtype, t, c: int, heads: int, head_dim: int,
                 num_q: int, head_c: int) -> None:
-    """One ViT block's launches (LayerNorm, qkv / proj / fc1 / fc2 linears, attention fwd and
-    bwd, gather / scatter) and a DToP head's (head-mean logits, selection) on token set ``t``."""
+    """One ViT block's launches (LayerNorm, qkv / proj / fc1 / fc2 linears and their weight
+    gradients, attention fwd and bwd, gather / scatter) and a DToP head's (head-mean logits, selection) on token set ``t``."""
     from dtop_kernels.triton import attention as ta
     from dtop_kernels.triton import gather as tg
     from dtop_kernels.triton import layernorm as tln
@@ -127,6 +127,9 @@ def _record_ops(calls_of, dtype: torch.dtype, t, c: int, heads: int, head_dim: i
     tli.linear_fwd(h, torch.empty(c, 4 * c, dtype=dtype), b_qkv[:c], t, residual=packed,
                    out=dense)  # the stage's last GEMM scatters
     tli.linear_fwd(dense, w_qkv, b_qkv, t, gather=True)  # the stage's first GEMM gathers
+    tli.linear_bwd_weight(h, normed, t, need_db=True)  # fc1's dW and db
+    tli.linear_bwd_weight(qkv, dense, t, gather=True, need_db=True)  # gathered rows
+    tli.linear_bwd_weight(h, normed, t, need_dw=False, need_db=True)  # db alone
     tg.scatter_rows(tg.gather_rows(dense, t), t, dense, add=True)
     b = t.batch_size
     hq = torch.empty(b * num_q, head_c // head_dim, head_dim, dtype=dtype)

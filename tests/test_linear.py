@@ -166,6 +166,94 @@ def _check(got, same, exact, dtype, what):
     assert err <= 2 * base + floor, f"{what}: error {err:.3g} > 2 * {base:.3g} + {floor:.3g}"
 
 
+PAD_CASES = [
+    pytest.param(3, 21, [0, 21, 7], id="T28-cap63"),
+    pytest.param(2, 40, [3, 30], id="T33-cap80"),
+    pytest.param(2, 9, [0, 0], id="T0-cap18"),
+]
+
+
+@pytest.mark.parametrize("backend", backend_params("triton"))
+@pytest.mark.parametrize("dtype", DTYPES[:2])
+@pytest.mark.parametrize("gather,bias", [pytest.param(False, True, id="packed-bias"),
+                                         pytest.param(True, True, id="gather-bias"),
+                                         pytest.param(False, False, id="packed-nobias")])
+@pytest.mark.parametrize("k,m", [pytest.param(37, 45, id="K37-N45"),
+                                 pytest.param(5, 70, id="K5-N70")])
+@pytest.mark.parametrize("b,n,counts", PAD_CASES)
+def test_weight_grad_skips_padding(b, n, counts, k, m, gather, bias, dtype, backend, gen):
+    """dW and db with capacity B*N, well above T: the padding rows of x and of the upstream
+    gradient are NaN in the kernel backend's run (ignored by contract), finite in the
+    reference's; the kernel's gradients must be finite and as accurate as PyTorch's."""
+    _, ts, args = _inputs(b, n, counts, "full", k, m, gather, False, False, bias, dtype, gen)
+    t = sum(counts)
+    clean = [None if z is None else z.clone() for z in args]
+    if not gather:
+        clean[0][t:] = 0.5  # the reference multiplies its padding rows by zero gradients
+        args[0][t:] = float("nan")
+
+    def grads(xs, be, dt, poison):
+        x, w, bs = (None if z is None else z.to(dt).requires_grad_() for z in xs[:3])
+        y = packed_linear(x, w, bs, ts, activation="gelu", backend=be)
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        g = g.to(y.device, dt)
+        if poison:
+            g[t:] = float("nan")
+        return torch.autograd.grad(y, [z for z in (w, bs) if z is not None], g)
+
+    got = grads(args, backend, dtype, True)
+    same = grads(clean, "torch", dtype, False)
+    exact = grads(clean, "torch", torch.float64, False)
+    for name, a, s_, e in zip(("dweight", "dbias"), got, same, exact):
+        if t == 0:
+            assert torch.equal(a, torch.zeros_like(a)), f"{name}: nonzero with no tokens"
+        _check(a, s_, e, dtype, name)
+
+
+@pytest.mark.parametrize("backend", backend_params("triton"))
+@pytest.mark.parametrize("dtype", DTYPES[:2])
+@pytest.mark.parametrize("gather", [False, True], ids=["packed", "gather"])
+@pytest.mark.parametrize("need_dw,need_db", [(True, True), (True, False), (False, True)],
+                         ids=["dw-db", "dw", "db"])
+@pytest.mark.parametrize("b,n,counts", PAD_CASES)
+def test_weight_grad_kernel(b, n, counts, need_dw, need_db, gather, dtype, backend, gen):
+    """The weight-gradient launcher alone: dz's and x's rows past T are NaN and must never be
+    read; against dz[:T]^T @ rows[:T] and dz[:T].sum(0) in float64."""
+    from dtop_kernels.triton import linear as tli
+
+    keep = random_keep(b, n, counts, gen).to(DEVICE)
+    ts = make_tokens(keep, "full")
+    t, cap, k, m = sum(counts), b * n, 19, 33
+    dz = torch.randn(cap, m, generator=gen, dtype=torch.float64)
+    dz[t:] = float("nan")
+    if gather:
+        x = torch.randn(b * n, k, generator=gen, dtype=torch.float64)
+        x[~keep.cpu().flatten()] = float("nan")
+        rows = x[ts.indices[:t].long().cpu()]
+    else:
+        x = torch.randn(cap, k, generator=gen, dtype=torch.float64)
+        x[t:] = float("nan")
+        rows = x[:t]
+    dz_d, x_d = dz.to(DEVICE, dtype), x.to(DEVICE, dtype)
+    dw, db = tli.linear_bwd_weight(dz_d, x_d, ts, gather=gather, need_dw=need_dw,
+                                   need_db=need_db)
+    # the same products in the test dtype through PyTorch (its own rounding, the rule's base)
+    dz_t, rows_t = dz_d[:t], rows.to(DEVICE, dtype)
+    if need_dw:
+        assert dw.dtype == dtype and dw.shape == (m, k)
+        exact = dz[:t].t() @ rows
+        same = (dz_t.t() @ rows_t) if dtype == torch.float32 else (dz_t.float().t()
+                                                                    @ rows_t.float()).to(dtype)
+        _check(dw, same, exact, dtype, "dW")
+    else:
+        assert dw is None
+    if need_db:
+        assert db.dtype == dtype and db.shape == (m,)
+        _check(db, dz_t.float().sum(0).to(dtype), dz[:t].sum(0), dtype, "db")
+    else:
+        assert db is None
+
+
 @pytest.mark.parametrize("gather,scatter,activation,residual,bias", VARIANTS)
 def test_reference_matches_naive(gather, scatter, activation, residual, bias, gen):
     keep, ts, args = _inputs(3, 21, [0, 21, 7], "padded", 13, 11, gather, scatter, residual,

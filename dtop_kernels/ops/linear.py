@@ -51,7 +51,10 @@ def _kernels(backend: str):
 
 
 class _PackedLinear(torch.autograd.Function):
-    """Kernel forward; backward: dx = dz @ W on the backend, dW = dz^T @ x and db on cuBLAS."""
+    """Kernel forward; backward: dx = dz @ W on the backend. dW = dz^T @ x and db: on the
+    "triton" backend a Triton kernel whose reduction over the packed rows stops at T (read on the
+    device), gathering x's rows in its operand load; on "cuda", cuBLAS over the full capacity
+    (padding rows of dz are zero)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, tokens: TokenSet, act: int, out, backend: str):
@@ -98,11 +101,16 @@ class _PackedLinear(torch.autograd.Function):
                 dense = dx.new_zeros(x2d.shape)
                 scatter_rows(dx, tokens, dense, False)
                 dx = dense.view(ctx.x_shape)
-        if ctx.needs_input_grad[1]:
-            rows = gather_rows(x2d, tokens) if ctx.gather else x2d
-            dw = dz.t() @ rows
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dz.sum(0)
+        need_dw, need_db = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
+        if ctx.backend == "triton" and (need_dw or need_db):  # stops at T, gathers in the load
+            dw, db = kern.linear_bwd_weight(dz, x2d, tokens, gather=ctx.gather, need_dw=need_dw,
+                                            need_db=need_db)
+        else:
+            if need_dw:
+                rows = gather_rows(x2d, tokens) if ctx.gather else x2d
+                dw = dz.t() @ rows
+            if need_db:
+                db = dz.sum(0)
         if ctx.has_res and ctx.needs_input_grad[3]:
             dres = dy
         if ctx.scatter:  # rows overwritten by the layer do not reach the old values

@@ -160,3 +160,100 @@ def linear_bwd_input(dz: torch.Tensor, weight: torch.Tensor, tokens: TokenSet) -
     linear kernel on W^T (a copy of the weight, N * K elements): row tiles past T run no
     product, as in the forward."""
     return linear_fwd(dz, weight.t().contiguous(), None, tokens)[0]
+
+
+@triton.jit
+def _linear_dw_kernel(
+    DZ, X, IDX, CU, DW, DB, B, cap, N, K, sdz, sx, sdw, dense_rows,
+    COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr, GATHER: tl.constexpr,
+    I64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    # One [BLOCK_N, BLOCK_K] tile of dW per program; the reduction runs over the packed rows and
+    # stops at T = cu_seqlens[B], read here on the device: padding rows are never loaded.
+    pid = tl.program_id(0)
+    num_k = tl.cdiv(K, BLOCK_K) if COMPUTE_DW else 1
+    pid_n = pid // num_k
+    pid_k = pid % num_k
+    total = tl.minimum(tl.load(CU + B), cap)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_m = tl.arange(0, BLOCK_M)
+    n_ok = offs_n < N
+    k_ok = offs_k < K
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for m0 in range(0, total, BLOCK_M):
+        m = m0 + offs_m
+        row_ok = m < total
+        rows = m.to(tl.int64) if I64 else m
+        dz = tl.load(DZ + rows[:, None] * sdz + offs_n[None, :],
+                     mask=row_ok[:, None] & n_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_N]
+        if COMPUTE_DW:
+            if GATHER:  # row i of the operand is dense row indices[i], as in the forward
+                idx = tl.load(IDX + m, mask=row_ok, other=0)
+                a_ok = row_ok & (idx >= 0) & (idx < dense_rows)
+                src = tl.where(a_ok, idx, 0)
+                src = src.to(tl.int64) if I64 else src
+            else:
+                a_ok = row_ok
+                src = rows
+            a = tl.load(X + src[:, None] * sx + offs_k[None, :],
+                        mask=a_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+            acc += tl.dot(tl.trans(dz), a, input_precision=PREC)
+        if COMPUTE_DB:
+            acc_b += tl.sum(dz.to(tl.float32), axis=0)
+    if COMPUTE_DW:
+        dn = offs_n.to(tl.int64) if I64 else offs_n
+        tl.store(DW + dn[:, None] * sdw + offs_k[None, :], acc.to(DW.dtype.element_ty),
+                 mask=n_ok[:, None] & k_ok[None, :])
+    if COMPUTE_DB and pid_k == 0:  # the programs of the first column tile write db
+        tl.store(DB + offs_n, acc_b.to(DB.dtype.element_ty), mask=n_ok)
+
+
+def _dw_config(dtype: torch.dtype) -> dict:
+    """Launch settings of the weight-gradient kernel: [64, 64] tiles of dW, 64 rows per step in
+    the half dtypes (32 in fp32, whose products run on FMA), 4 warps, 3 stages. A sane default,
+    not tuned by timing on a GPU. One program per tile of dW, each reducing over all T rows: at
+    ViT-B's 768 x 768 (proj) that is 144 programs, about one wave on 132 SMs; splitting the rows
+    across programs would fill the GPU better there."""
+    small = interpret_blocks()
+    if small:
+        return {"BLOCK_M": small, "BLOCK_N": small, "BLOCK_K": small}
+    block_m = 32 if dtype == torch.float32 else 64
+    return {"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
+
+
+def linear_bwd_weight(
+    dz: torch.Tensor, x: torch.Tensor, tokens: TokenSet, gather: bool = False,
+    need_dw: bool = True, need_db: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """dW = dz[:T]^T @ x_rows[:T] and db = dz[:T].sum(0), T = cu_seqlens[B] read on the device.
+
+    dz: [capacity, N]; x: [capacity, K] packed rows, or [B*N, K] dense rows with ``gather``
+    (row i is ``x[indices[i]]``, gathered in the operand load, never materialized). Products
+    accumulate in fp32; dW [N, K] and db [N] come back in x's dtype. Rows past T are never read,
+    so their contents do not matter and they cost no work. Returns (dW or None, db or None) as
+    asked by ``need_dw`` / ``need_db``.
+    """
+    cap, n, k = tokens.capacity, dz.shape[1], x.shape[1]
+    compute_dw = need_dw and k > 0
+    launch = cap > 0 and n > 0 and (compute_dw or need_db)
+    alloc = torch.empty if launch else torch.zeros  # the kernel writes every entry
+    dw = alloc(n, k, device=x.device, dtype=x.dtype) if need_dw else None
+    db = alloc(n, device=x.device, dtype=x.dtype) if need_db else None
+    if not launch:
+        return dw, db
+    dz = dz if dz.stride(1) == 1 else dz.contiguous()
+    cfg = _dw_config(x.dtype)
+    num_k = triton.cdiv(k, cfg["BLOCK_K"]) if compute_dw else 1
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]) * num_k,)
+    i64 = max(dz.numel(), x.numel(), n * k) >= 2**30  # margin for masked tiles
+    out_w = dw if compute_dw else dz
+    _linear_dw_kernel[grid](
+        dz, x, tokens.indices, tokens.cu_seqlens, out_w, db if need_db else dz,
+        tokens.batch_size, cap, n, k, dz.stride(0), x.stride(0), out_w.stride(0),
+        tokens.batch_size * tokens.seq_len, COMPUTE_DW=compute_dw, COMPUTE_DB=need_db,
+        GATHER=gather, I64=i64, PREC=dot_precision(x.dtype), **cfg,
+    )
+    return dw, db
