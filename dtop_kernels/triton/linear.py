@@ -213,14 +213,17 @@ def _linear_dw_kernel(
 
 def _dw_config(dtype: torch.dtype) -> dict:
     """Launch settings of the weight-gradient kernel: [64, 64] tiles of dW, 64 rows per step in
-    the half dtypes (32 in fp32, whose products run on FMA), 4 warps, 3 stages. A sane default,
-    not tuned by timing on a GPU. One program per tile of dW, each reducing over all T rows: at
-    ViT-B's 768 x 768 (proj) that is 144 programs, about one wave on 132 SMs; splitting the rows
-    across programs would fill the GPU better there."""
+    the half dtypes (16 in fp32, whose products run on FMA: 32 needed 255 registers and a stack
+    frame on sm_80), 4 warps, 3 stages. A sane default, not tuned by timing on a GPU. Compiled
+    at ViT-B shapes (tests/compile_kernels.py --resources), no spills: fp16 / bf16 80-88
+    registers on sm_90 (wgmma), 104-128 on sm_80 (mma.sync); fp32 94-100 (sm_90), 149-151
+    (sm_80). One program per tile of dW, each reducing over all T rows: at ViT-B's 768 x 768
+    (proj) that is 144 programs, about one wave on 132 SMs; splitting the rows across programs
+    would fill the GPU better there."""
     small = interpret_blocks()
     if small:
         return {"BLOCK_M": small, "BLOCK_N": small, "BLOCK_K": small}
-    block_m = 32 if dtype == torch.float32 else 64
+    block_m = 16 if dtype == torch.float32 else 64
     return {"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
 
 
