@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from dtop_kernels.tokens import TokenSet
+from dtop_kernels.tokens import TokenSet, check_offsets
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -109,22 +109,10 @@ def cu_contract(check: bool | None, **specs: tuple[torch.Tensor, int, int]) -> N
         return
     host = torch.cat(tensors).long().cpu().split([t.shape[0] for t in tensors])
     for (name, (_, rows, max_seqlen)), cu in zip(specs.items(), host):
-        if int(cu[0]) != 0:
-            raise ValueError(f"{name}[0] must be 0; got {int(cu[0])} (offsets start at 0: "
-                             f"{name} = [0, cumsum(counts)])")
-        counts = cu[1:] - cu[:-1]
-        if counts.numel() and bool((counts < 0).any()):
-            j = int((counts < 0).nonzero()[0])
-            raise ValueError(f"{name} must be non-decreasing; {name}[{j + 1}] = "
-                             f"{int(cu[j + 1])} < {name}[{j}] = {int(cu[j])} (build it as "
-                             "[0, cumsum(counts)])")
-        if int(cu[-1]) > rows:
-            raise ValueError(f"{name}[-1] = {int(cu[-1])} exceeds the {rows} packed rows it "
-                             "indexes: the offsets count more tokens than the tensor holds")
-        if counts.numel() and int(counts.max()) > max_seqlen:
-            raise ValueError(f"image {int(counts.argmax())} has {int(counts.max())} rows in "
-                             f"{name}, more than its max_seqlen = {max_seqlen}; pass a bound of "
-                             "at least the largest count")
+        check_offsets(cu, name, rows,
+                      rows_what=f"the {rows} packed rows it indexes: the offsets count more "
+                                "tokens than the tensor holds",
+                      max_seqlen=max_seqlen, counted=f"rows in {name}", max_what="its max_seqlen")
 
 
 def check_flag(check: object) -> bool | None:

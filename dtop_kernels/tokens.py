@@ -214,27 +214,12 @@ class TokenSet:
         b, n = self.batch_size, self.seq_len
         both = torch.cat([self.cu_seqlens, self.indices]).long().cpu()  # the one host sync
         cu, idx = both[: b + 1], both[b + 1:]
-        if int(cu[0]) != 0:
-            raise ValueError(f"cu_seqlens[0] must be 0; got {int(cu[0])} (offsets start at 0: "
-                             "cu_seqlens = [0, cumsum(counts)])")
-        counts = cu[1:] - cu[:-1]
-        if b and bool((counts < 0).any()):
-            j = int((counts < 0).nonzero()[0])
-            raise ValueError(
-                f"cu_seqlens must be non-decreasing; cu_seqlens[{j + 1}] = {int(cu[j + 1])} < "
-                f"cu_seqlens[{j}] = {int(cu[j])} (build it as [0, cumsum(counts)])"
-            )
+        counts = check_offsets(
+            cu, "cu_seqlens", self.capacity,
+            rows_what=f"capacity (len(indices)) = {self.capacity}: the offsets count more "
+                      "tokens than indices holds",
+            max_seqlen=self.max_seqlen, counted="active tokens", max_what="max_seqlen")
         total = int(cu[-1])
-        if total > self.capacity:
-            raise ValueError(
-                f"cu_seqlens[-1] = {total} exceeds capacity (len(indices)) = {self.capacity}: "
-                "the offsets count more tokens than indices holds"
-            )
-        if b and int(counts.max()) > self.max_seqlen:
-            raise ValueError(
-                f"image {int(counts.argmax())} has {int(counts.max())} active tokens, more than "
-                f"max_seqlen = {self.max_seqlen}; pass a max_seqlen of at least the largest count"
-            )
         valid = idx[:total]
         image = torch.repeat_interleave(torch.arange(b), counts) if b else valid
         lo, hi = image * n, (image + 1) * n
@@ -285,6 +270,28 @@ class TokenSet:
 
 
 # ---------------------------------------------------------------------- checks
+def check_offsets(cu: torch.Tensor, name: str, rows: int, *, rows_what: str, max_seqlen: int,
+                  counted: str, max_what: str) -> torch.Tensor:
+    """Raise ValueError naming the first broken rule of the host offsets ``cu`` ([B + 1]): they
+    start at 0, never decrease, end at most at ``rows`` (``rows_what`` describes that bound) and
+    no image counts more than ``max_seqlen``. Returns the counts ([B])."""
+    if int(cu[0]) != 0:
+        raise ValueError(f"{name}[0] must be 0; got {int(cu[0])} (offsets start at 0: "
+                         f"{name} = [0, cumsum(counts)])")
+    counts = cu[1:] - cu[:-1]
+    if counts.numel() and bool((counts < 0).any()):
+        j = int((counts < 0).nonzero()[0])
+        raise ValueError(f"{name} must be non-decreasing; {name}[{j + 1}] = {int(cu[j + 1])} < "
+                         f"{name}[{j}] = {int(cu[j])} (build it as [0, cumsum(counts)])")
+    if int(cu[-1]) > rows:
+        raise ValueError(f"{name}[-1] = {int(cu[-1])} exceeds {rows_what}")
+    if counts.numel() and int(counts.max()) > max_seqlen:
+        raise ValueError(f"image {int(counts.argmax())} has {int(counts.max())} {counted}, more "
+                         f"than {max_what} = {max_seqlen}; pass a bound of at least the largest "
+                         "count")
+    return counts
+
+
 def _version_key(ts: TokenSet) -> tuple | None:
     """Identifies the current contents of the set's tensors (changes on any in-place write);
     None for inference-mode tensors, which keep no version counter (checked every time)."""
