@@ -80,11 +80,7 @@ def test_ops_quick(tmp_path: Path) -> None:
 
 
 def _ops_module():
-    spec = importlib.util.spec_from_file_location("bench_ops", BENCH / "ops.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return _bench_module("ops")
 
 
 def test_ops_measured_orders_rank_by_summed_time():
@@ -103,12 +99,17 @@ def test_ops_measured_orders_rank_by_summed_time():
                                          "packed_linear": ["torch"]}
 
 
-def _synth():
-    spec = importlib.util.spec_from_file_location("bench_synth", BENCH / "synth.py")
+def _bench_module(script: str):
+    """benchmarks/<script>.py imported by path (``benchmarks/`` is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{script}", BENCH / f"{script}.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
+
+
+def _synth():
+    return _bench_module("synth")
 
 
 @pytest.mark.parametrize("keep", [1.0, 0.75, 0.5])
@@ -135,11 +136,7 @@ def test_synthesized_exits_prune_the_planned_counts(keep: float) -> None:
 
 
 def _latency_module():
-    spec = importlib.util.spec_from_file_location("bench_latency", BENCH / "latency.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return _bench_module("latency")
 
 
 def _row(mode: str, keep, samples: list[float], saving: float = 0.0) -> dict:
