@@ -83,10 +83,17 @@ def checking(check: bool | None, device: torch.device) -> bool:
     """Whether the device-side contracts are verified for this call.
 
     Always for CPU tensors (reading them back costs no sync there); on other devices when
-    ``check=True``, or when ``check`` is None and ``DTOP_CHECK=1`` is set. Off by default there:
-    the hot path never syncs, and a violated contract gives unspecified values (never an
-    out-of-bounds access).
+    ``check=True``, or when ``check`` is None and ``DTOP_CHECK=1`` is set. Off by default there
+    (the hot path never syncs) and always off inside ``torch.compile``, where ``check=True``
+    raises. Unchecked, a violated contract gives unspecified values (never an out-of-bounds
+    access).
     """
+    if torch.compiler.is_compiling():  # a host read would break the graph
+        if check:
+            raise ValueError("check=True reads the token counts back to the host, which "
+                             "torch.compile cannot trace: validate the TokenSet before the "
+                             "compiled call (tokens.validate()) and pass check=None or False")
+        return False
     if device.type == "cpu" or check:
         return True
     if check is None:

@@ -141,7 +141,7 @@ class Dispatcher:
             raise BackendError(_format(self.op, "auto", table))
         if self.why_not[choice](*args, **kwargs):
             raise BackendError(_format(self.op, choice, self.reasons(*args, **kwargs)))
-        if choice in self.unverified:
+        if choice in self.unverified and not torch.compiler.is_compiling():
             warnings.warn(
                 f"dtop_kernels.{self.op}: the {choice} kernel has not yet passed its tests on a "
                 "GPU; results are unverified",

@@ -249,7 +249,9 @@ def test_packed_gradients_equal_loop_gradients():
         grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters()}
     assert_prunes_differently(out.active_counts)
     for n, g in grads["loop"].items():
-        torch.testing.assert_close(grads["packed"][n], g, atol=1e-9, rtol=1e-7, msg=n)
+        # same math, different arithmetic: the loop differentiates SDPA through autograd, the
+        # packed torch backend runs its own float32 attention backward (dtop::varlen_attention)
+        torch.testing.assert_close(grads["packed"][n], g, atol=1e-6, rtol=1e-5, msg=n)
 
 
 def test_loss_terms():

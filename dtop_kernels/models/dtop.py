@@ -292,7 +292,9 @@ class ViTDToP(nn.Module):
                     exit_logits=None, tighten: bool | int | None = None):
         b, n, c = x.shape
         last = self.num_stages - 1
-        if tighten is None:
+        if torch.compiler.is_compiling():  # fixed capacity: a read-back breaks the graph
+            tighten = False
+        elif tighten is None:
             tighten = True if x.device.type == "cpu" else self.CUDA_BUCKET
         tokens = TokenSet.all_active(b, n, device=x.device)
         packed = x.reshape(b * n, c)  # all active: the packed layout is the dense one

@@ -6,6 +6,7 @@ import torch
 
 from dtop_kernels import _checks
 from dtop_kernels.backends import Dispatcher, device_reasons_cuda, device_reasons_triton
+from dtop_kernels.ops import library
 from dtop_kernels.reference import attention as ref
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -47,45 +48,6 @@ _dispatch = Dispatcher(
     auto_order=("triton", "cuda", "torch"),
     unverified=("triton", "cuda"),
 )
-
-
-def _kernels(backend: str):
-    """The launcher module of a kernel backend: attention_fwd, attention_bwd,
-    head_mean_logits (same signatures in both)."""
-    if backend == "triton":
-        from dtop_kernels.triton import attention
-    else:
-        from dtop_kernels.cuda import attention
-    return attention
-
-
-class _VarlenAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, scale, return_logits, backend):
-        kern = _kernels(backend)
-        out, lse = kern.attention_fwd(q, k, v, cu_q, cu_k, max_q, scale)
-        if backend == "cuda":  # the Triton kernel applies the non-finite rule itself
-            out += ref.nonfinite_rows(q, k, v, cu_q, cu_k)
-        logits = kern.head_mean_logits(q, k, cu_k, max_q, max_k, scale) if return_logits \
-            else None
-        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-        ctx.max_q, ctx.max_k, ctx.scale, ctx.backend = max_q, max_k, scale, backend
-        if logits is None:
-            return out
-        return out, logits
-
-    @staticmethod
-    def backward(ctx, dout, dlogits=None):
-        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-        dq, dk, dv = _kernels(ctx.backend).attention_bwd(
-            dout.contiguous(), q, k, v, out, lse, cu_q, cu_k, ctx.max_q, ctx.max_k, ctx.scale)
-        if dlogits is not None:
-            dq2, dk2 = ref.head_mean_logits_backward(dlogits, q, k, cu_k, ctx.max_q, ctx.max_k,
-                                                     ctx.scale)
-            dq, dk = dq + dq2, dk + dk2
-        # q, k, v, cu_q, cu_k, max_q, max_k, scale, return_logits, backend
-        return dq, dk, dv, None, None, None, None, None, None, None
-
 
 
 def _check_cu(name: str, cu: torch.Tensor, rows: int, max_seqlen: int) -> None:
@@ -187,12 +149,14 @@ def varlen_attention(
         res = q.new_zeros(*q.shape[:2], v.shape[-1])
         if return_logits:
             res = res, q.new_zeros(max_seqlen_q, k.shape[0])
-    elif be != "torch":
-        res = _VarlenAttention.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                     max_seqlen_k, scale, return_logits, be)
-    else:
+    elif dropout_p:  # the torch backend's SDPA drops; its autograd is PyTorch's
         res = ref.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                    max_seqlen_k, scale, return_logits, dropout_p)
+    else:  # the custom op: its outputs always have a gradient path to q, k, v
+        out, _, logits = library.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k,
+                                                  max_seqlen_q, max_seqlen_k, float(scale),
+                                                  return_logits, be)
+        return (out, logits) if return_logits else out
     if return_logits:
         return _with_grad_path(res[0], q, k, v), _with_grad_path(res[1], q, k)
     return _with_grad_path(res, q, k, v)

@@ -16,8 +16,9 @@ from dtop_kernels.backends import (
     device_reasons_triton,
     requested_backend,
 )
-from dtop_kernels.ops.attention import varlen_attention
-from dtop_kernels.ops.gather import gather_tokens, scatter_tokens
+from dtop_kernels.ops import library
+from dtop_kernels.ops.layernorm import layer_norm_tokens
+from dtop_kernels.ops.linear import linear_tokens
 from dtop_kernels.reference.block import block_packed
 from dtop_kernels.tokens import TokenSet
 
@@ -131,13 +132,14 @@ def check_block(block: nn.Module, dim: int) -> None:
 
 
 def _attention(backend: str):
-    return functools.partial(_attn_positional, backend=backend)
+    """``attention(q, k, v, cu_q, cu_k, max_q, max_k, scale)`` on an already chosen backend:
+    ``dtop::varlen_attention`` without the public op's checks (the stage made them once)."""
 
+    def attention(q, k, v, cu_q, cu_k, mq, mk, scale):
+        return library.varlen_attention(q, k, v, cu_q, cu_k, mq, mk, float(scale), False,
+                                        backend)[0]
 
-def _attn_positional(q, k, v, cu_q, cu_k, mq, mk, scale, *, backend):
-    # the stage validated its tokens (the offsets here are theirs)
-    return varlen_attention(q, k, v, cu_q, cu_k, mq, mk, scale=scale, backend=backend,
-                            check=False)
+    return attention
 
 
 def pruned_stage(
@@ -176,18 +178,7 @@ def pruned_stage(
     be = _dispatch.select(backend, x, tokens, blocks)
     x = _checks.last_dim_contiguous(x)
     plan = _stage_plan(x, tokens, blocks) if requested_backend(backend) == "auto" else None
-    if plan is None and be != "torch":
-        plan = dict.fromkeys(STAGE_OPS, be)
-    if plan is not None and set(plan.values()) != {"torch"}:
-        return _stage_kernels(x, tokens, blocks, plan)
-    be = "torch"
-    attention = _attention(be)
-    packed = gather_tokens(x, tokens, backend=be, check=False) if x.dim() == 3 else x
-    for blk in blocks:
-        packed = block_packed(packed, tokens, blk, attention)
-    if x.dim() == 2:
-        return packed
-    return scatter_tokens(packed, tokens, x.clone(), backend=be, check=False)
+    return _run_stage(x, tokens, blocks, plan or dict.fromkeys(STAGE_OPS, be))
 
 
 STAGE_OPS = ("gather_tokens", "layer_norm", "packed_linear", "varlen_attention",
@@ -249,26 +240,12 @@ def _fusable(blk: nn.Module, backend: str) -> bool:
     )
 
 
-def _linears(backend: str, scatter_backend: str):
+def _linears(backend: str):
     """``linear(x, weight, bias, tokens, activation=, residual=, out=)`` on ``backend``: the
     kernel backends fuse bias, GELU, residual and the scatter into the GEMM; torch runs cuBLAS
-    (addmm: bias fused) on the packed rows, then the rest."""
-    from dtop_kernels.ops.linear import linear_tokens
-
-    if backend != "torch":
-        return functools.partial(linear_tokens, backend=backend)
-
-    def linear(x, weight, bias, tokens, activation="none", residual=None, out=None):
-        y = F.linear(x, weight, bias)
-        if activation == "gelu":
-            y = F.gelu(y)
-        if residual is not None:
-            y = y + residual
-        if out is None:
-            return y
-        return scatter_tokens(y, tokens, out, backend=scatter_backend)
-
-    return linear
+    (addmm: bias fused) on the packed rows, then the rest. ``out`` (dense) is not written: the
+    result is a new tensor."""
+    return functools.partial(linear_tokens, backend=backend, inplace=False)
 
 
 def _block_fused(packed, normed1, tokens, blk, attention, norm, linear, dense_out=None):
@@ -291,14 +268,14 @@ def _block_fused(packed, normed1, tokens, blk, attention, norm, linear, dense_ou
     return linear(hid, mlp.fc2.weight, mlp.fc2.bias, tokens, residual=packed, out=dense_out)
 
 
-def _stage_kernels(x, tokens, blocks, plan: dict[str, str]):
-    """The stage with a backend per op (``plan``, keys ``STAGE_OPS``): LayerNorms (on a kernel
-    backend the first fused with the gather), attention and packed linears (fused epilogues on
-    the kernel backends, the last block scattering from its final GEMM); blocks that are not
-    standard (see ``_fusable``) call their own linear modules."""
-    from dtop_kernels.ops.layernorm import layer_norm_tokens
-
+def _run_stage(x, tokens, blocks, plan: dict[str, str]):
+    """The stage with a backend per op (``plan``, keys ``STAGE_OPS``), each op called once
+    dispatched (``dtop::`` ops, no per-layer checks): LayerNorms (on a kernel backend the first
+    fused with the gather), attention and packed linears (fused epilogues on the kernel
+    backends, the last block scattering from its final GEMM); blocks that are not standard (see
+    ``_fusable``) call their own linear modules."""
     ln_be, lin_be = plan["layer_norm"], plan["packed_linear"]
+    idx, cu, n = tokens.indices, tokens.cu_seqlens, tokens.seq_len
 
     def norm(mod: nn.LayerNorm, t: torch.Tensor) -> torch.Tensor:
         if ln_be == "torch":
@@ -308,22 +285,22 @@ def _stage_kernels(x, tokens, blocks, plan: dict[str, str]):
     if not blocks:
         return x if x.dim() == 2 else x.clone()
     attention = _attention(plan["varlen_attention"])
-    linear = _linears(lin_be, plan["scatter_tokens"])
+    linear = _linears(lin_be)
     dense = x.dim() == 3
+    x2d = x.reshape(-1, x.shape[-1])
     normed1 = None
     if dense and ln_be != "torch":
         n1 = blocks[0].norm1
-        normed1, packed = layer_norm_tokens(x.reshape(-1, x.shape[-1]), n1.weight, n1.bias,
-                                            tokens, n1.eps, gather=True, store_x=True,
-                                            backend=ln_be)
+        normed1, packed = layer_norm_tokens(x2d, n1.weight, n1.bias, tokens, n1.eps,
+                                            gather=True, store_x=True, backend=ln_be)
     elif dense:
-        packed = gather_tokens(x, tokens, backend=plan["gather_tokens"], check=False)
+        packed = library.gather(x2d, idx, cu, n, plan["gather_tokens"])
     else:
         packed = x
     for i, blk in enumerate(blocks):
         last = i == len(blocks) - 1
         if _fusable(blk, lin_be):
-            out = x.clone() if dense and last else None
+            out = x if dense and last and lin_be != "torch" else None
             packed = _block_fused(packed, normed1, tokens, blk, attention, norm, linear, out)
             if out is not None:
                 return packed
@@ -332,8 +309,7 @@ def _stage_kernels(x, tokens, blocks, plan: dict[str, str]):
         normed1 = None
     if not dense:
         return packed
-    return scatter_tokens(packed, tokens, x.clone(), backend=plan["scatter_tokens"],
-                          check=False)
+    return library.scatter(packed, idx, cu, x2d, n, False, plan["scatter_tokens"]).view(x.shape)
 
 
 def pruned_block(

@@ -7,18 +7,16 @@ import torch
 
 from dtop_kernels import _checks
 from dtop_kernels.backends import Dispatcher, device_reasons_cuda, device_reasons_triton
-from dtop_kernels.reference import linear as ref
+from dtop_kernels.ops import library
 from dtop_kernels.tokens import TokenSet
 
-ACTIVATIONS = {"none": 0, "gelu": 1}  # codes of the kernels' ACT_NONE / ACT_GELU
+ACTIVATIONS = library.ACTIVATIONS
 
 
 def _why_not_triton(x, weight, tokens, out=None) -> list[str]:
     r = device_reasons_triton([x, tokens.indices])
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         r.append(f"dtype {x.dtype} not supported (float32, float16, bfloat16)")
-    if out is not None and not out.is_contiguous():
-        r.append("`out` is not contiguous")
     return r
 
 
@@ -29,8 +27,6 @@ def _why_not_cuda(x, weight, tokens, out=None) -> list[str]:
     n, k = weight.shape
     if n % 8 or k % 8:
         r.append(f"features {k} -> {n} are not multiples of 8 (16-byte rows)")
-    if out is not None and not out.is_contiguous():
-        r.append("`out` is not contiguous")
     return r
 
 
@@ -40,84 +36,6 @@ _dispatch = Dispatcher(
     auto_order=("cuda", "triton", "torch"),
     unverified=("cuda", "triton"),
 )
-
-
-def _kernels(backend: str):
-    if backend == "triton":
-        from dtop_kernels.triton import linear
-    else:
-        from dtop_kernels.cuda import linear
-    return linear
-
-
-class _PackedLinear(torch.autograd.Function):
-    """Kernel forward; backward: dx = dz @ W on the backend. dW = dz^T @ x and db: on the
-    "triton" backend a Triton kernel whose reduction over the packed rows stops at T (read on the
-    device), gathering x's rows in its operand load; on "cuda", cuBLAS over the full capacity
-    (padding rows of dz are zero)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, residual, tokens: TokenSet, act: int, out, backend: str):
-        gather, scatter = x.dim() == 3, out is not None
-        x2d = x.reshape(-1, x.shape[-1])
-        out2d = out.view(-1, out.shape[-1]) if scatter else None
-        save_pre = act != 0 and any(ctx.needs_input_grad[:4])
-        y, pre = _kernels(backend).linear_fwd(x2d, weight, bias, tokens, act, residual, out2d,
-                                              save_pre=save_pre, gather=gather)
-        ctx.save_for_backward(x2d, weight, pre)
-        ctx.tokens, ctx.act, ctx.backend = tokens, act, backend
-        ctx.gather, ctx.scatter, ctx.x_shape = gather, scatter, x.shape
-        ctx.has_bias, ctx.has_res = bias is not None, residual is not None
-        if scatter:
-            ctx.mark_dirty(out)
-            return out
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        from dtop_kernels.ops.gather import _kernels as row_kernels
-
-        x2d, weight, pre = ctx.saved_tensors
-        tokens = ctx.tokens
-        gather_rows, scatter_rows = row_kernels(ctx.backend)
-        valid = tokens.valid_slots()[:, None]
-        dy = dy.contiguous()
-        dy_dense = None
-        if ctx.scatter:  # the dense gradient's token rows are this layer's
-            dy_dense = dy
-            dy = gather_rows(dy.view(-1, dy.shape[-1]), tokens)
-        dy = torch.where(valid, dy, dy.new_zeros(()))
-        dz = dy
-        if ctx.act == ACTIVATIONS["gelu"]:
-            zf = pre.float()
-            cdf = 0.5 * (1.0 + torch.erf(zf * 0.7071067811865476))
-            pdf = torch.exp(-0.5 * zf * zf) * 0.3989422804014327
-            dz = torch.where(valid, dy.float() * (cdf + zf * pdf), 0.0).to(dy.dtype)
-        kern = _kernels(ctx.backend)
-        dx = dw = db = dres = dout = None
-        if ctx.needs_input_grad[0]:
-            dx = kern.linear_bwd_input(dz, weight, tokens)
-            if ctx.gather:  # packed rows back to their dense places
-                dense = dx.new_zeros(x2d.shape)
-                scatter_rows(dx, tokens, dense, False)
-                dx = dense.view(ctx.x_shape)
-        need_dw, need_db = ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
-        if ctx.backend == "triton" and (need_dw or need_db):  # stops at T, gathers in the load
-            dw, db = kern.linear_bwd_weight(dz, x2d, tokens, gather=ctx.gather, need_dw=need_dw,
-                                            need_db=need_db)
-        else:
-            if need_dw:
-                rows = gather_rows(x2d, tokens) if ctx.gather else x2d
-                dw = dz.t() @ rows
-            if need_db:
-                db = dz.sum(0)
-        if ctx.has_res and ctx.needs_input_grad[3]:
-            dres = dy
-        if ctx.scatter:  # rows overwritten by the layer do not reach the old values
-            dout = dy_dense.clone()
-            scatter_rows(torch.zeros_like(dy), tokens, dout.view(-1, dout.shape[-1]), False)
-        # x, weight, bias, residual, tokens, act, out, backend
-        return dx, dw, db, dres, None, None, dout, None
 
 
 def packed_linear(
@@ -183,20 +101,42 @@ def packed_linear(
     _checks.same_device(indices=tokens.indices, **tensors)
     _checks.tokens_contract(tokens, _checks.check_flag(check))
     be = _dispatch.select(backend, x, weight, tokens, out)
-    if be == "torch":
-        y = ref.packed_linear(x, weight, bias, tokens, activation, residual, out)
-        return y if out is None else out.copy_(y)
-    x = _checks.last_dim_contiguous(x)
-    return _PackedLinear.apply(x, weight, bias, residual, tokens, ACTIVATIONS[activation], out,
-                               be)
+    return linear_tokens(x, weight, bias, tokens, be, activation, residual, out)
 
 
 def linear_tokens(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tokens: TokenSet,
     backend: str, activation: str = "none", residual: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
+    out: torch.Tensor | None = None, *, inplace: bool = True,
 ) -> torch.Tensor:
-    """:func:`packed_linear` on an already chosen kernel backend ("triton" or "cuda"), without
-    the argument checks: for callers (``pruned_stage``) that have validated their inputs."""
-    return _PackedLinear.apply(x, weight, bias, residual, tokens, ACTIVATIONS[activation], out,
-                               backend)
+    """:func:`packed_linear` on an already chosen backend, without the argument checks: for
+    callers (``pruned_stage``) that have validated their inputs and dispatched once. With
+    ``inplace=False`` a dense ``out`` is left as it is and the result is a new tensor.
+
+    The torch backend is PyTorch ops around the gather / scatter ops (cuBLAS on the packed rows
+    on CUDA: ``addmm`` with the bias fused); the kernel backends run ``dtop::packed_linear``.
+    """
+    gather = x.dim() == 3
+    x2d = x.reshape(-1, x.shape[-1])
+    base = None if out is None else out.reshape(-1, out.shape[-1])
+    idx, cu, n = tokens.indices, tokens.cu_seqlens, tokens.seq_len
+    if backend == "torch":
+        rows = library.gather(x2d, idx, cu, n, "torch") if gather else x2d
+        y = torch.nn.functional.linear(rows, weight, bias)
+        if activation == "gelu":
+            y = torch.nn.functional.gelu(y)
+        if residual is not None:
+            y = y + residual
+        y = torch.where(tokens.valid_slots()[:, None], y, y.new_zeros(()))
+        if base is not None:
+            y = library.scatter(y, idx, cu, base, n, False, "torch")
+    else:
+        act = ACTIVATIONS[activation]
+        save_pre = act != library.ACT_NONE and torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, bias, residual, out))
+        y, _ = library.packed_linear(x2d, weight, bias, residual, base, idx, cu, n, act, gather,
+                                     save_pre, backend)
+    if out is None:
+        return y
+    y = y.view(out.shape)
+    return out.copy_(y) if inplace else y

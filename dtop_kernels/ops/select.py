@@ -9,7 +9,7 @@ import torch
 
 from dtop_kernels import _checks
 from dtop_kernels.backends import Dispatcher, device_reasons_cuda, device_reasons_triton
-from dtop_kernels.reference import select as ref
+from dtop_kernels.ops import library
 from dtop_kernels.tokens import TokenSet
 
 
@@ -94,12 +94,7 @@ def dtop_select(
     if b == 0 or k == 0:
         none = torch.zeros(b, tokens.seq_len, dtype=torch.bool, device=tokens.device)
         return Selection(tokens, none)
-    if be == "triton":
-        from dtop_kernels.triton.select import dtop_select as triton_select
-
-        return Selection(*triton_select(class_logits, mask_logits, tokens, threshold, top_k))
-    if be == "cuda":
-        from dtop_kernels.cuda.select import dtop_select as cuda_select
-
-        return Selection(*cuda_select(class_logits, mask_logits, tokens, threshold, top_k))
-    return Selection(*ref.dtop_select(class_logits, mask_logits, tokens, threshold, top_k))
+    idx, cu, exited = library.select(class_logits, mask_logits, tokens.indices,
+                                     tokens.cu_seqlens, tokens.seq_len, tokens.max_seqlen,
+                                     threshold, top_k, be)
+    return Selection(TokenSet(idx, cu, b, tokens.seq_len, tokens.max_seqlen), exited)

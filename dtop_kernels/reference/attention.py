@@ -48,7 +48,8 @@ def varlen_attention(
 
     CUDA tensors that PyTorch's varlen attention takes (``torch_varlen.reasons``): that, no
     padding, no host sync (the logits, when asked, padded). CPU tensors: a loop over images
-    (reading the offsets is free there, and each image runs unmasked SDPA). Elsewhere: pad to
+    (reading the offsets is free there, and each image runs unmasked SDPA). Elsewhere, and
+    under torch.compile (which cannot trace that read): pad to
     the host bounds with a key mask, no host sync.
     """
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
@@ -59,7 +60,7 @@ def varlen_attention(
         if return_logits:
             out = out, head_mean_logits(q, k, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale)
         res = out
-    elif q.device.type == "cpu":
+    elif q.device.type == "cpu" and not torch.compiler.is_compiling():
         res = attention_looped(*args)
     else:
         res = attention_padded(*args)
@@ -155,6 +156,45 @@ def attention_padded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     lg = cols.index_select(0, torch.where(ok_k, img_k * mk + pos_k, 0))
     lg = torch.where(ok_k[:, None], lg, lg.new_zeros(()))
     return res, lg[:, :max_seqlen_q].t()
+
+
+def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                       max_seqlen_q: int, max_seqlen_k: int, scale: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` of :func:`varlen_attention` (no dropout) given the output's gradient,
+    written out in float32 (float64 for float64 inputs) on the layout padded to the host bounds (no host sync): the softmax
+    is recomputed, ``dV = P^T dO``, ``dS = P * (dO V^T - rowsum(dO V^T * P))``, ``dQ = dS K *
+    scale``, ``dK = dS^T Q * scale``. Padding rows get zero; an image without keys gets zero
+    gradients."""
+    b = cu_seqlens_q.shape[0] - 1
+    mq, mk = max(min(max_seqlen_q, q.shape[0]), 1), max(min(max_seqlen_k, k.shape[0]), 1)
+    img_q, pos_q = _slots(cu_seqlens_q, q.shape[0])
+    img_k, pos_k = _slots(cu_seqlens_k, k.shape[0])
+    acc = torch.promote_types(q.dtype, torch.float32)  # float32, or float64 for float64
+    qp, dop = (_pad(t.to(acc), img_q, pos_q, b, mq) for t in (q, dout))  # [B, H, mq, D]
+    kp, vp = (_pad(t.to(acc), img_k, pos_k, b, mk) for t in (k, v))
+    nk = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long().clamp(0, mk)  # [B]
+    allowed = torch.arange(mk, device=q.device)[None, :] < nk[:, None]  # [B, mk]
+    s = torch.matmul(qp, kp.transpose(-1, -2)) * scale
+    s = s.masked_fill(~allowed[:, None, None, :], float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    p = torch.where(allowed[:, None, None, :], p, p.new_zeros(()))  # no keys: 0, not NaN
+    dv = torch.matmul(p.transpose(-1, -2), dop)
+    dp = torch.matmul(dop, vp.transpose(-1, -2))
+    ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+    dq = torch.matmul(ds, kp) * scale
+    dk = torch.matmul(ds.transpose(-1, -2), qp) * scale
+
+    def unpad(t: torch.Tensor, img: torch.Tensor, pos: torch.Tensor, m: int,
+              like: torch.Tensor) -> torch.Tensor:
+        flat = t.transpose(1, 2).reshape(b * m, t.shape[1], t.shape[-1])
+        ok = _in_pad(img, pos, b, m)
+        rows = flat.index_select(0, torch.where(ok, img * m + pos, 0))
+        return torch.where(ok[:, None, None], rows, rows.new_zeros(())).to(like.dtype)
+
+    return (unpad(dq, img_q, pos_q, mq, q), unpad(dk, img_k, pos_k, mk, k),
+            unpad(dv, img_k, pos_k, mk, v))
 
 
 def head_mean_logits(q: torch.Tensor, k: torch.Tensor, cu_seqlens_k: torch.Tensor, num_q: int,
