@@ -9,6 +9,9 @@
 Rows (one per mode and batch size; with --sweep one per keep level for the pruned modes):
 - "dense (SDPA)": ``mode="dense", aux_heads=False``, the SegViT baseline at inference;
 - "dense + torch.compile" (--compile): the same forward through ``torch.compile``;
+- "packed + torch.compile" (--compile): the packed forward (backend "auto") through the same
+  compiled model, with the eager rows' capacity (exact on the CPU, 64-row buckets on GPU: one
+  graph break at each read-back, so each stage is its own graph);
 - "loop (official per-image)": ``mode="loop"``, one image at a time with boolean masks;
 - "packed/<backend>": ``mode="packed"`` on ragged token sets, for every backend that can run here
   (the model's default capacity: exact on the CPU, 64-row buckets read back once per stage on GPU);
@@ -79,7 +82,7 @@ from common import (
 )
 from synth import ExitPlan, image_keeps, plan_exits, target_counts
 
-from dtop_kernels.backends import BACKENDS, BackendError, triton_interpret
+from dtop_kernels.backends import BACKENDS, BackendError
 from dtop_kernels.models import (
     capture_forward,
     count_flops,
@@ -90,6 +93,7 @@ from dtop_kernels.models import (
 from dtop_kernels.models.checkpoint import load_model, read_checkpoint
 from dtop_kernels.models.data import EvalTransform, default_split, open_dataset, require_pillow
 from dtop_kernels.models.synthetic import synthetic_images
+from dtop_kernels.triton import interpret as triton_interpret
 
 # model -> (factory, default resolution, the paper's ADE20K FLOP saving: 1 - DToP / SegViT GFLOPs)
 MODELS = {
@@ -99,6 +103,7 @@ MODELS = {
 QUICK = (lambda: vit_dtop_tiny(num_classes=8), 128, 1 - 86.8 / 109.9)
 SWEEP = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]
 DENSE, COMPILED, LOOP = "dense (SDPA)", "dense + torch.compile", "loop (official per-image)"
+PACKED_COMPILED = "packed + torch.compile"
 GRAPH = " + CUDA graph"
 DENSE_GRAPH = "dense" + GRAPH
 PRED_TOL = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}  # max |d pred|
@@ -120,7 +125,9 @@ the FLOP saving seen as latency saving (1 = FLOP-proportional) | peak MiB, syncs
 logits ms: median latency to the final logits (before the bilinear upsampling to image size,
 which no FLOP count includes) | realized logits: realized from logits ms against the fastest dense
 row's logits ms | + CUDA graph: captured once (capture_forward) and replayed; packed at fixed
-capacity with the exit rule inside the graph, no host syncs (GPU only)"""
+capacity with the exit rule inside the graph, no host syncs (GPU only) | + torch.compile
+(--compile): the model through torch.compile; packed at the eager rows' capacity, one graph per
+stage"""
 SPREAD_LIMIT = 1.10  # p80 / p20 above this: the row's samples are too spread to read a fraction
 INTERVAL_LIMIT = 0.2  # realized fraction's 80% bootstrap interval wider than this: too uncertain
 
@@ -355,6 +362,8 @@ def bench(args) -> tuple[dict, list[dict], list[str]]:
                      "not kernel timings); unset it")
     cannot: dict[str, str] = {}
     compiled = torch.compile(model) if args.compile else None
+    # the eager rows' capacity, kept under torch.compile (where tighten=None means fixed)
+    tighten = True if dev.type == "cpu" else model.CUDA_BUCKET
     progress = _Progress(args.quiet)
     rows: list[dict] = []
     for b in args.batch:
@@ -388,6 +397,10 @@ def bench(args) -> tuple[dict, list[dict], list[str]]:
                              upsample=up)
             return model(imgs[i], mode="packed", backend=be, exit_logits=plans[i].exit_logits,
                          upsample=up)
+
+        def packed_compiled(i: int, plans, imgs=imgs, up=True):
+            return compiled(imgs[i], mode="packed", exit_logits=plans[i].exit_logits,
+                            upsample=up, tighten=tighten)
 
         def loop(i: int, plans, imgs=imgs, up=True):
             return model(imgs[i], mode="loop", exit_logits=plans[i].exit_logits, upsample=up)
@@ -425,6 +438,7 @@ def bench(args) -> tuple[dict, list[dict], list[str]]:
         if compiled is not None:
             err = _agree(f"B={b}: dense vs dense + torch.compile", ref, dense(0, compiled), tol)
             checked.append(f"dense vs dense + torch.compile: {err:.1e}")
+            dense(0, compiled, up=False)  # compiled before timing
             progress.step(f"B={b} check compile")
 
         # --- CUDA graphs (GPU): captured per batch size, end to end and to the logits
@@ -469,7 +483,7 @@ def bench(args) -> tuple[dict, list[dict], list[str]]:
             info = {"keep": keep, "tokens_per_stage": counts.double().mean(1).tolist(),
                     "gflops": gmacs / 1e9, "flop_saving": 100 * (1 - gmacs / dense_macs)}
             # --- checks: loop == plan, packed/<backend> == loop
-            progress.expect(1 + len(runs))
+            progress.expect(1 + len(runs) + (compiled is not None))
             ref = loop(0, kp)
             progress.step(f"B={b} keep={keep} check loop")
             for be in runs:
@@ -477,6 +491,14 @@ def bench(args) -> tuple[dict, list[dict], list[str]]:
                 progress.step(f"B={b} keep={keep} check packed/{be}")
                 err = _agree(f"B={b} keep={keep}: loop vs packed/{be}", ref, out, tol, kp[0])
                 checked.append(f"keep {keep} loop vs packed/{be}: {err:.1e}")
+            if compiled is not None:
+                err = _agree(f"B={b} keep={keep}: loop vs {PACKED_COMPILED}", ref,
+                             packed_compiled(0, kp), tol, kp[0])
+                checked.append(f"keep {keep} loop vs {PACKED_COMPILED}: {err:.1e}")
+                for i in range(args.rotate):  # every capacity compiled before timing
+                    for up in (True, False):
+                        packed_compiled(i, kp, up=up)
+                progress.step(f"B={b} keep={keep} check {PACKED_COMPILED}")
             for be in runs:
                 if be in graphs:  # the graph against the loop, with these plans
                     out = graphs[be][0](imgs[0], kp[0].exit_logits)
@@ -488,6 +510,10 @@ def bench(args) -> tuple[dict, list[dict], list[str]]:
             jobs += [({"mode": f"packed/{be}", **info},
                       lambda i, be=be, kp=kp: packed(i, be, kp),
                       lambda i, be=be, kp=kp: packed(i, be, kp, up=False)) for be in runs]
+            if compiled is not None:
+                jobs.append(({"mode": PACKED_COMPILED, **info},
+                             lambda i, kp=kp: packed_compiled(i, kp),
+                             lambda i, kp=kp: packed_compiled(i, kp, up=False)))
             jobs += [({"mode": f"packed/{be}{GRAPH}", **info},
                       lambda i, g=graphs[be][0], kp=kp, imgs=imgs: g(imgs[i], kp[i].exit_logits),
                       lambda i, g=graphs[be][1], kp=kp, imgs=imgs: g(imgs[i], kp[i].exit_logits))
@@ -539,6 +565,14 @@ def bench(args) -> tuple[dict, list[dict], list[str]]:
                 else None
             r["tokens"] = "/".join(f"{c:.0f}" for c in r["tokens_per_stage"])
             rows.append(r)
+        if compiled is not None:  # like for like: both compiled
+            t_dc = next(r["ms"] for r in rows if r["batch"] == b and r["mode"] == COMPILED)
+            for r in rows:
+                if r["batch"] == b and r["mode"] == PACKED_COMPILED:
+                    saving = 1 - r["gflops"] * 1e9 / dense_macs
+                    notes.append(f"B={b} keep={r['keep']}: {PACKED_COMPILED} against "
+                                 f"{COMPILED}: {t_dc:.1f} -> {r['ms']:.1f} ms, realized "
+                                 f"{(1 - r['ms'] / t_dc) / saving:.2f}")
     progress.close()
     for be, why in cannot.items():
         notes.append(f"packed/{be}: cannot run on this device ({why})")
@@ -623,7 +657,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "calibrated to the paper's FLOP saving)")
     p.add_argument("--sweep", type=float, nargs="*", default=None,
                    help=f"time several keep levels (default {SWEEP})")
-    p.add_argument("--compile", action="store_true", help="add a torch.compile dense row")
+    p.add_argument("--compile", action="store_true",
+                   help="add torch.compile rows: dense, and packed (backend auto)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default cuda when available, else cpu)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -177,7 +176,7 @@ def bench_shape(args, dev: torch.device, dtype: torch.dtype, model: str, b: int)
         from dtop_kernels.cuda import unavailable_reasons
         from dtop_kernels.ops.layernorm import layer_norm_tokens
 
-        kernels = [be for be, ok in (("triton", dk.backends.triton_import_error() is None),
+        kernels = [be for be, ok in (("triton", dk.triton.import_error() is None),
                                      ("cuda", not unavailable_reasons())) if ok]
         for be in kernels:
             add("gather+layernorm", f"{be} fused",
@@ -317,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     args.dtype = args.dtype or ("bf16" if gpu else "fp32")
     args.warmup = args.warmup if args.warmup is not None else (0 if args.quick else 3)
     args.repeats = args.repeats or (1 if args.quick else (50 if gpu else 5))
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if dk.triton.interpret():
         print("note: TRITON_INTERPRET is set; Triton timings are interpreter timings",
               file=sys.stderr)
     # Kernels not yet verified on a GPU warn on every explicit call; the table says which ran.

@@ -17,6 +17,8 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <type_traits>
+#include <vector>
 #include <utility>
 
 #include "common.h"
@@ -248,15 +250,30 @@ inline void check_half_dtype(const char* op, int dtype) {
           "float16 / bfloat16); use backend='triton' or backend='torch'");
 }
 
+// The head dims the attention kernels are instantiated for: the one list every check, the
+// dispatch switch and the module's head_dims() derive from.
+#define DTOP_FOR_EACH_HEAD_DIM(X) X(32) X(64) X(80) X(96) X(128)
+
+inline std::vector<int> head_dims() {
+#define DTOP_HEAD_DIM_ITEM(d) d,
+  return {DTOP_FOR_EACH_HEAD_DIM(DTOP_HEAD_DIM_ITEM)};
+#undef DTOP_HEAD_DIM_ITEM
+}
+
 inline bool supported_head_dim(int64_t d) {
-  return d == 32 || d == 64 || d == 80 || d == 96 || d == 128;
+  for (int h : head_dims()) {
+    if (h == d) return true;
+  }
+  return false;
 }
 
 inline void check_head_dim(const char* op, int64_t d) {
-  require(supported_head_dim(d), op,
-          "head dim " + std::to_string(d) +
-              " is not supported by the CUDA attention kernels (32, 64, 80, 96, 128); use "
-              "backend='triton' or backend='torch'");
+  if (supported_head_dim(d)) return;
+  std::string list;
+  for (int h : head_dims()) list += (list.empty() ? "" : ", ") + std::to_string(h);
+  require(false, op,
+          "head dim " + std::to_string(d) + " is not supported by the CUDA attention kernels (" +
+              list + "); use backend='triton' or backend='torch'");
 }
 
 // 16-byte loads need a 16-byte aligned base and strides that are multiples of 8 elements.
@@ -318,13 +335,26 @@ void allow_smem(Kernel kernel, size_t bytes) {
       throw std::invalid_argument("attention kernels take float16 / bfloat16"); \
   }
 
+namespace dtop {
+
+// Calls f(std::integral_constant<int, kD>) for the head dim d (checked before).
+template <typename F>
+void dispatch_head_dim(int64_t d, F&& f) {
+#define DTOP_HEAD_DIM_CASE(v) \
+  case v:                     \
+    f(std::integral_constant<int, v>{}); \
+    return;
+  switch (d) { DTOP_FOR_EACH_HEAD_DIM(DTOP_HEAD_DIM_CASE) }
+#undef DTOP_HEAD_DIM_CASE
+  throw std::invalid_argument("unsupported head dim " + std::to_string(d));
+}
+
+}  // namespace dtop
+
 // Runs the statement(s) with constexpr int kD = the head dim (checked before).
-#define DTOP_DISPATCH_HEAD_DIM(d, kD, ...)                                          \
-  switch (d) {                                                                      \
-    case 32: { constexpr int kD = 32; __VA_ARGS__; break; }                         \
-    case 64: { constexpr int kD = 64; __VA_ARGS__; break; }                         \
-    case 80: { constexpr int kD = 80; __VA_ARGS__; break; }                         \
-    case 96: { constexpr int kD = 96; __VA_ARGS__; break; }                         \
-    case 128: { constexpr int kD = 128; __VA_ARGS__; break; }                       \
-    default: throw std::invalid_argument("unsupported head dim " + std::to_string(d)); \
-  }
+#define DTOP_DISPATCH_HEAD_DIM(d, kD, ...)                          \
+  dtop::dispatch_head_dim(d, [&](auto kD##_tag) {                   \
+    constexpr int kD = decltype(kD##_tag)::value;                   \
+    __VA_ARGS__;                                                    \
+  })
+

@@ -217,4 +217,6 @@ void attention_fwd(const void* q, const void* k, const void* v, void* out, float
   });
 }
 
+std::vector<int> attention_head_dims() { return head_dims(); }
+
 }  // namespace dtop

@@ -1,6 +1,7 @@
 // The only pybind11 file: exposes the host entry points of ops.h to Python, nothing else.
 // Pointers and streams arrive as Python ints (tensor.data_ptr(), stream.cuda_stream).
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>  // std::vector<int> -> list
 
 #include <cuda_runtime_api.h>  // CUDART_VERSION
 
@@ -244,6 +245,9 @@ PYBIND11_MODULE(_C, m) {
       py::arg("dz_stride"), py::arg("weight_stride"), py::arg("dx_stride"), py::arg("dtype"),
       py::arg("stream"), "dx = dz @ W on the packed rows (zero past T). See csrc/ops.h.");
 
+  m.def(
+      "head_dims", [] { return dtop::attention_head_dims(); },
+      "Head dims the attention kernels are compiled for (csrc/attention.cuh).");
   m.def(
       "built_archs", [] { return std::string(DTOP_CUDA_ARCHS); },
       "CUDA architectures compiled in (CMake syntax, e.g. '80;90a').");

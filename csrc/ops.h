@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 namespace dtop {
 
@@ -87,6 +88,9 @@ void dtop_select(const void* class_logits, const void* mask_logits, const int32_
 // elements (multiples of 8, 16-byte aligned bases, last stride 1); image b owns query rows
 // cu_seqlens_q[b]..cu_seqlens_q[b + 1] and key rows cu_seqlens_k[b]..cu_seqlens_k[b + 1].
 // lse / delta are float32 [H, cap_q] (contiguous). Rows of padding (past T) are never written.
+
+// The head dims the attention kernels are compiled for (ascending).
+std::vector<int> attention_head_dims();
 
 // out = softmax(q k^T * scale) v per image and head (zero for an image without keys);
 // lse = log2 of the softmax denominator of the scores times scale * log2(e) (base 2; -inf

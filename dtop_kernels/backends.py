@@ -1,21 +1,21 @@
-"""Explicit backend dispatch shared by every public op.
+"""Explicit backend dispatch shared by every public op, and the public registry of ops.
 
 Every op takes ``backend="auto" | "torch" | "triton" | "cuda"``; the environment variable
 ``DTOP_BACKEND`` overrides the argument process-wide. Each backend answers ``why_not(...)``: the
-list of reasons it cannot run a given call (empty = it can). ``"auto"`` takes the first backend
-with no reasons in the order measured on the call's GPU architecture
-(:mod:`dtop_kernels.auto_order`), then in the op's built-in ``auto_order`` (verified backends
-only); when nothing can run, or an explicit backend cannot, the
-error lists every backend's reasons.
+list of reasons it cannot run a given call (empty = it can), from what the backend package
+declares it supports (``dtop_kernels.triton``, ``dtop_kernels.cuda``; the torch backend runs
+everything). ``"auto"`` takes the first backend with no reasons in the order measured on the
+call's GPU architecture (:mod:`dtop_kernels.auto_order`), then in the op's built-in
+``auto_order`` among the backends :data:`VERIFIED` lists; when nothing can run, or an explicit
+backend cannot, the error lists every backend's reasons. :func:`dispatcher` returns an op's
+dispatcher by name (``info`` and the benchmarks use it).
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import os
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -23,6 +23,17 @@ BACKENDS = ("torch", "triton", "cuda")
 _CHOICES = ("auto",) + BACKENDS
 
 WhyNot = Callable[..., list[str]]
+
+# The one verification table: per op, the backends that have passed every GPU test and
+# sanitizer run, which "auto" may take (in the op's built-in order) on a GPU without a measured
+# order in auto_order.json; a backend measured there counts as verified on that architecture.
+# No Triton or CUDA kernel has run on a GPU yet: only the reference. An explicit request for an
+# unverified backend runs it, with a warning.
+VERIFIED: dict[str, tuple[str, ...]] = {
+    op: ("torch",) for op in ("gather_tokens", "scatter_tokens", "varlen_attention",
+                              "packed_linear", "pruned_block", "dtop_select")
+}
+_REGISTRY: dict[str, Dispatcher] = {}
 
 
 class BackendError(RuntimeError):
@@ -39,79 +50,49 @@ def requested_backend(backend: str) -> str:
     return choice
 
 
-# ---------------------------------------------------------------------- availability
-@functools.cache
-def triton_import_error() -> str | None:
-    """None when triton imports, else why not (cached; imports triton only once)."""
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed (pip install 'triton>=3.1')"
-    try:
-        import triton  # noqa: F401
-    except Exception as e:  # noqa: BLE001 - any import failure is a reason, not a crash
-        return f"triton fails to import: {e}"
-    return None
-
-
-def triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def device_reasons_triton(tensors: Iterable[torch.Tensor]) -> list[str]:
-    """Reasons from the environment and devices alone (not from the op's shapes)."""
-    err = triton_import_error()
-    if err:
-        return [err]
-    devs = {t.device.type for t in tensors if isinstance(t, torch.Tensor)}
-    if devs - {"cuda"} and not triton_interpret():
-        return [(f"tensors on {sorted(devs - {'cuda'})}: Triton needs CUDA tensors "
-                 "(or TRITON_INTERPRET=1 for the CPU interpreter, slow, for tests)")]
-    return []
-
-
-def device_reasons_cuda(tensors: Iterable[torch.Tensor]) -> list[str]:
-    from dtop_kernels.cuda import device_reasons, unavailable_reasons
-
-    reasons = list(unavailable_reasons())
-    devices = {t.device for t in tensors if isinstance(t, torch.Tensor)}
-    types = {d.type for d in devices}
-    if types - {"cuda"}:
-        reasons.append(f"tensors on {sorted(types - {'cuda'})}: the CUDA kernels need CUDA "
-                       "tensors")
-    elif not reasons:  # built, all on CUDA: is there a kernel image for each GPU?
-        for device in sorted(devices, key=str):
-            reasons += [r for r in device_reasons(device) if r not in reasons]
-    return reasons
-
-
-def not_implemented(op: str, backend: str) -> WhyNot:
-    def why_not(*args, **kwargs) -> list[str]:
-        return [f"no {backend} kernel for {op} yet"]
-
-    return why_not
-
-
 # ---------------------------------------------------------------------- dispatch
+def dispatcher(op: str) -> Dispatcher:
+    """The dispatcher of public op ``op`` ("gather_tokens", "varlen_attention", ...)."""
+    import dtop_kernels  # noqa: F401 - the ops register their dispatchers on import
+
+    if op not in _REGISTRY:
+        raise KeyError(f"no op {op!r}; ops: {sorted(_REGISTRY)}")
+    return _REGISTRY[op]
+
+
+def register(d: Dispatcher) -> Dispatcher:
+    """Add a public op's dispatcher to the registry (:func:`dispatcher`, :func:`ops`)."""
+    if d.op in _REGISTRY and _REGISTRY[d.op] is not d:
+        raise ValueError(f"op {d.op!r} is registered already")
+    _REGISTRY[d.op] = d
+    return d
+
+
+def ops() -> tuple[str, ...]:
+    """The names of the dispatched public ops."""
+    import dtop_kernels  # noqa: F401
+
+    return tuple(_REGISTRY)
+
+
 class Dispatcher:
     """Per-op dispatch table: ``why_not`` per backend and the ``auto`` order.
 
-    ``unverified`` names backends whose kernels have not yet passed their GPU tests: "auto"
-    skips them and an explicit request warns.
+    Backends that :data:`VERIFIED` does not list for the op have not yet passed their GPU
+    tests: "auto" skips them and an explicit request warns.
     """
 
-    def __init__(
-        self,
-        op: str,
-        why_not: dict[str, WhyNot],
-        auto_order: Sequence[str],
-        unverified: Sequence[str] = (),
-    ) -> None:
+    def __init__(self, op: str, why_not: dict[str, WhyNot], auto_order: Sequence[str]) -> None:
         missing = set(BACKENDS) - set(why_not)
         if missing:
             raise ValueError(f"{op}: no why_not for {sorted(missing)}")
         self.op = op
         self.why_not = why_not
         self.auto_order = tuple(auto_order)
-        self.unverified = frozenset(unverified)
+
+    @property
+    def unverified(self) -> frozenset[str]:
+        return frozenset(BACKENDS) - frozenset(VERIFIED.get(self.op, ("torch",)))
 
     def reasons(self, *args, **kwargs) -> dict[str, list[str]]:
         """Every backend's reasons for this call (empty list = can run)."""
@@ -135,8 +116,8 @@ class Dispatcher:
             for name in BACKENDS:
                 if not table[name]:
                     table[name] = [
-                        f"not yet verified on a GPU: pass backend={name!r} explicitly"
-                        if name in self.unverified else "not in the auto order for this op"
+                        "not in the auto order for this op" if name not in self.auto_order
+                        else f"not yet verified on a GPU: pass backend={name!r} explicitly"
                     ]
             raise BackendError(_format(self.op, "auto", table))
         if self.why_not[choice](*args, **kwargs):

@@ -14,12 +14,11 @@ from pathlib import Path
 import torch
 
 import dtop_kernels
-from dtop_kernels.backends import BACKENDS, triton_import_error, triton_interpret
+from dtop_kernels import backends
+from dtop_kernels.backends import BACKENDS
 from dtop_kernels.cuda import build_info, unavailable_reasons
-from dtop_kernels.ops import attention, block, gather, linear, select
-
-_DISPATCHERS = (gather._gather, gather._scatter, attention._dispatch, linear._dispatch,
-                block._dispatch, select._dispatch)
+from dtop_kernels.triton import import_error as triton_import_error
+from dtop_kernels.triton import interpret as triton_interpret
 
 
 def _probe_tensors(device: str) -> dict[str, object]:
@@ -92,7 +91,7 @@ def report() -> str:
     for device in ["cpu"] + (["cuda"] if has_gpu else []):
         probes = _probe_tensors(device)
         lines.append(f"\nbackends on {device} tensors:")
-        for d in _DISPATCHERS:
+        for d in map(backends.dispatcher, backends.ops()):
             reasons = d.reasons(*probes[d.op])
             order = [b for b in d.auto_order if b not in d.unverified]
             auto = next((b for b in order if not reasons[b]), "none")

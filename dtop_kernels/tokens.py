@@ -66,8 +66,7 @@ class TokenSet:
 
     def slot_image(self) -> torch.Tensor:
         """Image of each packed slot, int64 ``[capacity]``; padding slots get B."""
-        slots = torch.arange(self.capacity, device=self.device, dtype=torch.int32)
-        return torch.searchsorted(self.cu_seqlens[1:], slots, right=True)
+        return slot_positions(self.cu_seqlens, self.capacity)[0]
 
     def valid_slots(self) -> torch.Tensor:
         """Bool ``[capacity]``: True for the first T slots (real tokens), False for padding."""
@@ -126,13 +125,8 @@ class TokenSet:
             return cls(indices, cu, b, n, max_seqlen)
         if not isinstance(capacity, int) or capacity < 0 or capacity > b * n:
             raise ValueError(f"capacity must be an int in [0, B*N={b * n}]; got {capacity!r}")
-        flat = keep.reshape(-1)
-        dest = torch.cumsum(flat, dim=0, dtype=torch.int64) - 1
-        dest = torch.where(flat, dest, capacity)  # dropped tokens land in a spare slot
-        dest = dest.clamp_(max=capacity)  # tokens past capacity land in the spare slot too
-        buf = torch.full((capacity + 1,), PAD_INDEX, dtype=torch.int32, device=keep.device)
-        buf.scatter_(0, dest, torch.arange(b * n, dtype=torch.int32, device=keep.device))
-        indices = buf[:capacity]
+        indices = _compacted(torch.arange(b * n, dtype=torch.int32, device=keep.device),
+                             keep.reshape(-1), capacity)
         if keep.device.type == "cpu" and int(cu[-1]) > capacity:
             raise ValueError(f"{int(cu[-1])} active tokens do not fit in capacity={capacity}; "
                              "pass a capacity of at least keep.sum() (or None for an exact set)")
@@ -240,6 +234,31 @@ class TokenSet:
         object.__setattr__(self, "_checked", key)
         return self
 
+    def compact(self, keep: torch.Tensor) -> TokenSet:
+        """The set of the slots where ``keep`` (bool ``[capacity]``) is True, same capacity and
+        bounds, in the same order (no host sync). Padding slots never stay."""
+        cap, b = self.capacity, self.batch_size
+        keep = keep & self.valid_slots()
+        counts = torch.zeros(b + 1, dtype=torch.int32, device=keep.device)
+        counts.scatter_add_(0, self.slot_image(), keep.int())
+        cu = torch.zeros(b + 1, dtype=torch.int32, device=keep.device)
+        torch.cumsum(counts[:b], dim=0, out=cu[1:])
+        return TokenSet(_compacted(self.indices, keep, cap), cu, b, self.seq_len,
+                        self.max_seqlen)
+
+    def repack(self, packed: torch.Tensor, new: TokenSet) -> torch.Tensor:
+        """Rows for ``new`` (a subset of this set's tokens, e.g. after :meth:`compact` or
+        ``dtop_select``) taken from ``packed`` [capacity, C] in this set's layout: returns
+        [new.capacity, C]; padding rows copy an arbitrary row (they carry no meaning). One index
+        map over the B*N token positions; no host sync."""
+        nn_ = self.batch_size * self.seq_len
+        dev = packed.device
+        slot_of = torch.zeros(nn_ + 1, dtype=torch.long, device=dev)
+        dest = torch.where(self.valid_slots(), self.indices.long(), nn_)
+        slot_of.scatter_(0, dest, torch.arange(self.capacity, device=dev))
+        src = slot_of[torch.where(new.valid_slots(), new.indices.long(), nn_)]
+        return packed.index_select(0, src)
+
     def tighten(self, multiple: int = 1) -> TokenSet:
         """Exact max_seqlen and a capacity of T rounded up to ``multiple`` (a bucket; at most
         the current capacity), read back from the device (one host sync).
@@ -250,10 +269,7 @@ class TokenSet:
         """
         if not isinstance(multiple, int) or isinstance(multiple, bool) or multiple < 1:
             raise ValueError(f"multiple must be a positive int; got {multiple!r}")
-        cu = self.cu_seqlens.cpu()
-        total = int(cu[-1])
-        counts = cu[1:] - cu[:-1]
-        max_seqlen = int(counts.max()) if self.batch_size else 0
+        total, max_seqlen = _read_counts(self.cu_seqlens)
         cap = min(-(-total // multiple) * multiple, self.capacity)
         return TokenSet(self.indices[:max(cap, total)], self.cu_seqlens, self.batch_size,
                         self.seq_len, max_seqlen)
@@ -267,6 +283,36 @@ class TokenSet:
             f"TokenSet(batch_size={self.batch_size}, seq_len={self.seq_len}, "
             f"capacity={self.capacity}, max_seqlen={self.max_seqlen}, device={self.device})"
         )
+
+
+def _read_counts(cu_seqlens: torch.Tensor) -> tuple[int, int]:
+    """(T, the largest count) read back to the host (one sync); under torch.compile a
+    deliberate graph break (the read runs eagerly between two graphs)."""
+    if torch.compiler.is_compiling():
+        return torch.compiler.disable(_read_counts)(cu_seqlens)
+    cu = cu_seqlens.cpu()
+    counts = cu[1:] - cu[:-1]
+    return int(cu[-1]), int(counts.max()) if counts.numel() else 0
+
+
+# ---------------------------------------------------------------------- slot maps
+def slot_positions(cu_seqlens: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image, position in its image) of every packed slot 0..capacity-1, int64, from the
+    offsets alone (no host sync); padding slots get image B."""
+    slots = torch.arange(capacity, device=cu_seqlens.device, dtype=torch.int32)
+    image = torch.searchsorted(cu_seqlens[1:], slots, right=True)
+    start = cu_seqlens.long()[image.clamp(max=max(cu_seqlens.shape[0] - 2, 0))]
+    return image, slots.long() - start
+
+
+def _compacted(values: torch.Tensor, keep: torch.Tensor, capacity: int) -> torch.Tensor:
+    """int32 [capacity]: the ``values`` where ``keep`` is True, in order, then PAD_INDEX;
+    kept values past ``capacity`` are dropped (no host sync)."""
+    dest = torch.cumsum(keep, dim=0, dtype=torch.int64) - 1
+    dest = torch.where(keep, dest, capacity).clamp_(max=capacity)  # the rest: a spare slot
+    buf = torch.full((capacity + 1,), PAD_INDEX, dtype=torch.int32, device=keep.device)
+    buf.scatter_(0, dest, values.to(torch.int32))
+    return buf[:capacity]
 
 
 # ---------------------------------------------------------------------- checks

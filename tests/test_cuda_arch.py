@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import dtop_kernels.cuda as dc
-from dtop_kernels.backends import BackendError, Dispatcher, device_reasons_cuda
+from dtop_kernels.backends import BackendError, Dispatcher
+from dtop_kernels.cuda import tensor_reasons as device_reasons_cuda
 
 
 @pytest.mark.parametrize("built,cc,runs", [

@@ -147,12 +147,27 @@ def test_auto_error_lists_every_backend():
     assert "cuda: not in the auto order" in msg
 
 
-def test_auto_skips_unverified():
+def test_auto_skips_unverified(monkeypatch):
+    from dtop_kernels import backends
+
     d = Dispatcher("toy", {n: (lambda *a: []) for n in BACKEND_NAMES},
-                   auto_order=("triton", "torch"), unverified=("triton",))
-    assert d.select("auto") == "torch"
+                   auto_order=("triton", "torch"))
+    assert d.select("auto") == "torch"  # not in the verification table: the reference only
     with pytest.warns(UserWarning, match="not yet passed"):
         assert d.select("triton") == "triton"
+    monkeypatch.setitem(backends.VERIFIED, "toy", ("torch", "triton"))
+    assert d.select("auto") == "triton"
+
+
+def test_registry_lists_the_public_ops():
+    from dtop_kernels import backends
+
+    assert set(backends.ops()) == {"gather_tokens", "scatter_tokens", "varlen_attention",
+                                   "packed_linear", "pruned_block", "dtop_select"}
+    assert set(backends.VERIFIED) == set(backends.ops())
+    assert backends.dispatcher("varlen_attention").op == "varlen_attention"
+    with pytest.raises(KeyError, match="no op"):
+        backends.dispatcher("nope")
 
 
 def test_dispatcher_requires_every_backend():

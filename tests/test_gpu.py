@@ -207,7 +207,7 @@ def test_stage(layer_scale, dtype, floor, backend, gen):
 def test_layer_norm_broadcast_rows(gather, backend, gen):
     """Read-only rows may overlap: x and dy with row stride 0 (autograd hands ``y.sum(0)``'s
     gradient as an expanded row) give the gradients of the same rows made contiguous."""
-    from dtop_kernels.backends import device_reasons_cuda
+    from dtop_kernels.cuda import tensor_reasons as device_reasons_cuda
     from dtop_kernels.ops.layernorm import layer_norm_tokens
 
     why_not = device_reasons_cuda([torch.empty(0, device=DEV)]) if backend == "cuda" else []

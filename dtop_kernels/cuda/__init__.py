@@ -15,6 +15,12 @@ import torch
 
 # dtype codes understood by _C (csrc/common.h, enum DType).
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# What the CUDA backend supports, declared once (the ops combine it with their shapes): row
+# kernels (gather / scatter, LayerNorm, selection) take every dtype of DTYPE_CODES; the tensor-
+# core kernels (attention, linear) float16 / bfloat16, features in multiples of 8, and the head
+# dims the compiled module reports (head_dims()).
+DTYPES = tuple(DTYPE_CODES)
+MMA_DTYPES = (torch.float16, torch.bfloat16)
 
 _BUILD_INFO = Path(__file__).resolve().parent.parent / "_build_info.json"
 _HOW_TO_BUILD = "install with nvcc on PATH: `pip install .` (set DTOP_CUDA_ARCHS to pick archs)"
@@ -65,6 +71,46 @@ def unavailable_reasons() -> list[str]:
     else:
         why = f"is not built ({info.get('reason', 'unknown')})"
     return [f"the CUDA extension dtop_kernels._C {why}; {_HOW_TO_BUILD}"]
+
+
+def head_dims() -> tuple[int, ...]:
+    """The attention head dims the compiled module has kernels for (empty when it is not
+    built)."""
+    module, _ = _import_C()
+    return tuple(module.head_dims()) if module is not None and hasattr(module, "head_dims") \
+        else ()
+
+
+def tensor_reasons(tensors) -> list[str]:
+    """Why the CUDA kernels cannot run on these tensors (empty: they can): the module is not
+    built or has no kernel image for a GPU's architecture, or a tensor is not on CUDA."""
+    reasons = list(unavailable_reasons())
+    devices = {t.device for t in tensors if isinstance(t, torch.Tensor)}
+    types = {d.type for d in devices}
+    if types - {"cuda"}:
+        reasons.append(f"tensors on {sorted(types - {'cuda'})}: the CUDA kernels need CUDA "
+                       "tensors")
+    elif not reasons:  # built, all on CUDA: is there a kernel image for each GPU?
+        for device in sorted(devices, key=str):
+            reasons += [r for r in device_reasons(device) if r not in reasons]
+    return reasons
+
+
+def mma_reasons(dtype: torch.dtype) -> list[str]:
+    if dtype in MMA_DTYPES:
+        return []
+    return [(f"dtype {dtype} not supported by the CUDA tensor-core kernels (float16, "
+             "bfloat16; the triton and torch backends take float32)")]
+
+
+def head_dim_reasons(q_dim: int, v_dim: int) -> list[str]:
+    r = []
+    if v_dim != q_dim:
+        r.append(f"v head dim {v_dim} differs from q/k head dim {q_dim}")
+    dims = head_dims()
+    if dims and q_dim not in dims:
+        r.append(f"head dim {q_dim} not compiled {dims}")
+    return r
 
 
 # ---------------------------------------------------------------------- architectures

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from dtop_kernels.cuda import DTYPE_CODES, _args, load_C
-
-HEAD_DIMS = (32, 64, 80, 96, 128)
+from dtop_kernels.cuda import DTYPE_CODES, _args, head_dims, load_C
 
 
 def _check_qkv(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) -> None:
@@ -38,9 +36,9 @@ def _check_qkv(op: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None
     if v is not None and v.shape != k.shape:
         raise ValueError(f"{op}: v must have k's shape {tuple(k.shape)} (same head dim); got "
                          f"{tuple(v.shape)}")
-    if q.shape[2] not in HEAD_DIMS:
+    if head_dims() and q.shape[2] not in head_dims():
         raise ValueError(f"{op}: head dim {q.shape[2]} is not supported by the CUDA kernels "
-                         f"{HEAD_DIMS}; use backend='triton' or backend='torch'")
+                         f"{head_dims()}; use backend='triton' or backend='torch'")
     if not 1 <= q.shape[1] <= 65535:
         raise ValueError(f"{op}: the number of heads must be in [1, 65535]; got {q.shape[1]}")
 

@@ -58,7 +58,9 @@ class ViTDToP(nn.Module):
     count rounded up to a multiple of ``m`` (a bucket: few distinct shapes), False never (the
     forward stays free of host syncs: what a CUDA graph needs; the kernel backends skip the
     padding rows on the device, but cuBLAS GEMMs of the torch backend run over them). None:
-    exact on the CPU, buckets of ``CUDA_BUCKET`` rows on other devices.
+    exact on the CPU, buckets of ``CUDA_BUCKET`` rows on other devices; inside ``torch.compile``
+    False (the whole forward one graph), while an explicit True or ``m`` there reads the counts
+    back with one graph break per auxiliary head (the stages compile as separate graphs).
     """
 
     CUDA_BUCKET = 64  # rows: a multiple of the GEMM tile heights
@@ -292,10 +294,9 @@ class ViTDToP(nn.Module):
                     exit_logits=None, tighten: bool | int | None = None):
         b, n, c = x.shape
         last = self.num_stages - 1
-        if torch.compiler.is_compiling():  # fixed capacity: a read-back breaks the graph
-            tighten = False
-        elif tighten is None:
-            tighten = True if x.device.type == "cpu" else self.CUDA_BUCKET
+        if tighten is None:  # under torch.compile: fixed capacity (a read-back breaks a graph)
+            tighten = False if torch.compiler.is_compiling() else \
+                True if x.device.type == "cpu" else self.CUDA_BUCKET
         tokens = TokenSet.all_active(b, n, device=x.device)
         packed = x.reshape(b * n, c)  # all active: the packed layout is the dense one
         exit_stage = torch.full((b, n), last, dtype=torch.long, device=x.device)
@@ -322,7 +323,7 @@ class ViTDToP(nn.Module):
                 new = sel.tokens
                 if tighten is not False:
                     new = new.tighten(1 if tighten is True else tighten)
-                packed = repack(packed, tokens, new)
+                packed = tokens.repack(packed, new)
                 tokens = new
         return cls, canvases, torch.stack(counts), exit_stage
 
@@ -333,21 +334,6 @@ def _check_tighten(tighten: object) -> None:
     if not isinstance(tighten, int) or tighten < 1:
         raise ValueError(f"tighten must be None, True, False or a positive int (a bucket of "
                          f"rows); got {tighten!r}")
-
-
-def repack(packed: torch.Tensor, old: TokenSet, new: TokenSet) -> torch.Tensor:
-    """Rows for ``new`` (a subset of ``old``'s tokens) taken from ``packed`` [old.capacity, C].
-
-    Returns [new.capacity, C]; padding rows copy an arbitrary row of ``packed`` (they carry no
-    meaning). One index map over the B*N token positions; no host sync.
-    """
-    nn_ = old.batch_size * old.seq_len
-    dev = packed.device
-    slot_of = torch.zeros(nn_ + 1, dtype=torch.long, device=dev)
-    dest = torch.where(old.valid_slots(), old.indices.long(), nn_)
-    slot_of.scatter_(0, dest, torch.arange(old.capacity, device=dev))
-    src = slot_of[torch.where(new.valid_slots(), new.indices.long(), nn_)]
-    return packed.index_select(0, src)
 
 
 def _official_exits(

@@ -4,50 +4,33 @@ from __future__ import annotations
 
 import torch
 
-from dtop_kernels import _checks
-from dtop_kernels.backends import Dispatcher, device_reasons_cuda, device_reasons_triton
+from dtop_kernels import _checks, cuda, triton
+from dtop_kernels.backends import Dispatcher, register
 from dtop_kernels.ops import library
 from dtop_kernels.reference import attention as ref
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
 
 def _why_not_triton(q, k, v, dropout_p=0.0) -> list[str]:
-    r = device_reasons_triton([q, k, v])
-    if q.dtype not in KERNEL_DTYPES:
-        r.append(f"dtype {q.dtype} not supported (float32, float16, bfloat16)")
-    if v.shape[-1] != q.shape[-1]:
-        r.append(f"v head dim {v.shape[-1]} differs from q/k head dim {q.shape[-1]}")
-    if q.shape[-1] > 256:
-        r.append(f"head dim {q.shape[-1]} > 256")
+    r = triton.device_reasons([q, k, v]) + triton.dtype_reasons(q.dtype)
+    r += triton.head_dim_reasons(q.shape[-1], v.shape[-1])
     if dropout_p:
         r.append("attention dropout is not implemented in the kernel")
     return r
-
-
-CUDA_HEAD_DIMS = (32, 64, 80, 96, 128)
 
 
 def _why_not_cuda(q, k, v, dropout_p=0.0) -> list[str]:
-    r = device_reasons_cuda([q, k, v])
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        r.append(f"dtype {q.dtype} not supported (float16, bfloat16; the triton and torch "
-                 "backends take float32)")
-    if v.shape[-1] != q.shape[-1]:
-        r.append(f"v head dim {v.shape[-1]} differs from q/k head dim {q.shape[-1]}")
-    if q.shape[-1] not in CUDA_HEAD_DIMS:
-        r.append(f"head dim {q.shape[-1]} not compiled {CUDA_HEAD_DIMS}")
+    r = cuda.tensor_reasons([q, k, v]) + cuda.mma_reasons(q.dtype)
+    r += cuda.head_dim_reasons(q.shape[-1], v.shape[-1])
     if dropout_p:
         r.append("attention dropout is not implemented in the kernel")
     return r
 
 
-_dispatch = Dispatcher(
+_dispatch = register(Dispatcher(
     "varlen_attention",
     {"torch": lambda *a, **k: [], "triton": _why_not_triton, "cuda": _why_not_cuda},
     auto_order=("triton", "cuda", "torch"),
-    unverified=("triton", "cuda"),
-)
+))
 
 
 def _check_cu(name: str, cu: torch.Tensor, rows: int, max_seqlen: int) -> None:

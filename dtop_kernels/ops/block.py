@@ -9,13 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dtop_kernels import _checks
-from dtop_kernels.backends import (
-    Dispatcher,
-    device_reasons_cuda,
-    device_reasons_triton,
-    requested_backend,
-)
+from dtop_kernels import _checks, cuda, triton
+from dtop_kernels.backends import Dispatcher, register, requested_backend
 from dtop_kernels.ops import library
 from dtop_kernels.ops.layernorm import layer_norm_tokens
 from dtop_kernels.ops.linear import linear_tokens
@@ -34,31 +29,25 @@ def _norm_reasons(blocks: Sequence[nn.Module]) -> list[str]:
 
 
 def _why_not_triton(x: torch.Tensor, tokens: TokenSet, blocks: Sequence[nn.Module] = ()):
-    r = device_reasons_triton([x, tokens.indices])
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        r.append(f"dtype {x.dtype} not supported (float32, float16, bfloat16)")
+    r = triton.device_reasons([x, tokens.indices]) + triton.dtype_reasons(x.dtype)
     return r + _norm_reasons(blocks)
 
 
 def _why_not_cuda(x: torch.Tensor, tokens: TokenSet, blocks: Sequence[nn.Module] = ()):
-    r = device_reasons_cuda([x, tokens.indices])
-    if x.dtype not in (torch.float16, torch.bfloat16):
-        r.append(f"dtype {x.dtype} not supported by the CUDA attention (float16, bfloat16)")
-    for i, blk in enumerate(blocks[:1]):
+    r = cuda.tensor_reasons([x, tokens.indices]) + cuda.mma_reasons(x.dtype)
+    for blk in blocks[:1]:
         d = x.shape[-1] // blk.attn.num_heads
-        if d not in (32, 64, 80, 96, 128):
-            r.append(f"head dim {d} not compiled (32, 64, 80, 96, 128)")
+        r += cuda.head_dim_reasons(d, d)
     return r + _norm_reasons(blocks)
 
 
-_dispatch = Dispatcher(
+_dispatch = register(Dispatcher(
     "pruned_block",
     {"torch": lambda *a, **k: [],
      "triton": _why_not_triton,
      "cuda": _why_not_cuda},
     auto_order=("triton", "cuda", "torch"),
-    unverified=("triton", "cuda"),
-)
+))
 
 _REQUIRED = ("norm1", "attn", "attn.qkv", "attn.proj", "attn.num_heads", "norm2", "mlp")
 # Submodules whose math block_packed reproduces (timm Block / Attention names); anything else
@@ -191,9 +180,7 @@ def _stage_plan(x: torch.Tensor, tokens: TokenSet, blocks: Sequence[nn.Module]
     (dtop_kernels.auto_order), each op its own fastest verified backend; None without any
     measured order (the stage then runs on one backend)."""
     from dtop_kernels import auto_order
-    from dtop_kernels.ops import attention as attention_op
-    from dtop_kernels.ops import gather as gather_op
-    from dtop_kernels.ops import linear as linear_op
+    from dtop_kernels.backends import dispatcher
 
     if not blocks or auto_order.arch(x.device) is None or \
             not any(auto_order.measured_order(op, x.device) for op in STAGE_OPS):
@@ -205,15 +192,14 @@ def _stage_plan(x: torch.Tensor, tokens: TokenSet, blocks: Sequence[nn.Module]
                  if not _dispatch.why_not[b](x, tokens, blocks)), "torch")
     fc1 = getattr(blk.mlp, "fc1", None)
     linear = "torch" if not isinstance(fc1, nn.Linear) else \
-        linear_op._dispatch.select("auto", x, fc1.weight, tokens, None)
+        dispatcher("packed_linear").select("auto", x, fc1.weight, tokens, None)
     return {
-        "gather_tokens": gather_op._gather.select("auto", x.new_empty(tokens.batch_size,
-                                                                      tokens.seq_len, 0),
-                                                   tokens),
+        "gather_tokens": dispatcher("gather_tokens").select(
+            "auto", x.new_empty(tokens.batch_size, tokens.seq_len, 0), tokens),
         "layer_norm": norm,
         "packed_linear": linear,
-        "varlen_attention": attention_op._dispatch.select("auto", q, q, q),
-        "scatter_tokens": gather_op._scatter.select("auto", x, tokens, None),
+        "varlen_attention": dispatcher("varlen_attention").select("auto", q, q, q),
+        "scatter_tokens": dispatcher("scatter_tokens").select("auto", x, tokens, None),
     }
 
 

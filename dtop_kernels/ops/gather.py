@@ -4,26 +4,21 @@ from __future__ import annotations
 
 import torch
 
-from dtop_kernels import _checks
-from dtop_kernels.backends import Dispatcher, device_reasons_cuda, device_reasons_triton
+from dtop_kernels import _checks, cuda, triton
+from dtop_kernels.backends import Dispatcher, register
 from dtop_kernels.ops import library
 from dtop_kernels.tokens import TokenSet
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _kernel_reasons(t: torch.Tensor, out: torch.Tensor | None) -> list[str]:
-    if t.dtype not in KERNEL_DTYPES:
-        return [f"dtype {t.dtype} not supported (float32, float16, bfloat16)"]
-    return []
-
 
 def _why_not_cuda(t: torch.Tensor, tokens: TokenSet, out: torch.Tensor | None = None):
-    return device_reasons_cuda([t, tokens.indices]) + _kernel_reasons(t, out)
+    r = cuda.tensor_reasons([t, tokens.indices])
+    if t.dtype not in cuda.DTYPES:
+        r.append(f"dtype {t.dtype} not supported (float32, float16, bfloat16)")
+    return r
 
 
 def _why_not_triton(t: torch.Tensor, tokens: TokenSet, out: torch.Tensor | None = None):
-    return device_reasons_triton([t, tokens.indices]) + _kernel_reasons(t, out)
+    return triton.device_reasons([t, tokens.indices]) + triton.dtype_reasons(t.dtype)
 
 
 def _why_not_torch(*args, **kwargs) -> list[str]:
@@ -31,11 +26,10 @@ def _why_not_torch(*args, **kwargs) -> list[str]:
 
 
 _WHY_NOT = {"torch": _why_not_torch, "triton": _why_not_triton, "cuda": _why_not_cuda}
-# Auto order: the Triton and CUDA kernels leave "auto" until they pass their GPU tests.
-_gather = Dispatcher("gather_tokens", _WHY_NOT, auto_order=("cuda", "triton", "torch"),
-                     unverified=("cuda", "triton"))
-_scatter = Dispatcher("scatter_tokens", _WHY_NOT, auto_order=("cuda", "triton", "torch"),
-                      unverified=("cuda", "triton"))
+_gather = register(Dispatcher("gather_tokens", _WHY_NOT,
+                              auto_order=("cuda", "triton", "torch")))
+_scatter = register(Dispatcher("scatter_tokens", _WHY_NOT,
+                               auto_order=("cuda", "triton", "torch")))
 
 
 def gather_tokens(x: torch.Tensor, tokens: TokenSet, *, backend: str = "auto",

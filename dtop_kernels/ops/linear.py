@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from dtop_kernels import _checks
-from dtop_kernels.backends import Dispatcher, device_reasons_cuda, device_reasons_triton
+from dtop_kernels import _checks, cuda, triton
+from dtop_kernels.backends import Dispatcher, register
 from dtop_kernels.ops import library
 from dtop_kernels.tokens import TokenSet
 
@@ -14,28 +14,22 @@ ACTIVATIONS = library.ACTIVATIONS
 
 
 def _why_not_triton(x, weight, tokens, out=None) -> list[str]:
-    r = device_reasons_triton([x, tokens.indices])
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        r.append(f"dtype {x.dtype} not supported (float32, float16, bfloat16)")
-    return r
+    return triton.device_reasons([x, tokens.indices]) + triton.dtype_reasons(x.dtype)
 
 
 def _why_not_cuda(x, weight, tokens, out=None) -> list[str]:
-    r = device_reasons_cuda([x, tokens.indices])
-    if x.dtype not in (torch.float16, torch.bfloat16):
-        r.append(f"dtype {x.dtype} not supported by the CUDA linear kernel (float16, bfloat16)")
+    r = cuda.tensor_reasons([x, tokens.indices]) + cuda.mma_reasons(x.dtype)
     n, k = weight.shape
     if n % 8 or k % 8:
         r.append(f"features {k} -> {n} are not multiples of 8 (16-byte rows)")
     return r
 
 
-_dispatch = Dispatcher(
+_dispatch = register(Dispatcher(
     "packed_linear",
     {"torch": lambda *a, **k: [], "triton": _why_not_triton, "cuda": _why_not_cuda},
     auto_order=("cuda", "triton", "torch"),
-    unverified=("cuda", "triton"),
-)
+))
 
 
 def packed_linear(

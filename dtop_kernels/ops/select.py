@@ -7,32 +7,33 @@ from typing import NamedTuple
 
 import torch
 
-from dtop_kernels import _checks
-from dtop_kernels.backends import Dispatcher, device_reasons_cuda, device_reasons_triton
+from dtop_kernels import _checks, cuda, triton
+from dtop_kernels.backends import Dispatcher, register
 from dtop_kernels.ops import library
 from dtop_kernels.tokens import TokenSet
 
 
 def _why_not_triton(class_logits, mask_logits, tokens) -> list[str]:
-    r = device_reasons_triton([class_logits, mask_logits, tokens.indices])
-    if mask_logits.dtype == torch.float64 or class_logits.dtype == torch.float64:
-        r.append("float64 logits not supported (float32, float16, bfloat16)")
-    return r
+    r = triton.device_reasons([class_logits, mask_logits, tokens.indices])
+    return r + _float64_reasons(class_logits, mask_logits)
 
 
 def _why_not_cuda(class_logits, mask_logits, tokens) -> list[str]:
-    r = device_reasons_cuda([class_logits, mask_logits, tokens.indices])
-    if mask_logits.dtype == torch.float64 or class_logits.dtype == torch.float64:
-        r.append("float64 logits not supported (float32, float16, bfloat16)")
-    return r
+    r = cuda.tensor_reasons([class_logits, mask_logits, tokens.indices])
+    return r + _float64_reasons(class_logits, mask_logits)
 
 
-_dispatch = Dispatcher(
+def _float64_reasons(class_logits, mask_logits) -> list[str]:
+    if torch.float64 in (class_logits.dtype, mask_logits.dtype):
+        return ["float64 logits not supported (float32, float16, bfloat16)"]
+    return []
+
+
+_dispatch = register(Dispatcher(
     "dtop_select",
     {"torch": lambda *a, **k: [], "triton": _why_not_triton, "cuda": _why_not_cuda},
     auto_order=("triton", "cuda", "torch"),
-    unverified=("triton", "cuda"),
-)
+))
 
 
 class Selection(NamedTuple):

@@ -6,14 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from dtop_kernels.reference import torch_varlen
-
-
-def _slots(cu_seqlens: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(image, position in image) of every packed slot; padding slots get image B."""
-    slots = torch.arange(capacity, device=cu_seqlens.device, dtype=torch.int32)
-    image = torch.searchsorted(cu_seqlens[1:], slots, right=True)
-    start = cu_seqlens.long()[image.clamp(max=cu_seqlens.shape[0] - 2)]
-    return image, slots.long() - start
+from dtop_kernels.tokens import slot_positions as _slots
 
 
 def _in_pad(image: torch.Tensor, pos: torch.Tensor, b: int, m: int) -> torch.Tensor:

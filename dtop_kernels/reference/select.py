@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dtop_kernels.tokens import PAD_INDEX, TokenSet
+from dtop_kernels.tokens import TokenSet
 
 # Scores below the smallest normal float32 count as 0 on every backend (hardware and libraries
 # differ on subnormal exponentials: some flush them, some keep them).
@@ -55,21 +55,6 @@ def select_slots(
     return cand & (rank >= top_k)
 
 
-def compact(tokens: TokenSet, keep: torch.Tensor) -> TokenSet:
-    """The TokenSet of the slots with ``keep`` True, same capacity and bounds (no host sync)."""
-    cap, b = tokens.capacity, tokens.batch_size
-    keep = keep & tokens.valid_slots()
-    dest = torch.cumsum(keep, dim=0) - 1
-    dest = torch.where(keep, dest, cap)
-    buf = torch.full((cap + 1,), PAD_INDEX, dtype=torch.int32, device=keep.device)
-    buf.scatter_(0, dest, tokens.indices)
-    counts = torch.zeros(b + 1, dtype=torch.int32, device=keep.device)
-    counts.scatter_add_(0, tokens.slot_image(), keep.int())
-    cu = torch.zeros(b + 1, dtype=torch.int32, device=keep.device)
-    torch.cumsum(counts[:b], dim=0, out=cu[1:])
-    return TokenSet(buf[:cap], cu, b, tokens.seq_len, tokens.max_seqlen)
-
-
 @torch.no_grad()
 def dtop_select(
     class_logits: torch.Tensor,
@@ -81,4 +66,4 @@ def dtop_select(
     """See :func:`dtop_kernels.dtop_select`."""
     conf, label = token_scores(class_logits, mask_logits, tokens)
     exits = select_slots(conf, label, tokens, threshold, top_k, class_logits.shape[1])
-    return compact(tokens, ~exits), tokens.dense_mask(exits)
+    return tokens.compact(~exits), tokens.dense_mask(exits)

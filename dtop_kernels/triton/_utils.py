@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 
 def interpret_blocks() -> int:
     """Tile size to use under the CPU interpreter (small keeps tests fast), else 0."""
-    return 16 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else 0
+    from dtop_kernels.triton import interpret
+
+    return 16 if interpret() else 0
 
 
 def dot_precision(dtype: torch.dtype) -> str | None:

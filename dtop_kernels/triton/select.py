@@ -15,7 +15,6 @@ import torch
 import triton
 import triton.language as tl
 
-from dtop_kernels.reference.select import compact
 from dtop_kernels.tokens import TokenSet
 from dtop_kernels.triton._utils import interpret_blocks
 
@@ -120,4 +119,4 @@ def exit_slots(
 def dtop_select(class_logits, mask_logits, tokens: TokenSet, threshold: float, top_k: int):
     """Triton backend of :func:`dtop_kernels.dtop_select` (inputs already checked)."""
     exits = exit_slots(class_logits, mask_logits, tokens, threshold, top_k)
-    return compact(tokens, ~exits), tokens.dense_mask(exits)
+    return tokens.compact(~exits), tokens.dense_mask(exits)
