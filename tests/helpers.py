@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from dtop_kernels import TokenSet
+from dtop_kernels import BackendError, TokenSet
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -41,6 +41,22 @@ def backend_params(*names: str) -> list:
     return [pytest.param(name, id=name, marks=backend_marks(name)) for name in names]
 
 
+def cuda_kernel_test(fn):
+    """Marks a test ``gpu`` and skips it (with the reason) where the compiled CUDA kernels cannot
+    run: for tests that call the launchers of ``dtop_kernels/cuda/`` directly."""
+    for mark in backend_marks("cuda"):
+        fn = mark(fn)
+    return pytest.mark.gpu(fn)
+
+
+def run_or_skip(fn, backend: str):
+    """``fn()``; skips the test (with the dispatcher's reasons) when ``backend`` cannot run it."""
+    try:
+        return fn()
+    except BackendError as e:
+        pytest.skip(f"backend {backend!r} cannot run this call here:\n{e}")
+
+
 def skip_interpreter_bf16_dot(backend: str, dtype: torch.dtype) -> None:
     """Triton 3.x's CPU interpreter computes ``tl.dot`` on bf16 operands wrongly (garbage of
     order 1e10 on a plain 16x16 product): bf16 matmul kernels are checked on a GPU only."""
@@ -66,6 +82,17 @@ def make_tokens(keep: torch.Tensor, layout: str) -> TokenSet:
     t = int(keep.sum())
     cap = b * n if layout == "full" else min(b * n, t + 5)
     return TokenSet.from_mask(keep, capacity=cap)
+
+
+def ragged_tokens(counts: list[int], n: int, extra_capacity: int = 0, seed: int = 0) -> TokenSet:
+    """TokenSet on DEVICE: ``counts[b]`` random active tokens in image b of N (drawn from its own
+    generator seeded ``seed``); capacity T + extra_capacity (at most B * N)."""
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.zeros(len(counts), n, dtype=torch.bool)
+    for b, c in enumerate(counts):
+        keep[b, torch.randperm(n, generator=g)[:c]] = True
+    cap = min(sum(counts) + extra_capacity, len(counts) * n)
+    return TokenSet.from_mask(keep.to(DEVICE), capacity=cap)
 
 
 def cu_from_counts(counts: list[int]) -> torch.Tensor:

@@ -1,8 +1,9 @@
-"""Naive per-image references in the official DToP code's semantics.
+"""The independent per-image references every op is tested against, written without dtop_kernels.
 
-One image at a time, a boolean keep mask per image, boolean-mask indexing and a per-image
-``F.scaled_dot_product_attention``. Independent of ``dtop_kernels`` (package references
-included): the tests compare both the kernels and the package references with these.
+They follow the official DToP code's semantics: one image at a time, a boolean keep mask per
+image, boolean-mask indexing and a per-image ``F.scaled_dot_product_attention``; LayerNorm is
+``F.layer_norm`` on ``naive_gather``'s rows. Nothing here imports ``dtop_kernels`` (package
+references included): the tests compare both the kernels and the package references with these.
 """
 
 from __future__ import annotations

@@ -1,19 +1,31 @@
-"""varlen_attention against per-image SDPA (self and cross attention), every backend."""
+"""varlen_attention against per-image SDPA (self and cross attention, the head-mean logits),
+every backend, forward and backward; the reference's two paths (host loop, padded device path);
+the torch backend's CUDA path through PyTorch's varlen attention (a CPU stand-in); GPU-sized
+shapes; the compiled CUDA launchers (argument checks on CPU tensors, the kernels on a GPU)."""
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import (
     DEVICE,
     assert_err_rule,
     backend_params,
     cu_from_counts,
+    cuda_kernel_test,
+    run_or_skip,
     skip_interpreter_bf16_dot,
 )
 from naive import naive_attention, naive_logits
 
-from dtop_kernels import BackendError, varlen_attention
+from dtop_kernels import BackendError, TokenSet, varlen_attention
+from dtop_kernels.cuda import attention as cuda_attn
+from dtop_kernels.reference import attention as ref_attn
+from dtop_kernels.reference import torch_varlen
 
 BACKENDS = backend_params("torch", "triton")
 NAN = float("nan")
@@ -160,6 +172,43 @@ def test_reference_device_path(cross, gen):
     if cross:
         torch.testing.assert_close(lg[:, :tk], naive_logits(q, k[:tk], kq, counts, 0.3))
         assert torch.all(lg[:, tk:] == 0)
+
+
+def _mixed_tokens(padded: bool) -> TokenSet:
+    """3 images of 29 tokens: none active, all active, about half active."""
+    g = torch.Generator().manual_seed(0)
+    keep = torch.rand(3, 29, generator=g) < 0.5
+    keep[0] = False
+    keep[1] = True
+    return TokenSet.from_mask(keep, capacity=3 * 29 if padded else None)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["exact", "padded"])
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+def test_reference_paths_agree(padded, cross):
+    """The reference's device path (T stays on the device: padded ops, used on CUDA) and its host
+    path (a loop over images, used on the CPU) agree, forward and backward, on CPU tensors."""
+    t = _mixed_tokens(padded)
+    h, d = 2, 16
+    k = torch.randn(t.capacity, h, d, dtype=torch.float64, requires_grad=True)
+    v = torch.randn_like(k, requires_grad=True)
+    if cross:
+        kq = 5
+        q = torch.randn(3 * kq, h, d, dtype=torch.float64, requires_grad=True)
+        cu_q, mq = torch.arange(4, dtype=torch.int32) * kq, kq
+    else:
+        q = torch.randn_like(k, requires_grad=True)
+        cu_q, mq = t.cu_seqlens, t.max_seqlen
+    args = (q, k, v, cu_q, t.cu_seqlens, mq, t.max_seqlen, 0.3, cross)
+    a, b = ref_attn.attention_looped(*args), ref_attn.attention_padded(*args)
+    if not cross:
+        a, b = (a,), (b,)
+    for u, w in zip(a, b):
+        torch.testing.assert_close(u, w, rtol=1e-12, atol=1e-12)
+    loss_a = sum((u * (i + 1)).sum() for i, u in enumerate(a))
+    loss_b = sum((u * (i + 1)).sum() for i, u in enumerate(b))
+    for u, w in zip(torch.autograd.grad(loss_a, (q, k, v)), torch.autograd.grad(loss_b, (q, k, v))):
+        torch.testing.assert_close(u, w, rtol=1e-10, atol=1e-10)
 
 
 # ---------------------------------------------------------------------- fp16 / bf16
@@ -318,3 +367,375 @@ def test_kernel_backends_refuse_float64(backend):
     cu = _cu([0, 6])
     with pytest.raises(BackendError):
         varlen_attention(q, k, v, cu, cu, 6, 6, backend=backend)
+
+
+# ---------------------------------------------------------------------- torch backend on CUDA
+# The torch backend's CUDA path (PyTorch's varlen attention), its plumbing checked on the CPU
+# with a stand-in that behaves like the flash kernel: padding rows of the output and of
+# dq / dk / dv left unwritten (NaN here), per-image attention on the valid rows.
+class _NanPadGrad(torch.autograd.Function):
+    """Identity whose backward leaves the padding rows' gradient "unwritten" (NaN)."""
+
+    @staticmethod
+    def forward(ctx, t, valid):
+        ctx.save_for_backward(valid)
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        (valid,) = ctx.saved_tensors
+        return torch.where(valid[:, None, None], g, NAN), None
+
+
+def _stand_in(with_scale: bool):
+    calls = []
+
+    def body(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=None):
+        calls.append((max_q, max_k, scale))
+        cq, ck = cu_seq_q.tolist(), cu_seq_k.tolist()
+        assert max(b - a for a, b in itertools.pairwise(cq)) <= max_q
+        vq = torch.arange(query.shape[0]) < cq[-1]
+        vk = torch.arange(key.shape[0]) < ck[-1]
+        query = _NanPadGrad.apply(query, vq)
+        key, value = _NanPadGrad.apply(key, vk), _NanPadGrad.apply(value, vk)
+        rows = []
+        for i in range(len(cq) - 1):
+            qi = query[cq[i]:cq[i + 1]].transpose(0, 1)[None]
+            ki, vi = (t[ck[i]:ck[i + 1]].transpose(0, 1)[None] for t in (key, value))
+            if ki.shape[2] == 0:
+                rows.append(query.new_zeros(qi.shape[2], query.shape[1], value.shape[2]))
+                continue
+            rows.append(F.scaled_dot_product_attention(qi, ki, vi, scale=scale)[0]
+                        .transpose(0, 1))
+        pad = query.new_full((query.shape[0] - cq[-1], query.shape[1], value.shape[2]), NAN)
+        return torch.cat(rows + [pad])
+
+    if with_scale:
+        def fn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None,
+               scale=None):
+            return body(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale)
+    else:  # torch 2.9's signature: no scale, default D ** -0.5
+        def fn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False,
+               return_aux=None):
+            return body(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k)
+    return fn, calls
+
+
+@pytest.fixture(params=[True, False], ids=["scale-kwarg", "no-scale-kwarg"])
+def stand_in(request, monkeypatch):
+    fn, calls = _stand_in(request.param)
+    monkeypatch.setattr(torch_varlen, "varlen_fn", lambda: fn)
+    monkeypatch.setattr(torch_varlen, "reasons", lambda *a, **k: [])
+    return calls
+
+
+def test_torch_varlen_reasons_on_this_machine():
+    q = torch.zeros(4, 2, 20)
+    r = torch_varlen.reasons(q, q, q, dropout_p=0.1)
+    if torch_varlen.varlen_fn() is None:
+        assert "torch >= 2.9" in r[0]
+        return
+    text = "; ".join(r)
+    assert "CUDA only" in text and "float16 / bfloat16" in text and "multiples of 8" in text
+    assert "dropout" in text
+
+
+def test_torch_varlen_reasons_when_torch_lacks_it(monkeypatch):
+    monkeypatch.setattr(torch_varlen, "varlen_fn", lambda: None)
+    q = torch.zeros(4, 2, 32, dtype=torch.float16)
+    assert "has no torch.nn.attention.varlen.varlen_attn" in torch_varlen.reasons(q, q, q)[0]
+
+
+def test_torch_varlen_forward_backward(stand_in, gen):
+    counts, pad, h, d = [5, 0, 9, 3], 4, 2, 16
+    t = sum(counts)
+    cu = torch.tensor([0, 5, 5, 14, 17], dtype=torch.int32)
+    q, k, v = (torch.randn(t + pad, h, d, generator=gen, dtype=torch.float64)
+               .requires_grad_() for _ in range(3))
+    scale = 0.3
+    out = varlen_attention(q, k, v, cu, cu, max(counts) + 2, max(counts) + 2, scale=scale,
+                           backend="torch")
+    assert stand_in, "the varlen path was not taken"
+    ref = naive_attention(q[:t], k[:t], v[:t], counts, counts, scale=scale)
+    torch.testing.assert_close(out[:t], ref, rtol=1e-10, atol=1e-10)
+    assert torch.all(out[t:] == 0), "padding rows must be zero"
+    g = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    want = torch.autograd.grad(ref, (q, k, v), g[:t])
+    for name, got, exp in zip("qkv", grads, want):
+        assert torch.isfinite(got).all(), f"d{name}: the padding rows' gradient leaked"
+        torch.testing.assert_close(got, exp, rtol=1e-10, atol=1e-10)
+
+
+def test_torch_varlen_logits_beside(stand_in, gen):
+    counts, kq, h, d = [6, 0, 11], 3, 2, 8
+    tk = sum(counts)
+    cu_q = torch.arange(len(counts) + 1, dtype=torch.int32) * kq
+    cu_k = torch.tensor([0, 6, 6, 17], dtype=torch.int32)
+    q = torch.randn(kq * len(counts), h, d, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(tk + 2, h, d, generator=gen, dtype=torch.float64) for _ in range(2))
+    out, logits = varlen_attention(q, k, v, cu_q, cu_k, kq, max(counts), return_logits=True,
+                                   backend="torch")
+    assert stand_in
+    torch.testing.assert_close(out, naive_attention(q, k[:tk], v[:tk], [kq] * 3, counts),
+                               rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(logits[:, :tk], naive_logits(q, k, kq, counts, d ** -0.5),
+                               rtol=1e-10, atol=1e-10)
+    assert torch.all(logits[:, tk:] == 0)
+
+
+def test_torch_varlen_no_keys_anywhere(stand_in):
+    q = torch.randn(3, 1, 8, dtype=torch.float64)
+    cu = torch.tensor([0, 0, 0], dtype=torch.int32)
+    out = varlen_attention(q, q, q, cu, cu, 0, 0, backend="torch")
+    assert out.shape == (3, 1, 8) and torch.all(out == 0)
+
+
+# ---------------------------------------------------------------------- GPU-sized shapes
+GPU_DTYPES = [
+    pytest.param(torch.float32, 1e-5, id="fp32"),
+    pytest.param(torch.float16, 1e-3, id="fp16"),
+    pytest.param(torch.bfloat16, 1e-2, id="bf16"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", backend_params("torch", "triton", "cuda"))
+@pytest.mark.parametrize("dtype,floor", GPU_DTYPES)
+@pytest.mark.parametrize("h,d", [pytest.param(12, 64, id="H12-D64"),
+                                 pytest.param(3, 80, id="H3-D80"),
+                                 pytest.param(2, 128, id="H2-D128")])
+def test_attention_gpu_shapes(h, d, dtype, floor, backend, gen):
+    """Up to 1024 tokens per image, ViT head dims, forward and backward, every backend the
+    dispatcher allows for the dtype."""
+    counts = [0, 1, 1024, 333, 64]
+    t, pad = sum(counts), 7
+    q, k, v = (torch.randn(t + pad, h, d, generator=gen).to(DEVICE, dtype) for _ in range(3))
+    for tns in (q, k, v):
+        tns[t:] = NAN
+    cu = cu_from_counts(counts)
+    leaves = [tns[:t].detach().clone().requires_grad_(True) for tns in (q, k, v)]
+    g = torch.randn(t, h, d, generator=gen).to(DEVICE, dtype)
+
+    def op():
+        qq, kk, vv = (torch.cat([leaf, tns[t:]]) for leaf, tns in zip(leaves, (q, k, v)))
+        out = varlen_attention(qq, kk, vv, cu, cu, max(counts), max(counts), backend=backend)
+        return out, torch.autograd.grad((out[:t] * g).sum(), leaves)
+
+    out, grads = run_or_skip(op, backend)
+    assert torch.all(out[t:] == 0)
+
+    def naive(dt):
+        ins = [tns[:t].detach().to(dt).requires_grad_(True) for tns in (q, k, v)]
+        o = naive_attention(*ins, counts, counts)
+        return o, torch.autograd.grad((o * g.to(dt)).sum(), ins)
+
+    exact, exact_g = naive(torch.float64)
+    same, same_g = naive(dtype)
+    assert_err_rule(out[:t], same, exact, floor, "out")
+    for name, a, s, e in zip("qkv", grads, same_g, exact_g):
+        assert_err_rule(a, s, e, floor, f"d{name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", backend_params("torch", "triton", "cuda"))
+@pytest.mark.parametrize("dtype,floor", GPU_DTYPES)
+def test_cross_logits_gpu_shapes(dtype, floor, backend, gen):
+    """ADE20K's 150 class queries against up to 1024 keys per image, with the logits."""
+    h, d, kq = 8, 64, 150
+    counts = [0, 1024, 77, 1]
+    b, tk = len(counts), sum(counts)
+    q = torch.randn(b * kq, h, d, generator=gen).to(DEVICE, dtype)
+    k, v = (torch.randn(tk + 5, h, d, generator=gen).to(DEVICE, dtype) for _ in range(2))
+    cu_q, cu_k = cu_from_counts([kq] * b), cu_from_counts(counts)
+    out, lg = run_or_skip(lambda: varlen_attention(q, k, v, cu_q, cu_k, kq, max(counts),
+                                                   return_logits=True, backend=backend), backend)
+    qd, kd, vd = q.double(), k[:tk].double(), v[:tk].double()
+    assert_err_rule(out, naive_attention(q, k[:tk], v[:tk], [kq] * b, counts),
+                    naive_attention(qd, kd, vd, [kq] * b, counts), floor, "out")
+    assert_err_rule(lg[:, :tk], naive_logits(q, k[:tk], kq, counts, d**-0.5),
+                    naive_logits(qd, kd, kq, counts, d**-0.5), floor, "logits")
+    assert torch.all(lg[:, tk:] == 0)
+
+
+# ---------------------------------------------------------------------- CUDA launchers
+# Argument checks run before any CUDA call, so they are tested everywhere with CPU tensors.
+def test_cuda_launcher_checks_cpu():
+    cu = torch.tensor([0, 3, 5], dtype=torch.int32)
+    q = torch.randn(5, 2, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        cuda_attn.attention_fwd(q, q, q, cu, cu, 3, 0.125)
+    with pytest.raises(ValueError, match="triton"):  # float32: no tensor-core path
+        cuda_attn.attention_fwd(q.float(), q.float(), q.float(), cu, cu, 3, 0.125)
+    q48 = torch.randn(5, 2, 48, dtype=torch.float16)
+    with pytest.raises(ValueError, match="head dim 48"):
+        cuda_attn.attention_fwd(q48, q48, q48, cu, cu, 3, 0.125)
+    with pytest.raises(ValueError, match="v must have"):
+        cuda_attn.attention_fwd(q, q, q[..., :32], cu, cu, 3, 0.125)
+    with pytest.raises(ValueError, match="int32"):
+        cuda_attn.attention_fwd(q, q, q, cu.long(), cu, 3, 0.125)
+    with pytest.raises(ValueError, match="entries"):
+        cuda_attn.attention_fwd(q, q, q, cu[:2], cu, 3, 0.125)
+    with pytest.raises(ValueError, match="max_seqlen_q"):
+        cuda_attn.attention_fwd(q, q, q, cu, cu, -1, 0.125)
+    with pytest.raises(ValueError, match="dtype"):
+        cuda_attn.attention_fwd(q, q.bfloat16(), q, cu, cu, 3, 0.125)
+    lse = torch.zeros(2, 5)
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        cuda_attn.attention_bwd(q, q, q, q, q, lse, cu, cu, 3, 3, 0.125)
+    with pytest.raises(ValueError, match="lse"):
+        cuda_attn.attention_bwd(q, q, q, q, q, lse.t(), cu, cu, 3, 3, 0.125)
+    with pytest.raises(ValueError, match="queries"):  # Tq = 5 is not B * num_q = 2 * 3
+        cuda_attn.head_mean_logits(q, q, cu, 3, 3, 0.125)
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        cuda_attn.head_mean_logits(q[:4], q, cu, 2, 3, 0.125)
+
+
+# The kernels against the reference in float64 (err <= 2 * err(PyTorch in the same dtype) +
+# floor) and against the Triton launchers; outputs poisoned with NaN so unwritten rows show.
+CUDA_CASES = [
+    pytest.param([0, 1, 17, 70], 0, id="B4-zero-one-17-70"),
+    pytest.param([1], 3, id="B1-one-padded"),
+    pytest.param([0, 0], 2, id="all-empty"),
+    pytest.param([130, 65], 5, id="B2-multi-tile"),
+]
+CUDA_HEAD_DIMS = [pytest.param(d, id=f"D{d}") for d in (32, 64, 80, 96, 128)]
+HALF = [pytest.param(d, id=str(d).removeprefix("torch.")) for d in
+        (torch.float16, torch.bfloat16)]
+
+
+def _cuda_qkv(counts, pad, h, d, dtype, n_tensors=3, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    t = sum(counts)
+    out = []
+    for _ in range(n_tensors):
+        x = torch.randn(t + pad, h, d, generator=g, dtype=torch.float64)
+        x[t:] = NAN  # padding rows must never be read
+        out.append(x.to("cuda", dtype))
+    cu = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32,
+                      device="cuda")
+    return out, cu, t
+
+
+def _ref_attention(q, k, v, cu, m, scale, t, prec):
+    return ref_attn.varlen_attention(q[:t].to(prec), k[:t].to(prec), v[:t].to(prec), cu, cu, m,
+                                     m, scale)
+
+
+@pytest.mark.parametrize("counts,pad", CUDA_CASES)
+@pytest.mark.parametrize("d", CUDA_HEAD_DIMS)
+@pytest.mark.parametrize("dtype", HALF)
+@cuda_kernel_test
+def test_cuda_attention_fwd(counts, pad, d, dtype):
+    h = 3
+    (q, k, v), cu, t = _cuda_qkv(counts, pad, h, d, dtype)
+    m, scale = max(counts), d ** -0.5
+    out = torch.full_like(q, NAN)
+    lse = torch.full((h, t + pad), NAN, device="cuda")
+    got, got_lse = cuda_attn.attention_fwd(q, k, v, cu, cu, m, scale, out=out, lse=lse)
+    assert got is out and got_lse is lse
+    exact = _ref_attention(q, k, v, cu, m, scale, t, torch.float64)
+    same = _ref_attention(q, k, v, cu, m, scale, t, dtype)
+    assert_err_rule(got[:t], same, exact, 1e-3, "out")
+    assert torch.isnan(got[t:]).all() and torch.isnan(got_lse[:, t:]).all(), \
+        "padding rows must be left untouched"
+    fresh, _ = cuda_attn.attention_fwd(q, k, v, cu, cu, m, scale)
+    assert torch.equal(fresh[:t], got[:t]) and torch.all(fresh[t:] == 0)
+    # lse, base 2, against the float64 scores (-inf for an image with no keys: none here)
+    for b, (lo, hi) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        if hi > lo:
+            s = torch.einsum("ihd,jhd->hij", q[lo:hi].double(), k[lo:hi].double()) * scale
+            want = torch.logsumexp(s, dim=-1) / math.log(2)
+            torch.testing.assert_close(got_lse[:, lo:hi].double(), want, rtol=0, atol=2e-2)
+    triton_attn = pytest.importorskip("dtop_kernels.triton.attention")
+    out_tr, lse_tr = triton_attn.attention_fwd(q, k, v, cu, cu, m, scale)
+    assert_err_rule(got[:t], out_tr[:t], exact, 1e-3, "out vs triton")
+    torch.testing.assert_close(got_lse[:, :t], lse_tr[:, :t], rtol=0, atol=2e-2)
+
+
+@cuda_kernel_test
+def test_cuda_attention_fwd_no_keys_and_cross():
+    """Cross attention with different query / key counts, one image without keys."""
+    h, d, dtype = 2, 64, torch.float16
+    cq = torch.tensor([0, 5, 9, 30], dtype=torch.int32, device="cuda")
+    ck = torch.tensor([0, 0, 66, 70], dtype=torch.int32, device="cuda")
+    q = torch.randn(30, h, d, device="cuda", dtype=dtype)
+    k, v = (torch.randn(70, h, d, device="cuda", dtype=dtype) for _ in range(2))
+    out, lse = cuda_attn.attention_fwd(q, k, v, cq, ck, 21, 0.125)
+    want = ref_attn.varlen_attention(q.double(), k.double(), v.double(), cq, ck, 21, 66, 0.125)
+    same = ref_attn.varlen_attention(q, k, v, cq, ck, 21, 66, 0.125)
+    assert_err_rule(out, same, want, 1e-3, "out")
+    assert torch.all(out[:5] == 0) and torch.all(lse[:, :5] == -math.inf)
+
+
+@pytest.mark.parametrize("counts,pad", CUDA_CASES)
+@pytest.mark.parametrize("d", CUDA_HEAD_DIMS)
+@pytest.mark.parametrize("dtype", HALF)
+@cuda_kernel_test
+def test_cuda_attention_bwd(counts, pad, d, dtype):
+    h = 2
+    (q, k, v, do), cu, t = _cuda_qkv(counts, pad, h, d, dtype, n_tensors=4)
+    m, scale = max(counts), d ** -0.5
+    out, lse = cuda_attn.attention_fwd(q, k, v, cu, cu, m, scale)
+    dq, dk, dv = cuda_attn.attention_bwd(do, q, k, v, out, lse, cu, cu, m, m, scale)
+
+    def grads(prec):
+        ins = [x[:t].to(prec).requires_grad_() for x in (q, k, v)]
+        o = ref_attn.varlen_attention(*ins, cu, cu, m, m, scale)
+        return torch.autograd.grad(o, ins, do[:t].to(prec)) if t else [x[:0] for x in ins]
+
+    exact, same = grads(torch.float64), grads(dtype)
+    for name, got, s, e in zip(("dq", "dk", "dv"), (dq, dk, dv), same, exact):
+        assert_err_rule(got[:t], s, e, 2e-3, name)
+        assert torch.all(got[t:] == 0), f"{name}: padding rows must be zero"
+    # Shared backward: the CUDA backward on the Triton forward's outputs, and the reverse.
+    triton_attn = pytest.importorskip("dtop_kernels.triton.attention")
+    out_tr, lse_tr = triton_attn.attention_fwd(q, k, v, cu, cu, m, scale)
+    mixed = cuda_attn.attention_bwd(do, q, k, v, out_tr, lse_tr, cu, cu, m, m, scale)
+    tr = triton_attn.attention_bwd(do, q, k, v, out, lse, cu, cu, m, m, scale)
+    for name, a, b_, e in zip(("dq", "dk", "dv"), mixed, tr, exact):
+        assert_err_rule(a[:t], b_[:t], e, 2e-3, f"{name} (triton forward)")
+
+
+LOGIT_CASES = [
+    pytest.param([0, 1, 70], 150, id="ADE-150-classes"),
+    pytest.param([33], 7, id="B1-7-queries"),
+    pytest.param([130, 5], 64, id="multi-tile"),
+]
+
+
+@pytest.mark.parametrize("counts,num_q", LOGIT_CASES)
+@pytest.mark.parametrize("d", CUDA_HEAD_DIMS)
+@pytest.mark.parametrize("dtype", HALF)
+@cuda_kernel_test
+def test_cuda_head_mean_logits(counts, num_q, d, dtype):
+    h, pad, b = 3, 4, len(counts)
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(b * num_q, h, d, generator=g).to("cuda", dtype)
+    (k,), cu, t = _cuda_qkv(counts, pad, h, d, dtype, n_tensors=1)
+    scale = d ** -0.5
+    out = torch.full((num_q, t + pad), NAN, device="cuda", dtype=dtype)
+    got = cuda_attn.head_mean_logits(q, k, cu, num_q, max(counts), scale, out=out)
+    assert got is out
+    cq = torch.arange(b + 1, dtype=torch.int32, device="cuda") * num_q
+
+    def logits(prec):
+        kk = torch.cat([k[:t], torch.zeros_like(k[t:])]).to(prec)
+        return ref_attn.varlen_attention(q.to(prec), kk, kk, cq, cu, num_q, max(counts), scale,
+                                         return_logits=True)[1]
+
+    assert_err_rule(got[:, :t], logits(dtype)[:, :t], logits(torch.float64)[:, :t], 1e-3,
+                    "logits")
+    assert torch.isnan(got[:, t:]).all(), "padding columns must be left untouched"
+    triton_attn = pytest.importorskip("dtop_kernels.triton.attention")
+    tr = triton_attn.head_mean_logits(q, k, cu, num_q, max(counts), scale)
+    assert_err_rule(got[:, :t], tr[:, :t], logits(torch.float64)[:, :t], 1e-3,
+                    "logits vs triton")
+
+
+@cuda_kernel_test
+def test_cuda_attention_rejects_float32_on_gpu():
+    q = torch.randn(4, 1, 64, device="cuda")
+    cu = torch.tensor([0, 4], dtype=torch.int32, device="cuda")
+    with pytest.raises(ValueError, match="backend='triton'"):
+        cuda_attn.attention_fwd(q, q, q, cu, cu, 4, 0.125)

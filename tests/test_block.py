@@ -1,5 +1,5 @@
 """pruned_block / pruned_stage against the block's own dense forward run per image on the active
-tokens (the official code's loop), every backend."""
+tokens (the official code's loop), every backend, forward and backward; GPU-sized stages."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from helpers import (
     backend_params,
     make_tokens,
     random_keep,
+    run_or_skip,
     skip_interpreter_bf16_dot,
 )
 from naive import naive_block, naive_gather
@@ -218,6 +219,45 @@ def test_gradcheck_torch(gen):
     ts = make_tokens(random_keep(2, 5, [3, 0], gen), "full")
     x = torch.randn(2, 5, 8, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda v: pruned_block(v, ts, blk, backend="torch"), (x,))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", backend_params("torch", "triton", "cuda"))
+@pytest.mark.parametrize("dtype,floor", [pytest.param(torch.float32, 1e-5, id="fp32"),
+                                         pytest.param(torch.float16, 1e-3, id="fp16"),
+                                         pytest.param(torch.bfloat16, 1e-2, id="bf16")])
+@pytest.mark.parametrize("layer_scale", [pytest.param(False, id="plain"),
+                                         pytest.param(True, id="layerscale")])
+def test_stage_gpu_shapes(layer_scale, dtype, floor, backend, gen):
+    """Two ViT-Ti-wide blocks over 256 tokens per image, forward and backward (input and every
+    parameter), every backend the dispatcher allows."""
+    c, h = 192, 3
+    blocks = [randomize_(Block(c, h, layer_scale=layer_scale), gen).to(DEVICE).eval()
+              for _ in range(2)]
+    keep = random_keep(3, 256, [0, 256, 101], gen)
+    ts = make_tokens(keep, "full")
+    keep = keep.to(DEVICE)
+    x = torch.randn(3, 256, c, generator=gen).to(DEVICE)
+    g = torch.randn(3, 256, c, generator=gen).to(DEVICE)
+
+    def grads(fn, mods, dt):
+        mods = [copy.deepcopy(m).to(dt) for m in mods]
+        xx = x.to(dt).requires_grad_(True)
+        y = fn(xx, mods)
+        params = [p for m in mods for p in m.parameters()]
+        return y, torch.autograd.grad((y * g.to(dt)).sum(), [xx] + params)
+
+    y, got = run_or_skip(lambda: grads(lambda v, m: pruned_stage(v, ts, m, backend=backend),
+                                       blocks, dtype), backend)
+    same_y, same = grads(lambda v, m: naive_block(v, keep, m), blocks, dtype)
+    exact_y, exact = grads(lambda v, m: naive_block(v, keep, m), blocks, torch.float64)
+    assert torch.equal(y[~keep], x.to(dtype)[~keep])
+    assert_err_rule(y[keep], same_y[keep], exact_y[keep], floor, "out")
+    # Parameter gradients are sums over every active token of the batch; how a backend orders
+    # that low-precision reduction is its own business, so their floor scales with the size.
+    rel = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 0.15}[dtype]
+    for i, (a, s, e) in enumerate(zip(got, same, exact)):
+        assert_err_rule(a, s, e, floor + rel * float(e.abs().max()), f"grad {i}")
 
 
 # ---------------------------------------------------------------------- timm

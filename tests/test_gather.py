@@ -1,10 +1,12 @@
-"""gather_tokens / scatter_tokens against the naive per-image boolean-mask loop, every backend."""
+"""gather_tokens / scatter_tokens against the naive per-image boolean-mask loop, every backend,
+forward and backward: layouts, dtypes, strided views, garbage in padding slots, the reference's
+host and device paths, GPU-sized shapes."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICE, backend_params, make_tokens, random_keep
+from helpers import DEVICE, backend_params, make_tokens, random_keep, run_or_skip
 from naive import naive_gather, naive_scatter
 
 from dtop_kernels import BackendError, TokenSet, gather_tokens, scatter_tokens
@@ -142,6 +144,34 @@ def test_reference_device_path(layout, gen):
                                naive_scatter(src[:t], kp, xx, add=add))
 
 
+def _mixed_tokens(padded: bool) -> TokenSet:
+    """3 images of 29 tokens (CPU): none active, all active, about half active."""
+    g = torch.Generator().manual_seed(0)
+    keep = torch.rand(3, 29, generator=g) < 0.5
+    keep[0] = False
+    keep[1] = True
+    return TokenSet.from_mask(keep, capacity=3 * 29 if padded else None)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["exact", "padded"])
+def test_reference_paths_agree(padded):
+    """The reference's device path (T stays on the device: masked ops, used on CUDA) and its
+    host path (T read once, used on the CPU) agree, forward and backward, on CPU tensors."""
+    from dtop_kernels.reference import gather as rg
+
+    t = _mixed_tokens(padded)
+    total = int(t.cu_seqlens[-1])
+    x = torch.randn(3, 29, 7, dtype=torch.float64, requires_grad=True)
+    a, b = rg.gather_counted(x, t, total), rg.gather_masked(x, t)
+    assert torch.equal(a, b)
+    g = torch.randn_like(a)
+    assert torch.equal(*(torch.autograd.grad(y, x, g)[0] for y in (a, b)))
+    packed = torch.randn(t.capacity, 7, dtype=torch.float64)
+    for add in (False, True):
+        assert torch.equal(rg.scatter_counted(packed, t, x, add, total),
+                           rg.scatter_masked(packed, t, x, add))
+
+
 # ---------------------------------------------------------------------- strided inputs
 def _views(b, n, c, gen):
     """Non-contiguous [B, N, C] views of fresh random storage."""
@@ -246,6 +276,64 @@ def test_backward_vs_naive(layout, add, backend, gen):
               lambda p, o: scatter_tokens(p, ts, o, add=add, backend=backend))
     want = run(lambda v: naive_gather(v, keep),
                lambda p, o: naive_scatter(p[:t], keep, o, add=add))
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------- GPU-sized shapes
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES[:3])
+@pytest.mark.parametrize("padded", [pytest.param(False, id="exact"),
+                                    pytest.param(True, id="padded")])
+def test_gather_scatter_gpu_shapes(padded, dtype, backend, gen):
+    """ViT-B's 197 tokens with 77 channels, both ways, every backend the dispatcher allows."""
+    b, n, c = 4, 197, 77
+    counts = [0, 197, 1, 60]
+    t = sum(counts)
+    keep = random_keep(b, n, counts, gen)
+    ts = make_tokens(keep, "full" if padded else "exact")
+    keep = keep.to(DEVICE)
+    x = torch.randn(b, n, c, generator=gen).to(DEVICE, dtype)
+    x[~keep] = float("nan")
+    packed = run_or_skip(lambda: gather_tokens(x, ts, backend=backend), backend)
+    assert torch.equal(packed[:t], naive_gather(x, keep))
+    assert torch.all(packed[t:] == 0)
+    for add in (False, True):
+        src = torch.randn(ts.capacity, c, generator=gen).to(DEVICE, dtype)
+        src[t:] = float("nan")
+        out = torch.randn(b, n, c, generator=gen).to(DEVICE, dtype)
+        out[~keep] = float("nan")
+        base = out.clone()
+        res = run_or_skip(
+            lambda s=src, o=out, a=add: scatter_tokens(s, ts, o, add=a, backend=backend), backend)
+        assert res is out
+        torch.testing.assert_close(res, naive_scatter(src[:t], keep, base, add=add), rtol=0,
+                                   atol=0, equal_nan=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gather_scatter_backward_gpu(backend, gen):
+    b, n, c = 3, 64, 40
+    counts = [64, 0, 17]
+    t = sum(counts)
+    keep = random_keep(b, n, counts, gen)
+    ts = make_tokens(keep, "full")
+    keep = keep.to(DEVICE)
+    x = torch.randn(b, n, c, generator=gen).to(DEVICE).requires_grad_(True)
+    base = torch.randn(b, n, c, generator=gen).to(DEVICE).requires_grad_(True)
+    g = torch.randn(b, n, c, generator=gen).to(DEVICE)
+
+    def op():
+        p = gather_tokens(x, ts, backend=backend)
+        y = scatter_tokens(p * 2, ts, base.clone(), add=True, backend=backend)
+        return torch.autograd.grad((y * g).sum(), (x, base))
+
+    got = run_or_skip(op, backend)
+    y = naive_scatter(naive_gather(x, keep) * 2, keep, base.clone(), add=True)
+    want = torch.autograd.grad((y * g).sum(), (x, base))
+    assert t > 0
     for a, e in zip(got, want):
         torch.testing.assert_close(a, e, rtol=0, atol=0)
 

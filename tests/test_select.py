@@ -1,4 +1,6 @@
-"""dtop_select against a literal per-image, per-class implementation of the DToP exit rule."""
+"""dtop_select against a literal per-image, per-class implementation of the DToP exit rule, every
+backend; GPU-sized shapes and the compiled CUDA launcher (argument checks on CPU tensors, the
+kernel against the reference and Triton on a GPU)."""
 
 from __future__ import annotations
 
@@ -6,10 +8,21 @@ import itertools
 
 import pytest
 import torch
-from helpers import DEVICE, backend_marks, backend_params, make_tokens, random_keep
+from helpers import (
+    DEVICE,
+    backend_marks,
+    backend_params,
+    cuda_kernel_test,
+    make_tokens,
+    ragged_tokens,
+    random_keep,
+    run_or_skip,
+)
 from naive import naive_select
 
 from dtop_kernels import BackendError, Selection, TokenSet, dtop_select
+from dtop_kernels.cuda import select as cuda_select
+from dtop_kernels.reference import select as ref_select
 
 BACKENDS = backend_params("torch", "triton")
 
@@ -303,3 +316,104 @@ def test_kernel_backends_refuse_float64(backend):
     cls, ml, ts = _args()
     with pytest.raises(BackendError):
         dtop_select(cls.double(), ml.double(), ts, 0.5, backend=backend)
+
+
+# ---------------------------------------------------------------------- GPU-sized shapes
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", backend_params("torch", "triton", "cuda"))
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"),
+                                   pytest.param(torch.float16, id="fp16")])
+@pytest.mark.parametrize("top_k", [0, 5])
+def test_select_gpu_shapes(top_k, dtype, backend, gen):
+    """ADE20K's 150 classes over 1024 tokens per image, every backend the dispatcher allows."""
+    b, k, n = 4, 150, 1024
+    keep = random_keep(b, n, [1024, 0, 500, 37], gen)
+    ts = make_tokens(keep, "full")
+    cls = (torch.randn(b, k, 2, generator=gen) * 2).to(dtype)
+    cls[..., 0] += 2
+    ml = (torch.round(torch.randn(b, k, n, generator=gen) * 6) / 2).to(dtype)
+    expected = naive_select(cls, ml, keep, 0.9, top_k)
+    bi, ni = keep.nonzero(as_tuple=True)
+    slots = torch.full((k, ts.capacity), 30.0, dtype=dtype)
+    slots[:, : bi.numel()] = ml[bi, :, ni].t()
+    sel = run_or_skip(lambda: dtop_select(cls.to(DEVICE), slots.to(DEVICE), ts, 0.9, top_k,
+                                          backend=backend), backend)
+    assert torch.equal(sel.exited.cpu(), expected)
+    assert torch.equal(sel.tokens.keep_mask().cpu(), keep & ~expected)
+    sel.tokens.validate()
+
+
+# ---------------------------------------------------------------------- CUDA launcher
+# Argument checks run before any CUDA call, so they are tested everywhere with CPU tensors.
+def test_cuda_launcher_checks_cpu():
+    t = TokenSet.from_lists([[0, 2], [1]], seq_len=4)
+    cls, mask = torch.randn(2, 5, 2), torch.randn(5, t.capacity)
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        cuda_select.dtop_select(cls, mask, t, 0.5, 5)
+    with pytest.raises(ValueError, match="mask_logits"):
+        cuda_select.dtop_select(cls, torch.randn(4, t.capacity), t, 0.5, 5)
+    with pytest.raises(ValueError, match="class_logits"):
+        cuda_select.dtop_select(torch.randn(2, 5, 3), mask, t, 0.5, 5)
+    with pytest.raises(ValueError, match="NaN"):
+        cuda_select.dtop_select(cls, mask, t, float("nan"), 5)
+    with pytest.raises(ValueError, match="top_k"):
+        cuda_select.dtop_select(cls, mask, t, 0.5, -1)
+    with pytest.raises(ValueError, match="classes"):
+        cuda_select.dtop_select(torch.randn(2, 0, 2), torch.randn(0, t.capacity), t, 0.5, 5)
+
+
+# The kernel against the reference and the Triton launcher: kept slots, exits, bounds.
+CUDA_CASES = [
+    pytest.param([40, 0, 1, 25], 48, 7, 0, id="B4-zero-one"),
+    pytest.param([300], 320, 150, 9, id="B1-many-classes-padded"),
+    pytest.param([600, 513], 700, 20, 3, id="B2-multi-tile"),
+    pytest.param([0, 0], 8, 3, 4, id="all-empty"),
+]
+CUDA_DTYPES = [pytest.param(d, id=str(d).removeprefix("torch.")) for d in
+               (torch.float32, torch.float16, torch.bfloat16)]
+
+
+def _check_selection(got, want, tokens):
+    (nxt, exited), (nxt_ref, exited_ref) = got, want
+    assert torch.equal(exited, exited_ref)
+    assert torch.equal(nxt.cu_seqlens, nxt_ref.cu_seqlens)
+    assert torch.equal(nxt.indices, nxt_ref.indices)  # kept slots in order, -1 after
+    assert nxt.capacity == tokens.capacity and nxt.max_seqlen == tokens.max_seqlen
+
+
+@pytest.mark.parametrize("counts,n,k,extra", CUDA_CASES)
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.parametrize("top_k", [0, 1, 5])
+@cuda_kernel_test
+def test_cuda_select_matches_reference(counts, n, k, extra, dtype, top_k):
+    g = torch.Generator().manual_seed(2)
+    dev = "cuda"
+    tokens = ragged_tokens(counts, n, extra)
+    # Logits on two disjoint grids (class: odd quarters, mask: halves; exact in every dtype):
+    # distinct scores differ by >= 1.4e-4 relative and sit >= 3e-3 from the threshold, so the
+    # comparison is exact whatever the sigmoid / softmax rounding; equal scores (many) are ties.
+    cls = torch.zeros(len(counts), k, 2)
+    cls[..., 0] = (2 * torch.randint(-6, 6, (len(counts), k), generator=g) + 1) / 4
+    mask = torch.randint(-6, 17, (k, tokens.capacity), generator=g) / 2
+    cls, mask = cls.to(dev, dtype), mask.to(dev, dtype)
+    t = int(tokens.cu_seqlens[-1])
+    mask[:, t:] = float("nan")  # padding columns must never be read
+    got = cuda_select.dtop_select(cls, mask, tokens, 0.5, top_k)
+    _check_selection(got, ref_select.dtop_select(cls, mask, tokens, 0.5, top_k), tokens)
+    triton_select = pytest.importorskip("dtop_kernels.triton.select")
+    _check_selection(got, triton_select.dtop_select(cls, mask, tokens, 0.5, top_k), tokens)
+
+
+@cuda_kernel_test
+def test_cuda_select_ties_and_all_exit():
+    dev = "cuda"
+    tokens = ragged_tokens([12, 9], 16, 2)
+    cls = torch.tensor([[[4.0, -4.0]] * 3] * 2, device=dev)
+    # Every class and token has the same score: label 0 (lowest class), rank = slot order.
+    mask = torch.full((3, tokens.capacity), 6.0, device=dev)
+    for top_k in (0, 3, 50):
+        got = cuda_select.dtop_select(cls, mask, tokens, 0.5, top_k)
+        _check_selection(got, ref_select.dtop_select(cls, mask, tokens, 0.5, top_k), tokens)
+    nxt, exited = cuda_select.dtop_select(cls, mask, tokens, 0.5, 0)
+    assert int(nxt.cu_seqlens[-1]) == 0 and int(exited.sum()) == 21
+    assert torch.all(nxt.indices == -1)
