@@ -52,9 +52,8 @@ def requested_backend(backend: str) -> str:
 
 # ---------------------------------------------------------------------- dispatch
 def dispatcher(op: str) -> Dispatcher:
-    """The dispatcher of public op ``op`` ("gather_tokens", "varlen_attention", ...)."""
-    import dtop_kernels  # noqa: F401 - the ops register their dispatchers on import
-
+    """The dispatcher of public op ``op`` ("gather_tokens", "varlen_attention", ...); the ops
+    register theirs when ``dtop_kernels`` is imported."""
     if op not in _REGISTRY:
         raise KeyError(f"no op {op!r}; ops: {sorted(_REGISTRY)}")
     return _REGISTRY[op]
@@ -70,8 +69,6 @@ def register(d: Dispatcher) -> Dispatcher:
 
 def ops() -> tuple[str, ...]:
     """The names of the dispatched public ops."""
-    import dtop_kernels  # noqa: F401
-
     return tuple(_REGISTRY)
 
 

@@ -1,1 +1,3 @@
-"""Public ops: checks, autograd and backend dispatch; one module per op."""
+"""Public ops, one module per op: argument checks, the checked mode and backend dispatch, then
+a call of the op's ``dtop::`` custom op (:mod:`.library`: the kernel entry points of every
+backend, with fake kernels and registered backwards)."""

@@ -43,6 +43,29 @@ def _check_cu(name: str, cu: torch.Tensor, rows: int, max_seqlen: int) -> None:
         raise ValueError(f"max_seqlen for {name} must be a non-negative int; got {max_seqlen!r}")
 
 
+def _eager_autograd(backend: str, *inputs: torch.Tensor) -> bool:
+    """Whether the torch backend runs as plain PyTorch ops under autograd instead of through
+    ``dtop::varlen_attention``: in eager mode with a gradient to compute, where PyTorch's own
+    backward is the faster one (flash attention's on CUDA through its varlen attention, SDPA's
+    on the CPU) than the custom op's float32 reference backward. Inside ``torch.compile``, and
+    without gradients, the custom op runs."""
+    return backend == "torch" and not torch.compiler.is_compiling() and \
+        torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+
+
+def attention_on(backend: str):
+    """``attention(q, k, v, cu_q, cu_k, max_q, max_k, scale) -> out`` on an already chosen
+    backend, without the public op's checks: for callers that made them (``pruned_stage``)."""
+
+    def attention(q, k, v, cu_q, cu_k, mq, mk, scale):
+        if _eager_autograd(backend, q, k, v):
+            return ref.varlen_attention(q, k, v, cu_q, cu_k, mq, mk, scale)
+        return library.varlen_attention(q, k, v, cu_q, cu_k, mq, mk, float(scale), False,
+                                        backend)[0]
+
+    return attention
+
+
 def _with_grad_path(out: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
     """``out`` connected to ``inputs`` in autograd (zero gradient) when it is not already, so
     that a result that is all zeros (no image has keys, B = 0) still supports backward()."""
@@ -135,6 +158,9 @@ def varlen_attention(
     elif dropout_p:  # the torch backend's SDPA drops; its autograd is PyTorch's
         res = ref.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                    max_seqlen_k, scale, return_logits, dropout_p)
+    elif _eager_autograd(be, q, k, v):
+        res = ref.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                   max_seqlen_k, scale, return_logits)
     else:  # the custom op: its outputs always have a gradient path to q, k, v
         out, _, logits = library.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k,
                                                   max_seqlen_q, max_seqlen_k, float(scale),

@@ -12,6 +12,7 @@ from torch import nn
 from dtop_kernels import _checks, cuda, triton
 from dtop_kernels.backends import Dispatcher, register, requested_backend
 from dtop_kernels.ops import library
+from dtop_kernels.ops.attention import attention_on
 from dtop_kernels.ops.layernorm import layer_norm_tokens
 from dtop_kernels.ops.linear import linear_tokens
 from dtop_kernels.reference.block import block_packed
@@ -118,17 +119,6 @@ def check_block(block: nn.Module, dim: int) -> None:
                     f"block.{name} drops with p={p} in training mode; pruned_block applies no "
                     "dropout or drop-path: set them to 0 or call block.eval()"
                 )
-
-
-def _attention(backend: str):
-    """``attention(q, k, v, cu_q, cu_k, max_q, max_k, scale)`` on an already chosen backend:
-    ``dtop::varlen_attention`` without the public op's checks (the stage made them once)."""
-
-    def attention(q, k, v, cu_q, cu_k, mq, mk, scale):
-        return library.varlen_attention(q, k, v, cu_q, cu_k, mq, mk, float(scale), False,
-                                        backend)[0]
-
-    return attention
 
 
 def pruned_stage(
@@ -270,7 +260,7 @@ def _run_stage(x, tokens, blocks, plan: dict[str, str]):
 
     if not blocks:
         return x if x.dim() == 2 else x.clone()
-    attention = _attention(plan["varlen_attention"])
+    attention = attention_on(plan["varlen_attention"])
     linear = _linears(lin_be)
     dense = x.dim() == 3
     x2d = x.reshape(-1, x.shape[-1])
