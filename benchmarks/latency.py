@@ -9,7 +9,7 @@
 Rows (one per mode and batch size; with --sweep one per keep level for the pruned modes):
 - "dense (SDPA)": ``mode="dense", aux_heads=False``, the SegViT baseline at inference;
 - "dense + torch.compile" (--compile): the same forward through ``torch.compile``;
-- "packed + torch.compile" (--compile): the packed forward (backend "auto") through the same
+- "packed + torch.compile" (--compile, not --compile dense): the packed forward (backend "auto") through the same
   compiled model, with the eager rows' capacity (exact on the CPU, 64-row buckets on GPU: one
   graph break at each read-back, so each stage is its own graph);
 - "loop (official per-image)": ``mode="loop"``, one image at a time with boolean masks;
@@ -362,6 +362,7 @@ def bench(args) -> tuple[dict, list[dict], list[str]]:
                      "not kernel timings); unset it")
     cannot: dict[str, str] = {}
     compiled = torch.compile(model) if args.compile else None
+    compile_packed = args.compile == "all"
     # the eager rows' capacity, kept under torch.compile (where tighten=None means fixed)
     tighten = True if dev.type == "cpu" else model.CUDA_BUCKET
     progress = _Progress(args.quiet)
@@ -483,7 +484,7 @@ def bench(args) -> tuple[dict, list[dict], list[str]]:
             info = {"keep": keep, "tokens_per_stage": counts.double().mean(1).tolist(),
                     "gflops": gmacs / 1e9, "flop_saving": 100 * (1 - gmacs / dense_macs)}
             # --- checks: loop == plan, packed/<backend> == loop
-            progress.expect(1 + len(runs) + (compiled is not None))
+            progress.expect(1 + len(runs) + compile_packed)
             ref = loop(0, kp)
             progress.step(f"B={b} keep={keep} check loop")
             for be in runs:
@@ -491,7 +492,7 @@ def bench(args) -> tuple[dict, list[dict], list[str]]:
                 progress.step(f"B={b} keep={keep} check packed/{be}")
                 err = _agree(f"B={b} keep={keep}: loop vs packed/{be}", ref, out, tol, kp[0])
                 checked.append(f"keep {keep} loop vs packed/{be}: {err:.1e}")
-            if compiled is not None:
+            if compile_packed:
                 err = _agree(f"B={b} keep={keep}: loop vs {PACKED_COMPILED}", ref,
                              packed_compiled(0, kp), tol, kp[0])
                 checked.append(f"keep {keep} loop vs {PACKED_COMPILED}: {err:.1e}")
@@ -510,7 +511,7 @@ def bench(args) -> tuple[dict, list[dict], list[str]]:
             jobs += [({"mode": f"packed/{be}", **info},
                       lambda i, be=be, kp=kp: packed(i, be, kp),
                       lambda i, be=be, kp=kp: packed(i, be, kp, up=False)) for be in runs]
-            if compiled is not None:
+            if compile_packed:
                 jobs.append(({"mode": PACKED_COMPILED, **info},
                              lambda i, kp=kp: packed_compiled(i, kp),
                              lambda i, kp=kp: packed_compiled(i, kp, up=False)))
@@ -565,7 +566,7 @@ def bench(args) -> tuple[dict, list[dict], list[str]]:
                 else None
             r["tokens"] = "/".join(f"{c:.0f}" for c in r["tokens_per_stage"])
             rows.append(r)
-        if compiled is not None:  # like for like: both compiled
+        if compile_packed:  # like for like: both compiled
             t_dc = next(r["ms"] for r in rows if r["batch"] == b and r["mode"] == COMPILED)
             for r in rows:
                 if r["batch"] == b and r["mode"] == PACKED_COMPILED:
@@ -657,8 +658,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "calibrated to the paper's FLOP saving)")
     p.add_argument("--sweep", type=float, nargs="*", default=None,
                    help=f"time several keep levels (default {SWEEP})")
-    p.add_argument("--compile", action="store_true",
-                   help="add torch.compile rows: dense, and packed (backend auto)")
+    p.add_argument("--compile", nargs="?", const="all", choices=["all", "dense"], default=None,
+                   help="add torch.compile rows: dense and packed (backend auto), or with "
+                        "'--compile dense' the dense row only (one compile, for short GPU runs)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default cuda when available, else cpu)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,

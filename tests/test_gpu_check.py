@@ -40,8 +40,8 @@ def test_gpu_commands_name_real_scripts_and_flags(cc, tmp_path):
     san = (gc.ROOT / "tests" / "sanitize_cuda.py").read_text()
     assert all(f'"{g}"' in san for g in ("attention", "linear"))
     assert str(tmp_path / "ops.json") in by["ops"].cmd
-    assert by["latency"].cmd[-9:-2] == ["--res", "512", "--batch", "1", "8", "--compile",
-                                        "--quiet"]
+    assert by["latency"].cmd[-10:-2] == ["--res", "512", "--batch", "1", "8", "--compile",
+                                         "dense", "--quiet"]
     # the expected GPU time fits the 8-minute target with margin, steps beside others counted once
     beside = {s.name for s in steps if s.beside_next}
     assert sum(v for k, v in gc.EXPECTED.items() if k not in beside) < 400
