@@ -219,9 +219,10 @@ def _fusable(blk: nn.Module, backend: str) -> bool:
 def _linears(backend: str):
     """``linear(x, weight, bias, tokens, activation=, residual=, out=)`` on ``backend``: the
     kernel backends fuse bias, GELU, residual and the scatter into the GEMM; torch runs cuBLAS
-    (addmm: bias fused) on the packed rows, then the rest. ``out`` (dense) is not written: the
-    result is a new tensor."""
-    return functools.partial(linear_tokens, backend=backend, inplace=False)
+    (addmm: bias fused) on the packed rows, then the rest, leaving the padding rows unmasked
+    (they carry no meaning in a stage). ``out`` (dense) is not written: the result is a new
+    tensor."""
+    return functools.partial(linear_tokens, backend=backend, inplace=False, zero_padding=False)
 
 
 def _block_fused(packed, normed1, tokens, blk, attention, norm, linear, dense_out=None):

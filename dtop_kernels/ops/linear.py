@@ -101,11 +101,13 @@ def packed_linear(
 def linear_tokens(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tokens: TokenSet,
     backend: str, activation: str = "none", residual: torch.Tensor | None = None,
-    out: torch.Tensor | None = None, *, inplace: bool = True,
+    out: torch.Tensor | None = None, *, inplace: bool = True, zero_padding: bool = True,
 ) -> torch.Tensor:
     """:func:`packed_linear` on an already chosen backend, without the argument checks: for
     callers (``pruned_stage``) that have validated their inputs and dispatched once. With
-    ``inplace=False`` a dense ``out`` is left as it is and the result is a new tensor.
+    ``inplace=False`` a dense ``out`` is left as it is and the result is a new tensor. With
+    ``zero_padding=False`` the torch backend leaves the packed rows past T as they come (no
+    masking pass: for callers to whom padding rows carry no meaning; the scatter ignores them).
 
     The torch backend is PyTorch ops around the gather / scatter ops (cuBLAS on the packed rows
     on CUDA: ``addmm`` with the bias fused); the kernel backends run ``dtop::packed_linear``.
@@ -121,7 +123,8 @@ def linear_tokens(
             y = torch.nn.functional.gelu(y)
         if residual is not None:
             y = y + residual
-        y = torch.where(tokens.valid_slots()[:, None], y, y.new_zeros(()))
+        if zero_padding:
+            y = torch.where(tokens.valid_slots()[:, None], y, y.new_zeros(()))
         if base is not None:
             y = library.scatter(y, idx, cu, base, n, False, "torch")
     else:
