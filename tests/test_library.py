@@ -11,8 +11,16 @@ from helpers import DEVICE, backend_params, random_keep
 from dtop_kernels import TokenSet
 from dtop_kernels.ops import library as L
 
-BACKENDS = backend_params("torch", "triton", "cuda")
-KERNEL_BACKENDS = backend_params("triton", "cuda")
+
+def _gpu_marked(params: list) -> list:
+    """The cuda cases also carry the ``gpu`` marker, so the GPU check (``pytest -m gpu``)
+    opchecks the CUDA ops; torch and Triton (interpreter) run in the CPU suite."""
+    return [p._replace(marks=(*p.marks, pytest.mark.gpu)) if p.id == "cuda" else p
+            for p in params]
+
+
+BACKENDS = _gpu_marked(backend_params("torch", "triton", "cuda"))
+KERNEL_BACKENDS = _gpu_marked(backend_params("triton", "cuda"))
 
 
 def _dtype(backend: str) -> torch.dtype:
