@@ -64,6 +64,15 @@ def skip_interpreter_bf16_dot(backend: str, dtype: torch.dtype) -> None:
         pytest.skip("the Triton CPU interpreter's tl.dot is wrong for bf16 operands")
 
 
+def mixed_tokens(padded: bool) -> TokenSet:
+    """3 images of 29 tokens (CPU): none active, all active, about half active."""
+    g = torch.Generator().manual_seed(0)
+    keep = torch.rand(3, 29, generator=g) < 0.5
+    keep[0] = False
+    keep[1] = True
+    return TokenSet.from_mask(keep, capacity=3 * 29 if padded else None)
+
+
 def random_keep(b: int, n: int, counts: list[int], gen: torch.Generator) -> torch.Tensor:
     """Bool [B, N] with ``counts[i]`` active tokens at random positions in image i."""
     keep = torch.zeros(b, n, dtype=torch.bool)

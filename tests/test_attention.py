@@ -17,12 +17,13 @@ from helpers import (
     backend_params,
     cu_from_counts,
     cuda_kernel_test,
+    mixed_tokens,
     run_or_skip,
     skip_interpreter_bf16_dot,
 )
 from naive import naive_attention, naive_logits
 
-from dtop_kernels import BackendError, TokenSet, varlen_attention
+from dtop_kernels import BackendError, varlen_attention
 from dtop_kernels.cuda import attention as cuda_attn
 from dtop_kernels.reference import attention as ref_attn
 from dtop_kernels.reference import torch_varlen
@@ -174,21 +175,12 @@ def test_reference_device_path(cross, gen):
         assert torch.all(lg[:, tk:] == 0)
 
 
-def _mixed_tokens(padded: bool) -> TokenSet:
-    """3 images of 29 tokens: none active, all active, about half active."""
-    g = torch.Generator().manual_seed(0)
-    keep = torch.rand(3, 29, generator=g) < 0.5
-    keep[0] = False
-    keep[1] = True
-    return TokenSet.from_mask(keep, capacity=3 * 29 if padded else None)
-
-
 @pytest.mark.parametrize("padded", [False, True], ids=["exact", "padded"])
 @pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
 def test_reference_paths_agree(padded, cross):
     """The reference's device path (T stays on the device: padded ops, used on CUDA) and its host
     path (a loop over images, used on the CPU) agree, forward and backward, on CPU tensors."""
-    t = _mixed_tokens(padded)
+    t = mixed_tokens(padded)
     h, d = 2, 16
     k = torch.randn(t.capacity, h, d, dtype=torch.float64, requires_grad=True)
     v = torch.randn_like(k, requires_grad=True)

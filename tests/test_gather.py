@@ -6,7 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICE, backend_params, make_tokens, random_keep, run_or_skip
+from helpers import (
+    DEVICE,
+    backend_params,
+    make_tokens,
+    mixed_tokens,
+    random_keep,
+    run_or_skip,
+)
 from naive import naive_gather, naive_scatter
 
 from dtop_kernels import BackendError, TokenSet, gather_tokens, scatter_tokens
@@ -144,22 +151,13 @@ def test_reference_device_path(layout, gen):
                                naive_scatter(src[:t], kp, xx, add=add))
 
 
-def _mixed_tokens(padded: bool) -> TokenSet:
-    """3 images of 29 tokens (CPU): none active, all active, about half active."""
-    g = torch.Generator().manual_seed(0)
-    keep = torch.rand(3, 29, generator=g) < 0.5
-    keep[0] = False
-    keep[1] = True
-    return TokenSet.from_mask(keep, capacity=3 * 29 if padded else None)
-
-
 @pytest.mark.parametrize("padded", [False, True], ids=["exact", "padded"])
 def test_reference_paths_agree(padded):
     """The reference's device path (T stays on the device: masked ops, used on CUDA) and its
     host path (T read once, used on the CPU) agree, forward and backward, on CPU tensors."""
     from dtop_kernels.reference import gather as rg
 
-    t = _mixed_tokens(padded)
+    t = mixed_tokens(padded)
     total = int(t.cu_seqlens[-1])
     x = torch.randn(3, 29, 7, dtype=torch.float64, requires_grad=True)
     a, b = rg.gather_counted(x, t, total), rg.gather_masked(x, t)

@@ -385,6 +385,8 @@ def _linear_setup(ctx, inputs, output):
 def _linear_backward(ctx, dy, dpre):
     x2d, weight, pre, indices, cu_seqlens = ctx.saved_tensors
     n = ctx.seq_len
+    # the rule of TokenSet.valid_slots, written on the tensors: this formula is traced with
+    # symbolic shapes, where a TokenSet (host ints) cannot be built
     valid = (torch.arange(indices.shape[0], device=indices.device, dtype=torch.int32)
              < cu_seqlens[-1])[:, None]
     dy = dy.contiguous()

@@ -15,6 +15,15 @@ def _in_pad(image: torch.Tensor, pos: torch.Tensor, b: int, m: int) -> torch.Ten
     return (image < b) & (pos >= 0) & (pos < m)
 
 
+def _unpad(flat: torch.Tensor, image: torch.Tensor, pos: torch.Tensor, b: int, m: int
+           ) -> torch.Tensor:
+    """The inverse of :func:`_pad`: rows [B * m, ...] of the padded layout -> [capacity, ...]
+    packed slots, zero on slots without a place there (padding)."""
+    ok = _in_pad(image, pos, b, m)
+    rows = flat.index_select(0, torch.where(ok, image * m + pos, 0))
+    return torch.where(ok.view(-1, *[1] * (rows.dim() - 1)), rows, rows.new_zeros(()))
+
+
 def _pad(x: torch.Tensor, image: torch.Tensor, pos: torch.Tensor, b: int, m: int) -> torch.Tensor:
     """[capacity, H, D] packed -> [B, H, m, D] zero-padded (padding slots dropped)."""
     _, h, d = x.shape
@@ -136,18 +145,13 @@ def attention_padded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     allowed = (ar[None, :] < nk[:, None]) | ((ar[None, :] == 0) & (nk[:, None] == 0))
     out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=allowed[:, None, None, :],
                                          dropout_p=dropout_p, scale=scale)  # [B, H, mq, Dv]
-    flat = out.transpose(1, 2).reshape(b * mq, *out.shape[1:2], out.shape[-1])
-    ok_q = _in_pad(img_q, pos_q, b, mq)
-    res = flat.index_select(0, torch.where(ok_q, img_q * mq + pos_q, 0))
-    res = torch.where(ok_q[:, None, None], res, res.new_zeros(()))
+    res = _unpad(out.transpose(1, 2).reshape(b * mq, *out.shape[1:2], out.shape[-1]), img_q,
+                 pos_q, b, mq)
     if not return_logits:
         return res
     # Head-averaged pre-softmax logits, [Kq, capacity_k] with Kq = max_seqlen_q queries/image.
     logits = torch.matmul(qp, kp.transpose(-1, -2)).mean(dim=1) * scale  # [B, mq, mk]
-    cols = logits.transpose(1, 2).reshape(b * mk, mq)
-    ok_k = _in_pad(img_k, pos_k, b, mk)
-    lg = cols.index_select(0, torch.where(ok_k, img_k * mk + pos_k, 0))
-    lg = torch.where(ok_k[:, None], lg, lg.new_zeros(()))
+    lg = _unpad(logits.transpose(1, 2).reshape(b * mk, mq), img_k, pos_k, b, mk)
     return res, lg[:, :max_seqlen_q].t()
 
 
@@ -182,9 +186,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     def unpad(t: torch.Tensor, img: torch.Tensor, pos: torch.Tensor, m: int,
               like: torch.Tensor) -> torch.Tensor:
         flat = t.transpose(1, 2).reshape(b * m, t.shape[1], t.shape[-1])
-        ok = _in_pad(img, pos, b, m)
-        rows = flat.index_select(0, torch.where(ok, img * m + pos, 0))
-        return torch.where(ok[:, None, None], rows, rows.new_zeros(())).to(like.dtype)
+        return _unpad(flat, img, pos, b, m).to(like.dtype)
 
     return (unpad(dq, img_q, pos_q, mq, q), unpad(dk, img_k, pos_k, mk, k),
             unpad(dv, img_k, pos_k, mk, v))
@@ -224,7 +226,5 @@ def head_mean_logits_backward(
     dq = torch.bmm(dlp.float(), kp.float()) * c  # [B, num_q, HD]
     qb = q.reshape(b, num_q, h * d).float()
     dkp = torch.bmm(dlp.float().transpose(1, 2), qb) * c  # [B, mk, HD]
-    ok = _in_pad(img, pos, b, mk)
-    dk = dkp.reshape(b * mk, h, d).index_select(0, torch.where(ok, img * mk + pos, 0))
-    dk = torch.where(ok[:, None, None], dk, dk.new_zeros(()))
+    dk = _unpad(dkp.reshape(b * mk, h, d), img, pos, b, mk)
     return dq.reshape(tq, h, d).to(q.dtype), dk.to(k.dtype)
