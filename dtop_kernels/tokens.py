@@ -84,7 +84,9 @@ class TokenSet:
         flat = torch.zeros(n + 1, dtype=torch.bool, device=self.device)
         ok = slots & self.valid_slots() & (self.indices >= 0) & (self.indices < n)
         idx = torch.where(ok, self.indices, n).long()
-        flat[idx] = True
+        # index_fill_ takes the value as a scalar argument; ``flat[idx] = True`` would build it
+        # as a CPU tensor and copy it to the device with a stream synchronization on CUDA
+        flat.index_fill_(0, idx, True)
         return flat[:n].view(self.batch_size, self.seq_len)
 
     # ------------------------------------------------------------------ constructors
