@@ -90,14 +90,30 @@ def arch(device: torch.device) -> str | None:
 
 
 def measured_order(op: str, device: torch.device) -> tuple[str, ...] | None:
-    """The measured order of ``op`` on ``device``'s architecture, or None (no entry)."""
-    a = arch(device)
-    if a is None:
+    """The measured order of ``op`` on ``device``'s architecture, or None (no entry).
+
+    Under ``torch.compile`` the lookup (a file ``stat`` and a GPU query, which dynamo cannot
+    trace) runs once at trace time and its result is a constant of the graph: a compiled
+    graph keeps the order it was traced with."""
+    if device.type != "cuda":
         return None
+    index = device.index if device.index is not None else -1
+    if torch.compiler.is_compiling():
+        return _traced_order(op, index)
+    return _order(op, index)
+
+
+def _order(op: str, index: int) -> tuple[str, ...] | None:
+    a = _arch(torch.device("cuda", index) if index >= 0 else torch.device("cuda"))
     entry = load()["gpus"].get(a)
     if entry is None or op not in entry["order"]:
         return None
     return tuple(entry["order"][op])
+
+
+@torch.compiler.assume_constant_result
+def _traced_order(op: str, index: int) -> tuple[str, ...] | None:
+    return _order(op, index)
 
 
 def make_entry(env: dict, order: dict[str, list[str]], source: str) -> dict:

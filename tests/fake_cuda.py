@@ -16,6 +16,12 @@ runs on a GPU of a chosen architecture, with only the device itself replaced:
   device, and CPU tensors handed to a CUDA op (other than the 0-d scalars that elementwise ops
   take as kernel arguments).
 
+torch's C++ entry points take a CUDA device guard before they dispatch, which asks the CUDA
+runtime for the current device: ``tests/fake_cuda_shim.c``, preloaded, answers "device 0" (and
+nothing else). ``python tests/fake_cuda.py`` builds it with the C compiler and runs
+``tests/test_fake_cuda.py`` under it (CI does, with a CUDA build of torch); without it those tests
+skip.
+
 What this cannot see: anything the device computes (values are never computed), kernel
 correctness and speed, the caching allocator, streams and events as the driver orders them.
 The autograd engine needs a real device, so :func:`backward` walks the autograd graph itself
@@ -41,12 +47,43 @@ SM_COUNT = {(8, 0): 108, (9, 0): 132}  # A100, H100 / H200
 ARCHS = tuple(SM_COUNT)
 
 
+SHIM = Path(__file__).with_name("fake_cuda_shim.c")
+SHIM_LIB = "libdtop_fake_cuda_shim.so"
+
+
 def available() -> str | None:
-    """None when fake CUDA tensors can be made here, else why not (a CPU build of torch)."""
+    """None when fake CUDA runs here, else why not."""
     if torch.version.cuda is None:
         return (f"torch {torch.__version__} is a CPU build: fake CUDA tensors need a CUDA build "
                 "of torch (CI runs these tests with torch 2.14.1)")
+    if SHIM_LIB not in os.environ.get("LD_PRELOAD", ""):
+        return ("the device-guard shim is not preloaded: run `python tests/fake_cuda.py` (it "
+                "builds tests/fake_cuda_shim.c and runs tests/test_fake_cuda.py under it)")
     return None
+
+
+def main(argv: list[str]) -> int:
+    """Build the shim and run tests/test_fake_cuda.py (extra arguments go to pytest)."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    if torch.version.cuda is None:
+        print(available())
+        return 1
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if cc is None:
+        print("no C compiler (cc / gcc) to build tests/fake_cuda_shim.c")
+        return 1
+    with tempfile.TemporaryDirectory() as tmp:
+        lib = Path(tmp) / SHIM_LIB
+        subprocess.run([cc, "-shared", "-fPIC", "-O1", "-o", str(lib), str(SHIM)], check=True)
+        env = {**os.environ, "LD_PRELOAD": os.pathsep.join(
+            p for p in (str(lib), os.environ.get("LD_PRELOAD")) if p)}
+        cmd = [sys.executable, "-m", "pytest", str(ROOT / "tests" / "test_fake_cuda.py"),
+               "-p", "no:cacheprovider", *argv]
+        return subprocess.run(cmd, env=env, cwd=ROOT).returncode
 
 
 class HostSync(AssertionError):
@@ -212,13 +249,32 @@ class _FakeC:
         if name.startswith("_"):
             raise AttributeError(name)
 
+        expected = bound_arguments().get(name)
+        if expected is None:
+            raise AttributeError(f"csrc/bindings.cpp binds no function {name!r}")
+
         def launch(*args):
+            if expected and len(args) != len(expected):
+                raise HostSync(f"_C.{name}: called with {len(args)} arguments; the binding takes "
+                               f"{len(expected)} ({', '.join(expected)})")
             for a in args:
                 if isinstance(a, torch.Tensor):
                     raise HostSync(f"_C.{name}: takes device pointers and host scalars; got a "
                                    "tensor")
             self._launches.append(Launch("cuda", name, (), args))
         return launch
+
+
+@functools.cache
+def bound_arguments() -> dict[str, list[str]]:
+    """Each function csrc/bindings.cpp binds, with its argument names (py::arg)."""
+    text = (ROOT / "csrc" / "bindings.cpp").read_text()
+    out = {}
+    for chunk in text.split("m.def(")[1:]:
+        name = re.match(r'\s*"(\w+)"', chunk)
+        if name:
+            out[name.group(1)] = re.findall(r'py::arg\("(\w+)"\)', chunk)
+    return out
 
 
 @functools.cache
@@ -295,7 +351,11 @@ def fake_cuda(arch: tuple[int, int] = (9, 0), *, check: bool = True) -> Iterator
     props = SimpleNamespace(name=f"fake sm_{arch[0]}{arch[1]}", major=arch[0], minor=arch[1],
                             multi_processor_count=SM_COUNT.get(arch, 100),
                             total_memory=80 << 30)
-    caches = (auto_order._arch, dk_cuda._import_C, dk_cuda._device_arch_reason, _args.sm_count)
+    from dtop_kernels.triton import _utils as triton_utils
+
+    # answers cached per process that depend on the (fake) GPU
+    caches = [auto_order._arch, dk_cuda._import_C, dk_cuda._device_arch_reason, _args.sm_count,
+              *([triton_utils.sm_count] if hasattr(triton_utils, "sm_count") else [])]
     patches: list[tuple[object, str, object]] = [
         (torch.cuda, "device_count", lambda: 1),
         (torch.cuda, "current_device", lambda: 0),
@@ -437,3 +497,9 @@ def backward(output: torch.Tensor, grad: torch.Tensor | None = None) -> None:
             pending[nxt] -= 1
             if pending[nxt] == 0:
                 ready.append(nxt)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

@@ -170,17 +170,18 @@ def test_packed_triton_backend_matches_torch():
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", backend_params("torch", "triton"))
 def test_packed_forward_makes_no_host_sync(backend):
-    """A pruned packed forward (blocks, heads, selection, canvas) never waits for the GPU."""
+    """A pruned packed forward (blocks, heads, selection, canvas) at fixed capacity never waits
+    for the GPU (the default capacity on CUDA tightens each stage: a read-back by design)."""
     torch.manual_seed(0)
     model = make_heads_confident_(vit_dtop_tiny(threshold=0.5)).cuda().eval()
     img = synthetic_images(3, 128, 96).cuda()
     with torch.no_grad():
         ref = model(img, mode="loop")
-        model(img, mode="packed", backend=backend)  # compile / warm up outside the check
+        model(img, mode="packed", backend=backend, tighten=False)  # warm up outside the check
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            out = model(img, mode="packed", backend=backend)
+            out = model(img, mode="packed", backend=backend, tighten=False)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(out.active_counts, ref.active_counts)

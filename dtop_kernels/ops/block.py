@@ -172,7 +172,7 @@ def _stage_plan(x: torch.Tensor, tokens: TokenSet, blocks: Sequence[nn.Module]
     from dtop_kernels import auto_order
     from dtop_kernels.backends import dispatcher
 
-    if not blocks or auto_order.arch(x.device) is None or \
+    if not blocks or x.device.type != "cuda" or \
             not any(auto_order.measured_order(op, x.device) for op in STAGE_OPS):
         return None
     blk = blocks[0]
