@@ -2,7 +2,8 @@
 
 They follow the official DToP code's semantics: one image at a time, a boolean keep mask per
 image, boolean-mask indexing and a per-image ``F.scaled_dot_product_attention``; LayerNorm is
-``F.layer_norm`` on ``naive_gather``'s rows. Nothing here imports ``dtop_kernels`` (package
+``F.layer_norm`` on ``naive_gather``'s rows; ``exits_allowed`` is the exit rule with near ties
+(within float32 rounding) going either way. Nothing here imports ``dtop_kernels`` (package
 references included): the tests compare both the kernels and the package references with these.
 """
 
