@@ -3,6 +3,8 @@
     python tests/compile_kernels.py --arch 90            # the default matrix for sm_90
     python tests/compile_kernels.py --arch 80 --full     # every dtype and head dim
     python tests/compile_kernels.py --resources          # + registers / spills per kernel
+    python tests/compile_kernels.py --emit --kernel _score_kernel --dtype float16
+                                                         # one kernel's TTIR, TTGIR, PTX (JSON)
 
 The CPU interpreter runs the kernels' logic but not the compiler, which can reject code the
 interpreter accepts (types, layouts, shared memory). Each launcher runs once on CPU tensors with
@@ -19,6 +21,7 @@ subprocess).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -42,6 +45,7 @@ def _patch(calls: list) -> None:
     for mod in (_utils, attention, linear, select):  # GPU tile sizes, not the interpreter's
         if hasattr(mod, "interpret_blocks"):
             mod.interpret_blocks = lambda: 0
+    _utils.sm_count = lambda device: 132  # grids sized for an H100 / H200 (no GPU queried)
     for mod in (attention, gather, layernorm, linear, select):
         for name in dir(mod):
             obj = getattr(mod, name)
@@ -173,6 +177,15 @@ def record_all(dtypes: list[torch.dtype], odd_cases: list[tuple[torch.dtype, lis
     return out
 
 
+def compile_one(kernel: str, dtype: torch.dtype, arch: int):
+    """The first launch of ``kernel`` recorded at ViT-B shapes in ``dtype``, compiled for
+    sm_<arch>."""
+    for _, fn, _, a, kw in record_all([dtype], []):
+        if fn.__name__ == kernel:
+            return compile_call(fn, a, kw, arch)
+    raise ValueError(f"no launch of {kernel} recorded")
+
+
 def variant_key(fn, args, kwargs) -> tuple:
     """What Triton's JIT caches a compiled kernel under for these arguments (its own binder's
     specialization, the same on any GPU of one architecture)."""
@@ -191,10 +204,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80 or 90")
     p.add_argument("--full", action="store_true", help="every dtype x head dims 32..128")
     p.add_argument("--resources", action="store_true", help="print registers / spills")
+    p.add_argument("--emit", action="store_true",
+                   help="print one kernel's (--kernel, --dtype) TTIR, TTGIR and PTX as JSON")
+    p.add_argument("--kernel", help="with --emit: the kernel's name, e.g. _fwd_kernel")
+    p.add_argument("--dtype", default="float16", help="with --emit: the inputs' dtype")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET: the interpreter replaces the compiler", file=sys.stderr)
         return 2
+    if args.emit:
+        asm = compile_one(args.kernel, getattr(torch, args.dtype), args.arch).asm
+        print(json.dumps({stage: asm[stage] for stage in ("ttir", "ttgir", "ptx")}))
+        return 0
     dtypes = [torch.float16, torch.bfloat16, torch.float32]
     odd = [(dt, [32, 64, 80, 128]) for dt in dtypes] if args.full else [(torch.float32, [80])]
     calls = record_all(dtypes, odd)

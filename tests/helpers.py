@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,3 +131,22 @@ def assert_err_rule(
     err = max_err(got, exact)
     base = max_err(same_dtype, exact)
     assert err <= 2 * base + floor, f"{what}: error {err:.3g} > 2 * {base:.3g} + {floor:g}"
+
+
+def compiled_asm(kernel: str, dtype: str = "float16", arch: int = 90) -> dict[str, str]:
+    """{"ttir", "ttgir", "ptx": text} of Triton kernel ``kernel`` as its launcher calls it at
+    ViT-B shapes in ``dtype``, compiled ahead of time for sm_<arch> (no GPU needed): runs
+    tests/compile_kernels.py without the interpreter, in a subprocess, on this dtop_kernels."""
+    import dtop_kernels
+
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    where = str(Path(dtop_kernels.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (where, env.get("PYTHONPATH")) if p)
+    script = Path(__file__).resolve().parent / "compile_kernels.py"
+    proc = subprocess.run([sys.executable, str(script), "--arch", str(arch), "--emit",
+                           "--kernel", kernel, "--dtype", dtype], env=env, capture_output=True,
+                          text=True, timeout=600, check=False)
+    assert proc.returncode == 0, f"compiling {kernel} failed:\n{proc.stderr[-4000:]}"
+    return json.loads(proc.stdout)

@@ -2,12 +2,14 @@
 
 They follow the official DToP code's semantics: one image at a time, a boolean keep mask per
 image, boolean-mask indexing and a per-image ``F.scaled_dot_product_attention``; LayerNorm is
-``F.layer_norm`` on ``naive_gather``'s rows. Nothing here imports ``dtop_kernels`` (package
+``F.layer_norm`` on ``naive_gather``'s rows; ``exits_allowed`` is the exit rule with near ties
+(within float32 rounding) going either way. Nothing here imports ``dtop_kernels`` (package
 references included): the tests compare both the kernels and the package references with these.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -111,6 +113,32 @@ def _sigmoid(x: float) -> float:
     return e / (1.0 + e)
 
 
+def _scores(class_logits: torch.Tensor, mask_logits: torch.Tensor, keep: torch.Tensor
+            ) -> list[dict[int, list[float]]]:
+    """Per image, {position: [s_c for every class]} of its active tokens, in float64:
+    s[c, n] = sigmoid(l_present - l_none) * sigmoid(mask_logit), 0 below TINY."""
+    cls = class_logits.double().tolist()
+    ml = mask_logits.double().tolist()
+    out = []
+    for b, kb in enumerate(keep.tolist()):
+        present = [_sigmoid(p - q) for p, q in cls[b]]
+        out.append({n: [0.0 if s < TINY else s
+                        for s in (present[c] * _sigmoid(ml[b][c][n]) for c in range(len(cls[b])))]
+                    for n, k in enumerate(kb) if k})
+    return out
+
+
+def _conf_label(scores: list[float]) -> tuple[float, int]:
+    """max and argmax: the lowest class on ties; a NaN score wins."""
+    conf, label = -1.0, -1
+    for c, s in enumerate(scores):
+        if math.isnan(s):
+            return s, c
+        if s > conf:  # strict: the lowest class keeps a tie
+            conf, label = s, c
+    return conf, label
+
+
 def naive_select(
     class_logits: torch.Tensor,
     mask_logits: torch.Tensor,
@@ -130,26 +158,12 @@ def naive_select(
     per class with candidates the min(k, count) most confident candidates (lower position on
     ties) stay; every other candidate exits.
     """
-    cls = class_logits.double().tolist()
-    ml = mask_logits.double().tolist()
-    kp = keep.tolist()
-    bsz, ncls, n_tok = mask_logits.shape
+    bsz, _, n_tok = mask_logits.shape
     exits = [[False] * n_tok for _ in range(bsz)]
-    for b in range(bsz):
-        present = [_sigmoid(cls[b][c][0] - cls[b][c][1]) for c in range(ncls)]
+    for b, image in enumerate(_scores(class_logits, mask_logits, keep)):
         by_class: dict[int, list[tuple[float, int]]] = {}
-        for n in range(n_tok):
-            if not kp[b][n]:
-                continue
-            conf, label = -1.0, -1
-            for c in range(ncls):
-                s = present[c] * _sigmoid(ml[b][c][n])
-                s = 0.0 if s < TINY else s
-                if math.isnan(s):  # NaN wins (torch.max): never a candidate
-                    conf, label = s, c
-                    break
-                if s > conf:  # strict: the lowest class keeps a tie
-                    conf, label = s, c
+        for n, scores in image.items():
+            conf, label = _conf_label(scores)
             if conf > threshold:
                 by_class.setdefault(label, []).append((conf, n))
         for cands in by_class.values():
@@ -157,3 +171,85 @@ def naive_select(
             for _, n in ranked[min(top_k, len(ranked)):]:
                 exits[b][n] = True
     return torch.tensor(exits, dtype=torch.bool).reshape(bsz, n_tok)
+
+
+NEAR_ULPS = 8  # float32 ulps: a GPU's score (two sigmoids, a product) is within a few
+
+
+def exits_allowed(
+    exited: torch.Tensor,
+    class_logits: torch.Tensor,
+    mask_logits: torch.Tensor,
+    keep: torch.Tensor,
+    threshold: float,
+    top_k: int,
+    ulps: int = NEAR_ULPS,
+) -> list[str]:
+    """Why ``exited`` (bool [B, N]) is no outcome the exit rule allows when near ties may go
+    either way (empty: it is one); arguments as for :func:`naive_select`.
+
+    A float32 implementation rounds each score: confidences within ``ulps`` float32 ulps of each
+    other, or of the threshold, and class scores within them of the confidence, are near ties,
+    which either outcome may resolve. Exact ties (equal float64 scores, from equal inputs) keep
+    the rule's order: lowest class, then lowest position. Allowed means: some confidences within
+    ``ulps`` of the float64 ones, and labels among the near-tied classes, give ``exited`` under
+    the rule. Near ties across classes are enumerated (at most 4096 combinations per image).
+    """
+    reasons = []
+    ex = exited.cpu().tolist()
+    for b, image in enumerate(_scores(class_logits, mask_logits, keep)):
+        exits = {n for n, e in enumerate(ex[b]) if e}
+        if exits - image.keys():
+            reasons.append(f"image {b}: inactive tokens {sorted(exits - image.keys())} exit")
+        tokens = {}  # position -> (conf, lo, hi, possible labels)
+        for n, scores in image.items():
+            conf, label = _conf_label(scores)
+            if math.isnan(conf):
+                if n in exits:
+                    reasons.append(f"image {b}: token {n} (NaN confidence) exits")
+                continue
+            tol = ulps * 2.0**-24 * abs(conf)
+            near = [c for c, s in enumerate(scores) if conf - 2 * tol <= s < conf]
+            tokens[n] = conf, conf - tol, conf + tol, sorted([label, *near])
+        for n in exits & tokens.keys():
+            if tokens[n][2] <= threshold:
+                reasons.append(f"image {b}: token {n} exits with confidence {tokens[n][0]!r} "
+                               f"<= threshold {threshold}")
+        choices = [(n, t[3]) for n, t in tokens.items() if len(t[3]) > 1 and t[2] > threshold]
+        if math.prod(len(c) for _, c in choices) > 4096:
+            reasons.append(f"image {b}: too many near ties across classes to check")
+            continue
+        why = ""
+        for pick in itertools.product(*(c for _, c in choices)):
+            labels = {n: t[3][0] for n, t in tokens.items()} | dict(zip([n for n, _ in choices],
+                                                                         pick))
+            why = _groups_allowed(tokens, labels, exits, threshold, top_k)
+            if not why:
+                break
+        if why:
+            reasons.append(f"image {b}: {why}")
+    return reasons
+
+
+def _groups_allowed(tokens: dict, labels: dict[int, int], exits: set[int], threshold: float,
+                    top_k: int) -> str:
+    """'' when every class's exits are its candidates past the top_k (near ties either way),
+    else why not; ``tokens``: position -> (conf, lo, hi, labels)."""
+    for g in set(labels.values()):
+        group = [n for n in tokens if labels[n] == g and tokens[n][2] > threshold]
+        out = [n for n in group if n in exits]
+        sure = [n for n in group if n not in exits and tokens[n][1] > threshold]
+        maybe = sorted((n for n in group if n not in exits and tokens[n][1] <= threshold),
+                       key=lambda n: -tokens[n][2])
+        if not out:
+            if len(sure) > top_k:
+                return f"class {g}: {len(sure)} sure candidates stay, top_k {top_k}"
+            continue
+        if not len(sure) <= top_k <= len(sure) + len(maybe):
+            return f"class {g}: {len(out)} exit but {len(sure)} sure candidates stay"
+        for a in sure + maybe[:top_k - len(sure)]:
+            for x in out:
+                (ca, _, ha, _), (cx, lx, _, _) = tokens[a], tokens[x]
+                if not (ca > cx or (ca == cx and a < x) or (ca != cx and ha >= lx)):
+                    return f"class {g}: token {x} exits but {a} stays ({cx!r} > {ca!r})"
+    return ""

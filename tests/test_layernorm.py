@@ -233,6 +233,47 @@ def test_layer_norm_broadcast_rows(gather, backend, gen):
         torch.testing.assert_close(a, t.grad, rtol=1e-4, atol=1e-5 * float(t.grad.abs().max()))
 
 
+# ---------------------------------------------------------------------- Triton launch grid
+@pytest.mark.parametrize("sms", [132, 108], ids=["H100-132SM", "A100-108SM"])
+def test_triton_bwd_grid_fills_the_gpu(monkeypatch, sms):
+    """Batch 1 of ViT-B (1024 rows, C 768): the Triton backward, launched as on a GPU with
+    ``sms`` SMs (kernel replaced by a recorder, device properties faked), runs at least one
+    program per SM, covers every row, and writes one partial dweight / dbias row per program.
+    The SM count is queried once per device."""
+    pytest.importorskip("triton")
+    from compile_kernels import _Recorder
+
+    from dtop_kernels.triton import _utils
+    from dtop_kernels.triton import layernorm as tln
+
+    queries = []
+
+    def properties(index):
+        queries.append(index)
+        return type("Props", (), {"multi_processor_count": sms})
+
+    calls: list = []
+    monkeypatch.setattr(tln, "_ln_bwd_kernel", _Recorder(tln._ln_bwd_kernel, calls))
+    monkeypatch.setattr(tln, "interpret", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
+    _utils._sm_count.cache_clear()
+    try:
+        rows, c = 1024, 768
+        t = TokenSet.from_mask(torch.ones(1, rows, dtype=torch.bool))
+        x, w, stat = torch.zeros(rows, c), torch.ones(c), torch.zeros(rows)
+        for _ in range(2):
+            tln.layer_norm_bwd(x, x, w, stat, stat, t)
+    finally:
+        _utils._sm_count.cache_clear()
+    _, grid, args, _ = calls[0]
+    progs, rows_per_prog = grid[0], args[16]
+    dw, db = args[8], args[9]
+    assert progs >= sms, f"{progs} programs on {sms} SMs"
+    assert (progs - 1) * rows_per_prog < rows <= progs * rows_per_prog
+    assert dw.shape == db.shape == (progs, c)
+    assert queries == [0]
+
+
 # ---------------------------------------------------------------------- CUDA launchers
 # Argument checks run before any CUDA call, so they are tested everywhere with CPU tensors.
 def test_cuda_launcher_checks_cpu():

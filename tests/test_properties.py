@@ -25,7 +25,14 @@ from blocks import Block, randomize_
 from helpers import DEVICE, backend_marks
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from naive import naive_attention, naive_block, naive_gather, naive_scatter, naive_select
+from naive import (
+    exits_allowed,
+    naive_attention,
+    naive_block,
+    naive_gather,
+    naive_scatter,
+    naive_select,
+)
 
 from dtop_kernels import (
     TokenSet,
@@ -309,9 +316,12 @@ def test_select(backend):
         idx = ts.indices[:t].long().cpu()
         ml[:, :t] = ml_dense.permute(1, 0, 2).reshape(k, b * n)[:, idx]
         sel = dtop_select(cls.to(DEVICE), ml.to(DEVICE), ts, threshold, top_k, backend=backend)
-        expected = naive_select(cls.float(), ml_dense.float(), keep, threshold, top_k)
-        assert torch.equal(sel.exited.cpu(), expected)
-        assert torch.equal(sel.tokens.keep_mask().cpu(), keep & ~expected)
+        exited = sel.exited.cpu()
+        logits = cls.float(), ml_dense.float()
+        if not torch.equal(exited, naive_select(*logits, keep, threshold, top_k)):
+            # equal products of swapped logits round apart: near ties go either way
+            assert not exits_allowed(exited, *logits, keep, threshold, top_k)
+        assert torch.equal(sel.tokens.keep_mask().cpu(), keep & ~exited)
         sel.tokens.validate()
 
     run()

@@ -5,6 +5,7 @@ kernel against the reference and Triton on a GPU)."""
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -12,13 +13,14 @@ from helpers import (
     DEVICE,
     backend_marks,
     backend_params,
+    compiled_asm,
     cuda_kernel_test,
     make_tokens,
     ragged_tokens,
     random_keep,
     run_or_skip,
 )
-from naive import naive_select
+from naive import exits_allowed, naive_select
 
 from dtop_kernels import BackendError, Selection, TokenSet, dtop_select
 from dtop_kernels.cuda import select as cuda_select
@@ -54,15 +56,23 @@ def _logits(b, k, n, gen, quantize: float | None, dup_classes: bool):
     return cls, ml
 
 
-def _check(sel: Selection, keep: torch.Tensor, ts: TokenSet, expected_exit: torch.Tensor):
+def _check(sel: Selection, keep: torch.Tensor, ts: TokenSet, logits: tuple, threshold: float,
+           top_k: int) -> torch.Tensor:
+    """The exit mask against the naive rule on ``logits`` (class, dense mask) with near ties
+    either way (``exits_allowed``), the next TokenSet against the exit mask. Returns it (CPU)."""
     assert isinstance(sel, Selection)
     assert sel.exited.dtype == torch.bool and sel.exited.shape == keep.shape
-    mismatch = (sel.exited.cpu() != expected_exit).nonzero().tolist()
-    assert not mismatch, f"exit mask differs from the naive rule at (b, n) = {mismatch[:10]}"
+    exited, keep = sel.exited.cpu(), keep.cpu()
+    expected_exit = naive_select(*logits, keep, threshold, top_k)
+    if not torch.equal(exited, expected_exit):
+        reasons = exits_allowed(exited, *logits, keep, threshold, top_k)
+        where = (exited != expected_exit).nonzero().tolist()
+        assert not reasons, f"exit mask differs from the naive rule at (b, n) = {where[:10]}: " \
+            f"{reasons[:3]}"
     nxt = sel.tokens
     assert nxt.capacity == ts.capacity and nxt.max_seqlen == ts.max_seqlen
     assert (nxt.batch_size, nxt.seq_len) == (ts.batch_size, ts.seq_len)
-    remaining = keep.cpu() & ~expected_exit
+    remaining = keep & ~exited
     assert torch.equal(nxt.keep_mask().cpu(), remaining)
     cu = torch.zeros(keep.shape[0] + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(remaining.sum(1), 0)
@@ -70,6 +80,7 @@ def _check(sel: Selection, keep: torch.Tensor, ts: TokenSet, expected_exit: torc
     nxt.validate()
     t = int(cu[-1])
     assert torch.all(nxt.indices[t:] == -1), "padding slots of the next set must hold -1"
+    return exited
 
 
 SHAPES = {
@@ -115,10 +126,9 @@ def test_select_vs_naive(seed, shape, regime, top_k, backend):
     layout = ("exact", "padded", "full")[(seed + top_k) % 3]
     ts = make_tokens(keep, layout)
     cls, ml = _logits(b, k, n, gen, quant, dup)
-    expected = naive_select(cls, ml, keep, threshold, top_k)
     sel = dtop_select(cls.to(DEVICE), _slot_logits(ml, keep, ts.capacity).to(DEVICE), ts,
                       threshold, top_k, backend=backend)
-    _check(sel, keep.to(DEVICE), ts, expected)
+    _check(sel, keep, ts, (cls, ml), threshold, top_k)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -140,7 +150,7 @@ def test_ties_happen_and_are_broken_by_position(backend):
         stay = keep[i].nonzero().squeeze(1)[:5]
         assert not expected[i, stay].any()
         assert expected[i].sum() == keep[i].sum() - 5
-    _check(sel, keep.to(DEVICE), ts, expected)
+    _check(sel, keep, ts, (cls, ml), 0.5, 5)
 
 
 @pytest.mark.parametrize(
@@ -153,18 +163,16 @@ def test_exits_accumulate(layout, backend, gen):
     keep0 = random_keep(b, n, [37, 20, 0], gen)
     ts0 = make_tokens(keep0, layout)
     cls1, ml1 = _logits(b, k, n, gen, None, False)
-    ex1 = naive_select(cls1, ml1, keep0, 0.6, 2)
     sel1 = dtop_select(cls1.to(DEVICE), _slot_logits(ml1, keep0, ts0.capacity).to(DEVICE), ts0,
                        0.6, 2, backend=backend)
-    _check(sel1, keep0.to(DEVICE), ts0, ex1)
+    ex1 = _check(sel1, keep0, ts0, (cls1, ml1), 0.6, 2)
     keep1 = keep0 & ~ex1
     assert ex1.any(), "the first selection should exit something for this test to mean much"
     cls2, ml2 = _logits(b, k, n, gen, None, False)
     ml2[:, :, :] += 1.0
-    ex2 = naive_select(cls2, ml2, keep1, 0.5, 1)
     sel2 = dtop_select(cls2.to(DEVICE), _slot_logits(ml2, keep1, ts0.capacity).to(DEVICE),
                        sel1.tokens, 0.5, 1, backend=backend)
-    _check(sel2, keep1.to(DEVICE), sel1.tokens, ex2)
+    ex2 = _check(sel2, keep1, sel1.tokens, (cls2, ml2), 0.5, 1)
     assert not (ex1 & ex2).any()
     final = sel2.tokens.keep_mask().cpu()
     assert torch.equal(final, keep0 & ~ex1 & ~ex2)
@@ -192,10 +200,9 @@ def test_fp16_logits(backend, gen):
     ts = make_tokens(keep, "full")
     cls, ml = _logits(b, k, n, gen, 0.25, True)
     cls, ml = cls.half(), ml.half()
-    expected = naive_select(cls, ml, keep, 0.7, 2)
     sel = dtop_select(cls.to(DEVICE), _slot_logits(ml, keep, ts.capacity).to(DEVICE), ts, 0.7,
                       2, backend=backend)
-    _check(sel, keep.to(DEVICE), ts, expected)
+    _check(sel, keep, ts, (cls, ml), 0.7, 2)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -204,12 +211,11 @@ def test_strided_inputs(backend, gen):
     keep = random_keep(b, n, [30, 12], gen)
     ts = make_tokens(keep, "padded")
     cls, ml = _logits(b, k, n, gen, None, False)
-    expected = naive_select(cls, ml, keep, 0.6, 1)
     cls_s = cls.transpose(1, 2).contiguous().transpose(1, 2)  # [B, K, 2], last-dim stride K
     ml_s = _slot_logits(ml, keep, ts.capacity).t().contiguous().t()  # [K, cap], column-major
     assert cls_s.stride(-1) != 1 and ml_s.stride(-1) != 1
     sel = dtop_select(cls_s.to(DEVICE), ml_s.to(DEVICE), ts, 0.6, 1, backend=backend)
-    _check(sel, keep.to(DEVICE), ts, expected)
+    _check(sel, keep, ts, (cls, ml), 0.6, 1)
 
 
 @pytest.mark.parametrize("backend", backend_params("torch", "triton", "cuda"))
@@ -233,7 +239,7 @@ def test_nan_logits_never_exit(backend, gen):
     assert expected[1:].any() and not expected[0].any()
     sel = dtop_select(cls.to(DEVICE), _slot_logits(ml, keep, ts.capacity).to(DEVICE), ts, 0.3,
                       1, backend=backend)
-    _check(sel, keep.to(DEVICE), ts, expected)
+    _check(sel, keep, ts, (cls_ref, ml_ref), 0.3, 1)
 
 
 @pytest.mark.parametrize("gap, any_exit", [(95.0, False), (80.0, True)], ids=["95", "80"])
@@ -251,7 +257,7 @@ def test_class_logits_far_apart(backend, gap, any_exit, gen):
     assert bool(expected.any()) == any_exit
     sel = dtop_select(cls.to(DEVICE), _slot_logits(ml, keep, ts.capacity).to(DEVICE), ts, 0.0,
                       2, backend=backend)
-    _check(sel, keep.to(DEVICE), ts, expected)
+    _check(sel, keep, ts, (cls, ml), 0.0, 2)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -318,6 +324,69 @@ def test_kernel_backends_refuse_float64(backend):
         dtop_select(cls.double(), ml.double(), ts, 0.5, backend=backend)
 
 
+# ---------------------------------------------------------------------- near ties, accuracy
+def _near(exits: list[int], cls_rows: list[list[float]], ml: list[list[float]], threshold: float,
+          top_k: int, ulps: int = 8) -> list[str]:
+    """exits_allowed for one image: exiting positions, class logits [K, 2], mask logits [K, N]
+    (float64, all tokens active)."""
+    n = len(ml[0])
+    exited = torch.zeros(1, n, dtype=torch.bool)
+    exited[0, exits] = True
+    return exits_allowed(exited, torch.tensor([cls_rows], dtype=torch.float64),
+                         torch.tensor([ml], dtype=torch.float64),
+                         torch.ones(1, n, dtype=torch.bool), threshold, top_k, ulps)
+
+
+def test_exits_allowed_accepts_either_side_of_a_near_tie_only():
+    """Confidences a fraction of a float32 ulp apart may rank either way; far apart or exactly
+    equal ones (position order) may not; neither may a near tie with ulps=0."""
+    sure = [[20.0, 0.0]]
+    near_pair = [[2.0, 2.0 + 1e-7, 2.5]]  # token 1 beats token 0 by 0.2 ulp; token 2 is far
+    assert _near([0, 1], sure, near_pair, 0.5, 1) == []  # the rule: token 2 stays
+    assert _near([1, 2], sure, near_pair, 0.5, 1) != []
+    assert _near([0], sure, near_pair, 0.5, 2) == []  # the rule: token 0 exits
+    assert _near([1], sure, near_pair, 0.5, 2) == []  # the near tie the other way
+    assert _near([1], sure, near_pair, 0.5, 2, ulps=0) != []
+    assert _near([2], sure, near_pair, 0.5, 2) != []  # token 2 is far above both
+    equal = [[2.0, 2.0, 2.0]]  # an exact tie: the lowest positions stay
+    assert _near([2], sure, equal, 0.5, 2) == []
+    assert _near([0], sure, equal, 0.5, 2) != []
+
+
+def test_exits_allowed_near_the_threshold_and_across_classes():
+    """A confidence within a few ulps of the threshold is a candidate or not; class scores
+    within a few ulps of each other give either label, and the ranks follow the label."""
+    sure = [[20.0, 0.0]]
+    conf = 1 / (1 + math.exp(-20.0)) / (1 + math.exp(-3.0))
+    for threshold in (conf * (1 - 1e-8), conf * (1 + 1e-8)):  # either side of the token
+        assert _near([0], sure, [[3.0, -4.0]], threshold, 0) == []
+        assert _near([], sure, [[3.0, -4.0]], threshold, 0) == []
+    assert _near([], sure, [[3.0, -4.0]], conf * 0.9, 0) != []  # far above: it exits
+    assert _near([1], sure, [[3.0, -4.0]], conf * 0.9, 0) != []  # far below: it cannot
+    # Token 0 scores 3.0 for class 0 and 3.0 + 1e-7 for class 1 (label 1, a near tie); token 1
+    # is sure of class 1, token 2 of class 0, both less confident. top_k 1.
+    two = [[20.0, 0.0], [20.0, 0.0]]
+    ml = [[3.0, -5.0, 2.0], [3.0 + 1e-7, 2.5, -5.0]]
+    assert _near([1], two, ml, 0.5, 1) == []  # label 1: token 1 exits
+    assert _near([2], two, ml, 0.5, 1) == []  # label 0: token 2 exits
+    assert _near([1, 2], two, ml, 0.5, 1) != []
+    assert _near([], two, ml, 0.5, 1) != []
+    assert _near([2], two, ml, 0.5, 1, ulps=0) != []
+
+
+def test_triton_score_compiles_to_accurate_exp_and_division():
+    """On a GPU ``tl.exp`` is a bare ex2.approx of x * log2(e), whose error grows with |x|, and
+    ``/`` is div.full (2 ulp), where the CPU interpreter computes numpy's exp and division: near
+    ties of saturated scores could then flip. Compiled for sm_90, the score kernel uses
+    libdevice's expf (range-reduced) and correctly rounded division."""
+    asm = compiled_asm("_score_kernel")
+    assert "math.exp" not in asm["ttir"] and "__nv_expf" in asm["ttir"]
+    assert "arith.divf" not in asm["ttir"] and "tt.precise_divf" in asm["ttir"]
+    for approx in ("div.full", "div.approx", "rcp.approx"):
+        assert approx not in asm["ptx"], approx
+    assert "div.rn.f32" in asm["ptx"]
+
+
 # ---------------------------------------------------------------------- GPU-sized shapes
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", backend_params("torch", "triton", "cuda"))
@@ -332,15 +401,10 @@ def test_select_gpu_shapes(top_k, dtype, backend, gen):
     cls = (torch.randn(b, k, 2, generator=gen) * 2).to(dtype)
     cls[..., 0] += 2
     ml = (torch.round(torch.randn(b, k, n, generator=gen) * 6) / 2).to(dtype)
-    expected = naive_select(cls, ml, keep, 0.9, top_k)
-    bi, ni = keep.nonzero(as_tuple=True)
-    slots = torch.full((k, ts.capacity), 30.0, dtype=dtype)
-    slots[:, : bi.numel()] = ml[bi, :, ni].t()
+    slots = _slot_logits(ml, keep, ts.capacity)
     sel = run_or_skip(lambda: dtop_select(cls.to(DEVICE), slots.to(DEVICE), ts, 0.9, top_k,
                                           backend=backend), backend)
-    assert torch.equal(sel.exited.cpu(), expected)
-    assert torch.equal(sel.tokens.keep_mask().cpu(), keep & ~expected)
-    sel.tokens.validate()
+    _check(sel, keep, ts, (cls, ml), 0.9, top_k)
 
 
 # ---------------------------------------------------------------------- CUDA launcher

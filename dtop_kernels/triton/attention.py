@@ -57,8 +57,9 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     # Non-finite rule: x * 0 is 0 for finite x, NaN for NaN / Inf. A bad query row, or a bad
     # key / value row anywhere in the image, makes the output row NaN (when there are keys).
+    # The K/V check accumulates element-wise in the loop and is reduced once after it.
     q_bad = tl.sum(q.to(tl.float32) * 0.0, axis=1)
-    kv_bad = tl.zeros([BLOCK_M], dtype=tl.float32)
+    kv_bad = tl.zeros([BLOCK_N, BLOCK_D], dtype=K.dtype.element_ty)
     for n0 in range(0, len_k, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < len_k
@@ -76,10 +77,10 @@ def _fwd_kernel(
                     other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
-        kv_bad += tl.sum(tl.sum(k.to(tl.float32) * 0.0, axis=1), axis=0) + \
-            tl.sum(tl.sum(v.to(tl.float32) * 0.0, axis=1), axis=0)
+        kv_bad += k * 0.0 + v * 0.0
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # an image with no keys: zero output
-    poison = tl.where(len_k > 0, q_bad + kv_bad, 0.0)
+    kv_bad_all = tl.sum(tl.sum(kv_bad.to(tl.float32), axis=1), axis=0)
+    poison = tl.where(len_k > 0, q_bad + kv_bad_all, 0.0)
     out = acc / l_safe[:, None] + poison[:, None]
     tl.store(O + rows_q[:, None] * so_t + h * so_h + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])

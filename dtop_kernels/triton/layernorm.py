@@ -4,8 +4,9 @@ Forward: one program per row; ``GATHER`` reads row ``indices[i]`` of the dense `
 input (and can also write the raw gathered row, for the residual stream). Rows past
 ``T = cu_seqlens[B]`` are padding: written as zeros, never normalized. Mean and rstd are kept in
 fp32 for the backward, which computes dx per row and accumulates per-program partial sums of
-dweight / dbias that PyTorch then reduces (no atomics, deterministic). Same launcher signatures
-as dtop_kernels/cuda/layernorm.py; the autograd layer is dtop_kernels/ops/layernorm.py.
+dweight / dbias that PyTorch then reduces (no atomics, deterministic); its grid is sized by the
+GPU's SM count, so a single image's rows still spread over the whole GPU. Same launcher
+signatures as dtop_kernels/cuda/layernorm.py; the autograd layer is dtop_kernels/ops/layernorm.py.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ import triton
 import triton.language as tl
 
 from dtop_kernels.tokens import TokenSet
+from dtop_kernels.triton import _utils, interpret
+
+BWD_PROGRAMS_PER_SM = 4
+BWD_MIN_ROWS = 4  # rows per backward program at least: bounds the partial dweight / dbias rows
 
 
 @triton.jit
@@ -92,6 +97,16 @@ def _block_c(c: int) -> int:
     return triton.next_power_of_2(max(c, 16))
 
 
+def _bwd_programs(rows: int, device: torch.device) -> int:
+    """Programs of the backward, each with its partial dweight / dbias row: on a GPU
+    ``BWD_PROGRAMS_PER_SM`` per SM, fewer when they would get under ``BWD_MIN_ROWS`` rows each
+    (the CUDA backend's rule); under the CPU interpreter, 64 rows each (few programs)."""
+    if interpret():
+        return max(1, triton.cdiv(rows, 64))
+    return max(1, min(triton.cdiv(rows, BWD_MIN_ROWS),
+                      BWD_PROGRAMS_PER_SM * _utils.sm_count(device)))
+
+
 def layer_norm_fwd(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                    tokens: TokenSet, eps: float, gather: bool = False, store_x: bool = False):
     """(y [capacity, C], x_packed [capacity, C] or None, mean, rstd [capacity] fp32).
@@ -121,8 +136,8 @@ def layer_norm_bwd(dy: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor,
     cap, c = tokens.capacity, x2d.shape[1]
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
     dx = torch.zeros(cap, c, device=dy.device, dtype=x2d.dtype)
-    rows_per_prog = 64
-    progs = max(1, triton.cdiv(cap, rows_per_prog))
+    rows_per_prog = max(1, triton.cdiv(cap, _bwd_programs(cap, dy.device)))
+    progs = max(1, triton.cdiv(cap, rows_per_prog))  # none left without rows
     dw = torch.zeros(progs, c, device=dy.device, dtype=torch.float32)
     db = torch.zeros(progs, c, device=dy.device, dtype=torch.float32)
     if cap:

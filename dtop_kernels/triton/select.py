@@ -14,25 +14,33 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from dtop_kernels.tokens import TokenSet
+from dtop_kernels.triton import interpret
 from dtop_kernels.triton._utils import interpret_blocks
 
 TINY = 2.0**-126  # scores below the smallest normal float32 count as 0 (every backend)
 
 
 @triton.jit
-def _sigmoid(x):
+def _sigmoid(x, LIBDEVICE: tl.constexpr):
     # No overflow for large |x| (the naive 1 / (1 + exp(-x)) overflows exp below x = -88.7);
     # sigmoid(+inf) = 1, sigmoid(-inf) = 0, NaN stays NaN. Values below about -87.3 are
     # subnormal or flushed depending on the hardware; the score flushes them (TINY).
-    e = tl.exp(-tl.abs(x))
-    return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    # Accurate on a GPU too: libdevice's expf (range-reduced, within 2 ulp; tl.exp there is an
+    # ex2.approx of x * log2(e), whose error grows with |x|) and correctly rounded division
+    # (``/`` is div.full, 2 ulp). The CPU interpreter has no libdevice: numpy's exp there.
+    if LIBDEVICE:
+        e = libdevice.exp(-tl.abs(x))
+    else:
+        e = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, tl.math.div_rn(1.0, 1.0 + e), tl.math.div_rn(e, 1.0 + e))
 
 
 @triton.jit
 def _score_kernel(CLS, MASK, CU, CONF, LABEL, cap, K, s_cls_b, s_cls_k, s_mask_k, tiny,
-                  BLOCK: tl.constexpr):
+                  BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr):
     pid = tl.program_id(0)
     b = tl.program_id(1)
     start = tl.minimum(tl.load(CU + b), cap)
@@ -47,9 +55,9 @@ def _score_kernel(CLS, MASK, CU, CONF, LABEL, cap, K, s_cls_b, s_cls_k, s_mask_k
     for c in range(K):
         l_present = tl.load(CLS + b * s_cls_b + c * s_cls_k).to(tl.float32)
         l_none = tl.load(CLS + b * s_cls_b + c * s_cls_k + 1).to(tl.float32)
-        present = _sigmoid(l_present - l_none)  # softmax over the 2 logits
+        present = _sigmoid(l_present - l_none, LIBDEVICE)  # softmax over the 2 logits
         ml = tl.load(MASK + c * s_mask_k + slots, mask=m, other=0.0).to(tl.float32)
-        s = present * _sigmoid(ml)
+        s = present * _sigmoid(ml, LIBDEVICE)
         s = tl.where(s < tiny, 0.0, s)  # NaN stays NaN
         # strict: the lowest class wins ties; a NaN wins and stays (torch.max): never a candidate
         better = ((s > best) | (s != s)) & (best == best)  # noqa: PLR0124 (NaN tests)
@@ -107,7 +115,8 @@ def exit_slots(
     max_seqlen = min(tokens.max_seqlen, cap)
     grid = (triton.cdiv(max_seqlen, block), b)
     _score_kernel[grid](cls, ml, tokens.cu_seqlens, conf, label, cap, k, cls.stride(0),
-                        cls.stride(1), ml.stride(0), TINY, BLOCK=block)
+                        cls.stride(1), ml.stride(0), TINY, BLOCK=block,
+                        LIBDEVICE=not interpret())
     bi, bj = (small, small) if small else (64, 128)
     _rank_kernel[(triton.cdiv(max_seqlen, bi), b)](
         conf, label, tokens.cu_seqlens, exits, cap, float(threshold), int(top_k),
