@@ -300,7 +300,8 @@ def spread_warnings(rows: list[dict], threads: int | None,
 def learned_images(args, batch: int, res: int, dtype, dev) -> list[torch.Tensor]:
     """``args.rotate`` batches of validation images from ``args.data`` (test-resized at the
     checkpoint's scale, the top-left res x res window, zero-padded when smaller)."""
-    ckpt_args = read_checkpoint(args.checkpoint).get("args", {})
+    ckpt_args = read_checkpoint(args.checkpoint,
+                                trust_checkpoint=args.trust_checkpoint).get("args", {})
     scale = tuple(ckpt_args.get("scale") or (2048, 512))
     ds = open_dataset(args.data, default_split(args.data, train=False),
                       transform=EvalTransform(scale=scale))
@@ -339,7 +340,7 @@ def bench(args) -> tuple[dict, list[dict], list[str]]:
     gpu = dev.type == "cuda"
     factory, res, paper_saving = QUICK if args.quick else MODELS[args.model]
     if args.checkpoint:  # a trained model: its own heads prune real images
-        ckpt_model, ckpt = load_model(args.checkpoint)
+        ckpt_model, ckpt = load_model(args.checkpoint, trust_checkpoint=args.trust_checkpoint)
         factory, res = (lambda: ckpt_model), ckpt.get("args", {}).get("crop") or res
     res = args.res or res
     env = environment(dtype, dev)
@@ -674,6 +675,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", default=None,
                    help="a trained checkpoint (python -m dtop_kernels.models.train): its heads "
                         "prune real images from --data instead of the synthesized pattern")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="load a --checkpoint that holds pickled Python objects (runs code from "
+                        "the file: only for files from a trusted source)")
     p.add_argument("--data", default=None,
                    help="data set root (ADE20K or folder layout) whose validation images the "
                         "--checkpoint prunes (needs Pillow)")

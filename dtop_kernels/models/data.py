@@ -14,8 +14,11 @@ Layouts (``open_dataset`` recognizes either, per split)::
 A ``dataset.json`` at ROOT (written by :mod:`dtop_kernels.models.synthetic_dataset`) may give
 ``num_classes`` and ``classes``; otherwise the ADE20K layout means 150 classes and the folder
 layout needs ``num_classes``. Label PNGs are single-channel (mode L or P; P indices are the
-labels). Bad input raises :class:`DataError` naming the file: an image without a mask, a mask
-whose size differs from its image's, labels outside the classes.
+labels). Images of any Pillow mode are read as RGB (grayscale repeated, alpha dropped, 16-bit
+scaled to 8). Bad input raises :class:`DataError` naming the file (and the item's index): an
+image without a mask, an unreadable image or mask, a mask whose size differs from its image's,
+labels outside the classes. :class:`CheckedItems` carries such errors out of loader workers as
+data, and optionally skips the items.
 
 Transforms (mmseg's ADE20K pipeline, sizes as arguments):
 
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,31 +120,39 @@ class SegmentationFolder(torch.utils.data.Dataset):
         return self.samples[i].image.stem
 
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """(image uint8 [H, W, 3] RGB, labels uint8 [H, W] in [0, K) or ignore_index)."""
-        Image = _pil()
+        """(image uint8 [H, W, 3] RGB, labels uint8 [H, W] in [0, K) or ignore_index).
+
+        Any image mode becomes RGB: grayscale is repeated, an alpha channel dropped (as mmcv's
+        colour read does), 16-bit grayscale scaled to 8 bits. DataError ``item i: FILE: what is
+        wrong`` for an unreadable file, a colour label PNG, a size mismatch or labels outside
+        the classes."""
         s = self.samples[i]
-        with Image.open(s.image) as im:
-            img = np.asarray(im.convert("RGB"))
-        with Image.open(s.mask) as m:
+        with _open_image(s.image, i) as im:
+            if im.mode.startswith("I"):  # 16-bit (or 32-bit integer) grayscale
+                img = np.repeat(np.clip(np.asarray(im, np.int64) >> 8, 0, 255)
+                                .astype(np.uint8)[..., None], 3, axis=2)
+            else:
+                img = np.asarray(im.convert("RGB"))
+        with _open_image(s.mask, i) as m:
             if m.mode not in ("L", "P"):
-                raise DataError(f"{s.mask}: label PNGs must be single-channel label indices "
-                                f"(mode L or P); got mode {m.mode} (colour masks must be "
+                raise DataError(f"item {i}: {s.mask}: label PNGs must be single-channel label "
+                                f"indices (mode L or P); got mode {m.mode} (colour masks must be "
                                 "converted to class indices)")
             lab = np.array(m)
         if lab.shape != img.shape[:2]:
-            raise DataError(f"{s.mask}: label size {lab.shape[1]} x {lab.shape[0]} (W x H) "
-                            f"differs from its image {s.image.name}: {img.shape[1]} x "
+            raise DataError(f"item {i}: {s.mask}: label size {lab.shape[1]} x {lab.shape[0]} "
+                            f"(W x H) differs from its image {s.image.name}: {img.shape[1]} x "
                             f"{img.shape[0]}")
-        return img, self._labels(lab, s.mask)
+        return img, self._labels(lab, f"item {i}: {s.mask}")
 
-    def _labels(self, lab: np.ndarray, path: Path) -> np.ndarray:
+    def _labels(self, lab: np.ndarray, where: str) -> np.ndarray:
         k, ign = self.num_classes, self.ignore_index
         top = k if self.reduce_zero_label else k - 1  # largest valid raw value
         bad = (lab > top) & (lab != ign)
         if bad.any():
             rule = (f"0..{k} (0 = ignored, v -> v - 1)" if self.reduce_zero_label
                     else f"0..{k - 1}") + f" or {ign} (ignored)"
-            raise DataError(f"{path}: labels must be {rule} for {k} classes; found "
+            raise DataError(f"{where}: labels must be {rule} for {k} classes; found "
                             f"{np.unique(lab[bad])[:8].tolist()} (set num_classes, or fix the "
                             "mask)")
         if self.reduce_zero_label:
@@ -154,6 +166,67 @@ class SegmentationFolder(torch.utils.data.Dataset):
         if self.transform is None:
             return img, lab
         return self.transform(img, lab, np.random.default_rng(seed))
+
+
+@contextmanager
+def _open_image(path: Path, i: int):
+    """The decoded Pillow image of ``path`` (item ``i``); DataError naming both when it cannot
+    be read (missing, truncated, not an image)."""
+    Image = _pil()
+    try:
+        im = Image.open(path)
+        im.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise DataError(f"item {i}: {path}: cannot read it as an image ({e})") from None
+    with im:
+        yield im
+
+
+@dataclass(frozen=True)
+class CheckedItem:
+    """What :class:`CheckedItems` yields: the item (None when it could not be read) and the
+    errors of the unreadable items it stands for."""
+
+    item: tuple | None
+    errors: tuple[str, ...] = ()
+
+
+class CheckedItems(torch.utils.data.Dataset):
+    """``dataset``'s items as :class:`CheckedItem`, so a :class:`DataError` reaches the main
+    process as data (its message, not a loader worker's traceback).
+
+    ``skip``: an unreadable item is replaced by the next readable one (index + 1, + 2, ...;
+    with the same augmentation seed), so batches keep their size and distributed ranks stay in
+    step; the errors of the skipped items travel along to be counted. Indices are ints or
+    ``(index, seed)`` pairs, as :class:`SegmentationFolder` takes them."""
+
+    def __init__(self, dataset, skip: bool = False) -> None:
+        self.dataset, self.skip = dataset, skip
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index) -> CheckedItem:
+        i, seed = index if isinstance(index, tuple) else (index, None)
+        errors = []
+        for j in range(i, i + len(self.dataset)):
+            j %= len(self.dataset)
+            try:
+                item = self.dataset[j if seed is None else (j, seed)]
+                return CheckedItem(item, tuple(errors))
+            except DataError as e:
+                errors.append(str(e))
+                if not self.skip:
+                    break
+        return CheckedItem(None, tuple(errors))
+
+
+def collate_checked(batch: list[CheckedItem]) -> tuple[tuple | None, list[str]]:
+    """(the default collation of the items, or None when one could not be read; the errors)."""
+    errors = [e for b in batch for e in b.errors]
+    if any(b.item is None for b in batch):
+        return None, errors
+    return torch.utils.data.default_collate([b.item for b in batch]), errors
 
 
 # ---------------------------------------------------------------------- layouts
@@ -214,10 +287,10 @@ def default_split(root: str | Path, *, train: bool) -> str:
 # ---------------------------------------------------------------------- transforms
 def rescale_size(w: int, h: int, scale: Sequence[int]) -> tuple[int, int]:
     """mmcv's keep-ratio rescale: the largest (W, H) with the long side <= max(scale) and the
-    short side <= min(scale)."""
+    short side <= min(scale); at least 1 pixel each (a very thin image stays an image)."""
     long_, short = max(scale), min(scale)
     f = min(long_ / max(w, h), short / min(w, h))
-    return int(w * f + 0.5), int(h * f + 0.5)
+    return max(int(w * f + 0.5), 1), max(int(h * f + 0.5), 1)  # a side of 1 pixel, not 0
 
 
 def _resize(img: np.ndarray, lab: np.ndarray | None, size: tuple[int, int]):
