@@ -5,8 +5,9 @@ A checkpoint is a dict saved with ``torch.save``: ``model`` (state dict), ``conf
 ``iteration``, and when written by the trainer ``optimizer``, ``scaler``, ``rng`` (torch and
 CUDA generator states) and ``args``: tensors, numbers, strings and containers only.
 
-Every file is read with ``torch.load(..., weights_only=True)``: tensors and plain containers, no
-code from the file runs. A file that needs more (pickled Python objects) is refused with
+Every file is read with ``torch.load(..., weights_only=True)``: tensors, plain containers and
+numpy scalars and arrays (data only; they appear in the ``meta`` of mmcv checkpoints), no code
+from the file runs. A file that needs more (pickled Python objects) is refused with
 :class:`CheckpointError` naming what it holds, unless the caller passes
 ``trust_checkpoint=True`` (``--trust-checkpoint``), which loads it with ``weights_only=False``
 and so runs whatever code the file carries: only for files from a trusted source.
@@ -18,6 +19,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -42,6 +44,16 @@ def build_model(arch: str, num_classes: int, **overrides) -> ViTDToP:
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {sorted(ARCHS)}; got {arch!r}")
     return ARCHS[arch](num_classes=num_classes, **overrides)
+
+
+_mult = np.core.multiarray if np.__version__ < "2" else np._core.multiarray
+# numpy data the weights-only unpickler may build, under numpy 2's and numpy 1's names
+NUMPY_DATA = [np.dtype, np.ndarray, _mult.scalar, _mult._reconstruct,
+              (_mult.scalar, "numpy.core.multiarray.scalar"),
+              (_mult._reconstruct, "numpy.core.multiarray._reconstruct"),
+              *{type(np.dtype(c)) for c in "?bhilqBHILQefdgFDGSU"}]  # bool, numbers, strings
+_NUMPY_NAMES = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}"
+                for g in NUMPY_DATA}
 
 
 class CheckpointError(ValueError):
@@ -116,20 +128,22 @@ def load_file(path: str | Path, *, trust_checkpoint: bool = False) -> object:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust_checkpoint)
+        with torch.serialization.safe_globals(NUMPY_DATA):
+            return torch.load(path, map_location="cpu", weights_only=not trust_checkpoint)
     except Exception as e:  # anything a damaged or foreign file makes the unpickler raise
         if not trust_checkpoint:
             try:
-                needs = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+                needs = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path)
+                         if g not in _NUMPY_NAMES]
             except Exception:  # not a zip archive: nothing to list
                 needs = []
             if needs:
                 raise CheckpointError(
                     f"{path}: refused: besides tensors and plain containers it holds pickled "
-                    f"Python objects ({', '.join(needs[:5])}), and loading them would run code "
-                    "from the file. If you trust where it came from, pass --trust-checkpoint "
-                    "(trust_checkpoint=True); or load it once in a trusted session and save "
-                    "only its state dict") from None
+                    f"Python objects ({', '.join(needs[:5])}), and unpickling them can run any "
+                    "code the file carries. If you trust where it came from, pass "
+                    "--trust-checkpoint (trust_checkpoint=True); or load it once in a trusted "
+                    "session and save only its state dict") from None
         text = str(e).strip()
         first = text.splitlines()[0].split(". ")[0][:160] if text else type(e).__name__
         size = path.stat().st_size

@@ -12,10 +12,16 @@ phases can run in one go), the rest with the exit rule at ``--threshold``.
 - Mixed precision on CUDA (``--amp bf16 | fp16 | off``; fp16 with a gradient scaler).
 - ``torchrun``: one process per GPU (NCCL), or CPU processes (gloo); each rank takes its own
   slice of every global batch of ``--batch-size`` x world size images.
-- Checkpoints ``RUN/iter_N.pth`` every ``--ckpt-interval`` iterations and ``RUN/final.pth``;
-  ``--resume RUN/iter_N.pth`` (or ``--resume auto``: the latest in RUN) continues exactly:
-  weights, optimizer, scaler, iteration, random generators; the data order and augmentations are functions of
-  (seed, iteration), so a resumed run sees the batches an uninterrupted one would.
+- Checkpoints ``RUN/iter_N.pth`` every ``--ckpt-interval`` iterations and ``RUN/final.pth``,
+  written atomically (a killed run leaves the previous file whole); ``--resume RUN/iter_N.pth``
+  (or ``--resume auto``: the newest intact one in RUN, passing over damaged ones with a note)
+  continues exactly: weights, optimizer, scaler, iteration, random generators; the data order
+  and augmentations are functions of (seed, iteration), so a resumed run sees the batches an
+  uninterrupted one would.
+- Files are read weights-only; ``--trust-checkpoint`` loads ones holding pickled objects.
+  Unreadable or invalid data stops the run with the file and item named, or with
+  ``--skip-bad-samples`` is skipped and counted. A process whose peers stop or do not answer
+  within ``--dist-timeout`` seconds ends with an error instead of hanging.
 - Progress: a tqdm bar when tqdm is installed, else a line every ``--log-interval``
   iterations; ``RUN/log.jsonl`` gets one JSON line per logged iteration and evaluation.
 - Start from timm ViT weights (``--timm-model NAME``: ``timm.create_model(NAME,
@@ -152,8 +158,8 @@ def latest_intact_checkpoint(out: Path, *, trust_checkpoint: bool = False
 
 def load_init(model, path: str, *, trust_checkpoint: bool = False) -> str:
     """Load ``path`` into model: a checkpoint of this trainer (weights only: e.g. the dense phase
-    before the pruning fine-tune), an mmseg checkpoint or a timm state dict (recognized by its
-    keys); returns what was loaded, as text. Read weights-only unless ``trust_checkpoint``
+    before the pruning fine-tune), a plain state dict of this model, an mmseg checkpoint or a
+    timm state dict (recognized by its keys); returns what was loaded, as text. Read weights-only unless ``trust_checkpoint``
     (:func:`load_file`)."""
     sd = load_file(path, trust_checkpoint=trust_checkpoint)
     if isinstance(sd, dict) and {"model", "config"} <= sd.keys():
@@ -164,6 +170,9 @@ def load_init(model, path: str, *, trust_checkpoint: bool = False) -> str:
         raise CheckpointError(f"{path}: expected a state dict (or {{'state_dict': ...}}); got "
                               f"{type(sd).__name__}")
     keys = [k.removeprefix("module.") for k in sd]
+    if any(k.startswith("heads.") for k in keys):  # a plain state dict of this model
+        load_weights(model, dict(zip(keys, sd.values())), path)
+        return f"weights of {path} (a state dict of this model)"
     mmseg = any(k.startswith(("backbone.", "decode_head.", "layers.")) for k in keys)
     report = load_mmseg_checkpoint(model, sd) if mmseg else load_timm_backbone(model, sd)
     return f"{'mmseg' if mmseg else 'timm'} weights from {path}: {report}"
