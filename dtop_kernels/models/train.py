@@ -159,8 +159,8 @@ def latest_intact_checkpoint(out: Path, *, trust_checkpoint: bool = False
 def load_init(model, path: str, *, trust_checkpoint: bool = False) -> str:
     """Load ``path`` into model: a checkpoint of this trainer (weights only: e.g. the dense phase
     before the pruning fine-tune), a plain state dict of this model, an mmseg checkpoint or a
-    timm state dict (recognized by its keys); returns what was loaded, as text. Read weights-only unless ``trust_checkpoint``
-    (:func:`load_file`)."""
+    timm state dict (recognized by its keys); returns what was loaded, as text. Read
+    weights-only unless ``trust_checkpoint`` (:func:`load_file`)."""
     sd = load_file(path, trust_checkpoint=trust_checkpoint)
     if isinstance(sd, dict) and {"model", "config"} <= sd.keys():
         load_weights(model, sd["model"], path)
