@@ -36,7 +36,7 @@ pytest.importorskip("PIL", reason="the data loader needs Pillow (pip install Pil
 from PIL import Image
 
 import dtop_kernels
-import dtop_kernels.models.checkpoint as checkpoint
+from dtop_kernels.models import checkpoint
 from dtop_kernels.models.checkpoint import (
     CheckpointError,
     DamagedCheckpointError,
@@ -335,7 +335,8 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(data, reference, tmp_pa
     run = tmp_path / "run"
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "train_with_faults.py"),
                            "--fault", fault, "--data", str(data), "--out", str(run), *RUN_ARGS],
-                          env=_env(), capture_output=True, text=True, timeout=300)
+                          check=False, env=_env(), capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     if fault.startswith("save"):  # died halfway through writing iter_4: only its temporary
         assert (run / "iter_4.pth.tmp").is_file() and not (run / "iter_4.pth").exists()
@@ -345,6 +346,8 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(data, reference, tmp_pa
         (run / "iter_4.pth").write_bytes(b"")
     _train("--data", str(data), "--out", str(run), "--resume", "auto", *RUN_ARGS)
     _same_training_state(run / "final.pth", reference / "final.pth")
+    log = [json.loads(ln)["iteration"] for ln in (run / "log.jsonl").read_text().splitlines()]
+    assert log == list(range(1, ITERS + 1))  # each iteration logged once
 
 
 class _FullDisk:

@@ -16,7 +16,7 @@ import sys
 import time
 
 import dtop_kernels.models.checkpoint as ckpt
-import dtop_kernels.models.train as train
+from dtop_kernels.models import train
 
 
 def _die() -> None:

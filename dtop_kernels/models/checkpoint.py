@@ -130,12 +130,12 @@ def load_file(path: str | Path, *, trust_checkpoint: bool = False) -> object:
     try:
         with torch.serialization.safe_globals(NUMPY_DATA):
             return torch.load(path, map_location="cpu", weights_only=not trust_checkpoint)
-    except Exception as e:  # anything a damaged or foreign file makes the unpickler raise
+    except Exception as e:  # noqa: BLE001 - whatever a damaged or foreign file makes it raise
         if not trust_checkpoint:
             try:
                 needs = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path)
                          if g not in _NUMPY_NAMES]
-            except Exception:  # not a zip archive: nothing to list
+            except Exception:  # noqa: BLE001 - not a zip archive: nothing to list
                 needs = []
             if needs:
                 raise CheckpointError(

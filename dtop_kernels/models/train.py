@@ -178,6 +178,23 @@ def load_init(model, path: str, *, trust_checkpoint: bool = False) -> str:
     return f"{'mmseg' if mmseg else 'timm'} weights from {path}: {report}"
 
 
+def _truncate_log(path: Path, iteration: int) -> None:
+    """Drop the records after ``iteration`` (and a line cut short by a crash) from a run's log,
+    so that a resumed run logs each iteration once."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["iteration"] <= iteration:
+                keep.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+
+
 def param_groups(model, lr: float, head_mult: float, weight_decay: float) -> list[dict]:
     """Backbone at ``lr``, heads (``heads.*``) at ``lr * head_mult``."""
     heads = [p for n, p in model.named_parameters() if n.startswith("heads.")]
@@ -312,6 +329,8 @@ def train(args: argparse.Namespace) -> dict:
         generator=torch.Generator().manual_seed(args.seed))
     progress = _Progress(args.iters, start, main_proc, bar=not args.quiet)
     log_path = out / "log.jsonl"
+    if main_proc and start:
+        _truncate_log(log_path, start)
     record: dict = {}
     skipped = 0
     t_last, it_last = time.perf_counter(), start
