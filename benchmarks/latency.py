@@ -83,6 +83,7 @@ from common import (
 from synth import ExitPlan, image_keeps, plan_exits, target_counts
 
 from dtop_kernels.backends import BACKENDS, BackendError
+from dtop_kernels.data import EvalTransform, default_split, open_dataset, require_pillow
 from dtop_kernels.models import (
     capture_forward,
     count_flops,
@@ -91,7 +92,6 @@ from dtop_kernels.models import (
     vit_dtop_tiny,
 )
 from dtop_kernels.models.checkpoint import load_model, read_checkpoint
-from dtop_kernels.models.data import EvalTransform, default_split, open_dataset, require_pillow
 from dtop_kernels.models.synthetic import synthetic_images
 from dtop_kernels.triton import interpret as triton_interpret
 
@@ -673,7 +673,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rotate", type=int, default=None,
                    help="different input batches cycled through (default 3)")
     p.add_argument("--checkpoint", default=None,
-                   help="a trained checkpoint (python -m dtop_kernels.models.train): its heads "
+                   help="a trained checkpoint (python -m dtop_kernels.train): its heads "
                         "prune real images from --data instead of the synthesized pattern")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="load a --checkpoint that holds pickled Python objects (runs code from "

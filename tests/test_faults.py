@@ -36,6 +36,9 @@ pytest.importorskip("PIL", reason="the data loader needs Pillow (pip install Pil
 from PIL import Image
 
 import dtop_kernels
+from dtop_kernels.data import open_dataset
+from dtop_kernels.data.synthetic import write_synthetic_dataset
+from dtop_kernels.evaluate import main as evaluate_main
 from dtop_kernels.models import checkpoint
 from dtop_kernels.models.checkpoint import (
     CheckpointError,
@@ -45,12 +48,9 @@ from dtop_kernels.models.checkpoint import (
     load_model,
     read_checkpoint,
 )
-from dtop_kernels.models.data import open_dataset
-from dtop_kernels.models.evaluate import main as evaluate_main
 from dtop_kernels.models.loading import mmseg_key_to_model
-from dtop_kernels.models.synthetic_dataset import write_synthetic_dataset
-from dtop_kernels.models.train import IterationBatches, load_init
-from dtop_kernels.models.train import main as train_main
+from dtop_kernels.train import IterationBatches, load_init
+from dtop_kernels.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
 K, ITERS, BATCH, SEED = 4, 6, 2, 0

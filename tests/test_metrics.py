@@ -1,5 +1,5 @@
 """Segmentation metrics, sliding-window inference and evaluation of odd labels
-(dtop_kernels.models.evaluate).
+(dtop_kernels.evaluate).
 
 The metrics are checked against a confusion matrix and IoUs computed by hand, and against a
 per-image, per-class loop written after mmseg's ``intersect_and_union``; sliding-window inference
@@ -14,8 +14,7 @@ import re
 import pytest
 import torch
 
-from dtop_kernels.models import vit_dtop_tiny
-from dtop_kernels.models.evaluate import (
+from dtop_kernels.evaluate import (
     confusion_matrix,
     evaluate,
     format_report,
@@ -23,6 +22,7 @@ from dtop_kernels.models.evaluate import (
     predict,
     windows,
 )
+from dtop_kernels.models import vit_dtop_tiny
 
 IGN = 255
 

@@ -23,20 +23,20 @@ import torch
 pytest.importorskip("PIL", reason="the data loader needs Pillow (pip install Pillow)")
 from PIL import Image
 
-from dtop_kernels.models import count_flops
-from dtop_kernels.models.checkpoint import build_model, load_model, read_checkpoint
-from dtop_kernels.models.data import (
+from dtop_kernels.data import (
     IGNORE_INDEX,
     DataError,
     EvalTransform,
     TrainTransform,
     open_dataset,
 )
-from dtop_kernels.models.evaluate import evaluate, predict
-from dtop_kernels.models.evaluate import main as evaluate_main
-from dtop_kernels.models.synthetic_dataset import write_synthetic_dataset
-from dtop_kernels.models.train import IterationBatches, load_init, lr_factor
-from dtop_kernels.models.train import main as train_main
+from dtop_kernels.data.synthetic import write_synthetic_dataset
+from dtop_kernels.evaluate import evaluate, predict
+from dtop_kernels.evaluate import main as evaluate_main
+from dtop_kernels.models import count_flops
+from dtop_kernels.models.checkpoint import build_model, load_model, read_checkpoint
+from dtop_kernels.train import IterationBatches, load_init, lr_factor
+from dtop_kernels.train import main as train_main
 
 K = 4
 SIZE = {"height": (60, 72), "width": (64, 90)}

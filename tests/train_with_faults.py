@@ -1,4 +1,4 @@
-"""Run ``python -m dtop_kernels.models.train`` with a fault injected, for the crash tests.
+"""Run ``python -m dtop_kernels.train`` with a fault injected, for the crash tests.
 
     python tests/train_with_faults.py [--fault KIND:N] [--fault-rank R] TRAIN_ARGS...
 
@@ -16,7 +16,7 @@ import sys
 import time
 
 import dtop_kernels.models.checkpoint as ckpt
-from dtop_kernels.models import train
+from dtop_kernels import train
 
 
 def _die() -> None:

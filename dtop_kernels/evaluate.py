@@ -1,6 +1,6 @@
 """Segmentation metrics (mmseg's definitions) and the DToP evaluation of one set of weights.
 
-    python -m dtop_kernels.models.evaluate --checkpoint CKPT --data DIR [--json OUT] [--maps DIR]
+    python -m dtop_kernels.evaluate --checkpoint CKPT --data DIR [--json OUT] [--maps DIR]
 
 Metrics, from the confusion matrix ``conf[label, pred]`` summed over the data set, pixels whose
 label is ``ignore_index`` left out (mmseg's ``intersect_and_union`` summed over images, then
@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dtop_kernels.models.data import (
+from dtop_kernels.data import (
     IGNORE_INDEX,
     DataError,
     EvalTransform,
@@ -321,12 +321,12 @@ def _readable_images(dataset, n: int) -> list[torch.Tensor]:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
+def main(argv: Sequence[str] | None = None) -> None:
+    from dtop_kernels.data import DataError, default_split, read_meta, require_pillow
     from dtop_kernels.models.checkpoint import load_model
-    from dtop_kernels.models.data import DataError, default_split, read_meta, require_pillow
 
     ap = argparse.ArgumentParser(
-        prog="python -m dtop_kernels.models.evaluate",
+        prog="python -m dtop_kernels.evaluate",
         description="mIoU of dense vs DToP at several thresholds, token counts, FLOP saving "
                     "and latency for one checkpoint on a data set (ADE20K or folder layout).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -371,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        require_pillow("python -m dtop_kernels.models.evaluate")
+        require_pillow("python -m dtop_kernels.evaluate")
     except ImportError as e:
         ap.exit(2, f"error: {e}\n")
     if args.maps:
@@ -444,7 +444,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
         say(f"wrote {args.json}")
-    return {"report": report, "latency": latency}
 
 
 if __name__ == "__main__":

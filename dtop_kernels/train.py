@@ -1,7 +1,8 @@
-"""Train a ViT-DToP on a segmentation data set (ADE20K or folder layout, :mod:`.data`).
+"""Train a ViT-DToP on a segmentation data set (ADE20K or folder layout,
+:mod:`dtop_kernels.data`).
 
-    python -m dtop_kernels.models.train --data DIR --out RUN [--arch base --iters 40000 ...]
-    torchrun --nproc-per-node 8 -m dtop_kernels.models.train --data DIR --out RUN ...
+    python -m dtop_kernels.train --data DIR --out RUN [--arch base --iters 40000 ...]
+    torchrun --nproc-per-node 8 -m dtop_kernels.train --data DIR --out RUN ...
 
 The published recipe's shape: AdamW (weight decay 0.01), heads at 10x the backbone's learning
 rate, linear warm-up then poly decay (power 0.9) per iteration, the DToP loss on every head
@@ -48,6 +49,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dtop_kernels.data import (
+    CheckedItems,
+    DataError,
+    EvalTransform,
+    TrainTransform,
+    collate_checked,
+    default_split,
+    open_dataset,
+    read_meta,
+    require_pillow,
+)
+from dtop_kernels.evaluate import evaluate
 from dtop_kernels.models.checkpoint import (
     ARCHS,
     CheckpointError,
@@ -59,18 +72,6 @@ from dtop_kernels.models.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from dtop_kernels.models.data import (
-    CheckedItems,
-    DataError,
-    EvalTransform,
-    TrainTransform,
-    collate_checked,
-    default_split,
-    open_dataset,
-    read_meta,
-    require_pillow,
-)
-from dtop_kernels.models.evaluate import evaluate
 from dtop_kernels.models.loading import load_mmseg_checkpoint, load_timm_backbone
 from dtop_kernels.models.losses import dtop_loss
 
@@ -431,7 +432,7 @@ def _evaluate(model, args, num_classes: int, done: int, progress: _Progress) -> 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     first, _, rest = __doc__.partition("\n")
-    ap = argparse.ArgumentParser(prog="python -m dtop_kernels.models.train", description=first,
+    ap = argparse.ArgumentParser(prog="python -m dtop_kernels.train", description=first,
                                  epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="data set root (ADE20K or folder layout)")
     ap.add_argument("--out", required=True, help="run folder: checkpoints and log.jsonl")
@@ -501,7 +502,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.resume and (args.init or args.timm_model):
         ap.error("--resume continues a run: it cannot be combined with --init / --timm-model")
     try:
-        require_pillow("python -m dtop_kernels.models.train")
+        require_pillow("python -m dtop_kernels.train")
     except ImportError as e:
         ap.exit(2, f"error: {e}\n")
     return args
@@ -513,12 +514,12 @@ def _lost_peer(e: RuntimeError) -> bool:
         isinstance(e, dist.DistError) or any(w in str(e).lower() for w in ("gloo", "nccl")))
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
+def main(argv: Sequence[str] | None = None) -> None:
     """The command line: errors in the data, checkpoints or between processes end it with a
     one-line message and exit status 1."""
     args = parse_args(argv)
     try:
-        return train(args)
+        train(args)
     except (DataError, CheckpointError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     except RuntimeError as e:
