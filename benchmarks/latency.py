@@ -83,6 +83,7 @@ from common import (
 from synth import ExitPlan, image_keeps, plan_exits, target_counts
 
 from dtop_kernels.backends import BACKENDS, BackendError
+from dtop_kernels.data import EvalTransform, default_split, open_dataset, require_pillow
 from dtop_kernels.models import (
     capture_forward,
     count_flops,
@@ -91,7 +92,6 @@ from dtop_kernels.models import (
     vit_dtop_tiny,
 )
 from dtop_kernels.models.checkpoint import load_model, read_checkpoint
-from dtop_kernels.models.data import EvalTransform, default_split, open_dataset, require_pillow
 from dtop_kernels.models.synthetic import synthetic_images
 from dtop_kernels.triton import interpret as triton_interpret
 
@@ -300,7 +300,8 @@ def spread_warnings(rows: list[dict], threads: int | None,
 def learned_images(args, batch: int, res: int, dtype, dev) -> list[torch.Tensor]:
     """``args.rotate`` batches of validation images from ``args.data`` (test-resized at the
     checkpoint's scale, the top-left res x res window, zero-padded when smaller)."""
-    ckpt_args = read_checkpoint(args.checkpoint).get("args", {})
+    ckpt_args = read_checkpoint(args.checkpoint,
+                                trust_checkpoint=args.trust_checkpoint).get("args", {})
     scale = tuple(ckpt_args.get("scale") or (2048, 512))
     ds = open_dataset(args.data, default_split(args.data, train=False),
                       transform=EvalTransform(scale=scale))
@@ -339,7 +340,7 @@ def bench(args) -> tuple[dict, list[dict], list[str]]:
     gpu = dev.type == "cuda"
     factory, res, paper_saving = QUICK if args.quick else MODELS[args.model]
     if args.checkpoint:  # a trained model: its own heads prune real images
-        ckpt_model, ckpt = load_model(args.checkpoint)
+        ckpt_model, ckpt = load_model(args.checkpoint, trust_checkpoint=args.trust_checkpoint)
         factory, res = (lambda: ckpt_model), ckpt.get("args", {}).get("crop") or res
     res = args.res or res
     env = environment(dtype, dev)
@@ -672,8 +673,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rotate", type=int, default=None,
                    help="different input batches cycled through (default 3)")
     p.add_argument("--checkpoint", default=None,
-                   help="a trained checkpoint (python -m dtop_kernels.models.train): its heads "
+                   help="a trained checkpoint (python -m dtop_kernels.train): its heads "
                         "prune real images from --data instead of the synthesized pattern")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="load a --checkpoint that holds pickled Python objects (runs code from "
+                        "the file: only for files from a trusted source)")
     p.add_argument("--data", default=None,
                    help="data set root (ADE20K or folder layout) whose validation images the "
                         "--checkpoint prunes (needs Pillow)")

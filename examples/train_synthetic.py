@@ -5,15 +5,15 @@
 
 Three steps, each also a command of its own (printed as it runs):
 
-1. ``python -m dtop_kernels.models.synthetic_dataset``: textured shapes on textured backgrounds
+1. ``python -m dtop_kernels.data.synthetic``: textured shapes on textured backgrounds
    in the ADE20K layout (``OUT/data``);
-2. ``python -m dtop_kernels.models.train``: the ``small`` configuration (6 layers, 128 wide,
+2. ``python -m dtop_kernels.train``: the ``small`` configuration (6 layers, 128 wide,
    heads after layers 3 / 4 / 6) from scratch on 256-pixel crops, dense for the first 80% of the
    iterations, then fine-tuned with pruning at ``--threshold`` (``OUT/run``). The default, 0.7,
    is below the paper's 0.9: after minutes of training the heads' confidence (present
    probability x mask sigmoid) stays below about 0.8, so at 0.9 no token would exit while
    fine-tuning (docs/training.md);
-3. ``python -m dtop_kernels.models.evaluate``: dense mIoU and DToP mIoU, token counts, FLOP saving
+3. ``python -m dtop_kernels.evaluate``: dense mIoU and DToP mIoU, token counts, FLOP saving
    and CPU latency at thresholds 0.6 / 0.7 / 0.8 / 0.9 / 0.95 on the validation images, sliding
    windows of 256 at stride 170, pruning maps at the fine-tuning threshold (when matplotlib is
    installed) and ``OUT/report.json``.
@@ -29,12 +29,13 @@ import shlex
 import sys
 from pathlib import Path
 
-from dtop_kernels.models import evaluate, synthetic_dataset, train
+from dtop_kernels import evaluate, train
+from dtop_kernels.data import synthetic
 
 
-def run(module, argv: list[str]) -> dict:
+def run(module, argv: list[str]) -> None:
     print(f"$ python -m {module.__name__} {shlex.join(argv)}", flush=True)
-    return module.main(argv)
+    module.main(argv)
 
 
 def main() -> None:
@@ -53,7 +54,7 @@ def main() -> None:
     out = Path(args.out)
     data, run_dir = out / "data", out / "run"
     if not (data / "dataset.json").is_file():
-        run(synthetic_dataset, ["--out", str(data), "--train", str(args.train),
+        run(synthetic, ["--out", str(data), "--train", str(args.train),
                                 "--val", str(args.val)])
     dense_iters = args.iters * 4 // 5
     run(train, ["--data", str(data), "--out", str(run_dir), "--arch", "small",

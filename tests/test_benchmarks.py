@@ -187,9 +187,9 @@ def test_cli_optional_dependency_fails_before_the_work() -> None:
     pytest.param([str(BENCH / "ops.py")], id="ops"),
     pytest.param(["-m", "dtop_kernels.models.pruning_maps"], id="pruning_maps"),
     pytest.param([str(ROOT / "examples" / "dtop_model_tour.py")], id="tour"),
-    pytest.param(["-m", "dtop_kernels.models.train"], id="train"),
-    pytest.param(["-m", "dtop_kernels.models.evaluate"], id="evaluate"),
-    pytest.param(["-m", "dtop_kernels.models.synthetic_dataset"], id="synthetic_dataset"),
+    pytest.param(["-m", "dtop_kernels.train"], id="train"),
+    pytest.param(["-m", "dtop_kernels.evaluate"], id="evaluate"),
+    pytest.param(["-m", "dtop_kernels.data.synthetic"], id="synthetic_data"),
     pytest.param([str(ROOT / "examples" / "train_synthetic.py")], id="train_synthetic"),
 ])
 def test_cli_help_documents_every_option(cmd: list[str]) -> None:
@@ -209,12 +209,24 @@ def test_cli_help_documents_every_option(cmd: list[str]) -> None:
         assert same_line or next_line, f"{lines[i].strip()} has no help text"
 
 
+def test_console_scripts_name_the_entry_points() -> None:
+    """pyproject.toml's commands point at the entry points' main (as ``-m`` runs them)."""
+    tomllib = pytest.importorskip("tomllib")
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"dtop-train": "dtop_kernels.train:main",
+                       "dtop-evaluate": "dtop_kernels.evaluate:main",
+                       "dtop-synthetic-data": "dtop_kernels.data.synthetic:main"}
+    for target in scripts.values():
+        module, func = target.split(":")
+        assert callable(getattr(importlib.import_module(module), func))
+
+
 def test_latency_learned_pruning(tmp_path: Path) -> None:
     """--checkpoint --data: the trained heads prune validation images; the legend and checks
     stay."""
     pytest.importorskip("PIL", reason="--data reads images with Pillow")
-    from dtop_kernels.models.synthetic_dataset import write_synthetic_dataset
-    from dtop_kernels.models.train import main as train_main
+    from dtop_kernels.data.synthetic import write_synthetic_dataset
+    from dtop_kernels.train import main as train_main
 
     data, run = tmp_path / "data", tmp_path / "run"
     write_synthetic_dataset(data, train=2, val=2, num_classes=3, height=(64, 70),

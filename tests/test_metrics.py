@@ -1,4 +1,5 @@
-"""Segmentation metrics and sliding-window inference (dtop_kernels.models.evaluate).
+"""Segmentation metrics, sliding-window inference and evaluation of odd labels
+(dtop_kernels.evaluate).
 
 The metrics are checked against a confusion matrix and IoUs computed by hand, and against a
 per-image, per-class loop written after mmseg's ``intersect_and_union``; sliding-window inference
@@ -8,12 +9,20 @@ against windows run one by one and averaged here.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 
+from dtop_kernels.evaluate import (
+    confusion_matrix,
+    evaluate,
+    format_report,
+    metrics,
+    predict,
+    windows,
+)
 from dtop_kernels.models import vit_dtop_tiny
-from dtop_kernels.models.evaluate import confusion_matrix, metrics, predict, windows
 
 IGN = 255
 
@@ -117,3 +126,61 @@ def test_slide_prediction_averages_its_windows():
     # whole-image inference pads to the patch size and cuts the padding off again
     whole = predict(model, img[:, :60, :85], mode="dense")
     assert whole.prob.shape == (4, 60, 85) and whole.window_size == (64, 96)
+
+
+# ---------------------------------------------------------------------- evaluation: odd labels
+def _tiny_eval_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return vit_dtop_tiny(num_classes=4, threshold=0.5).eval()
+
+
+def _own_predictions(model, items) -> list[torch.Tensor]:
+    """Each item's class map at its label's size, from predict (the evaluation's definition)."""
+    out = []
+    for img, lab in items:
+        prob = predict(model, img, mode="dense").prob
+        out.append(torch.nn.functional.interpolate(prob[None], size=lab.shape, mode="bilinear",
+                                                   align_corners=False)[0].argmax(0))
+    return out
+
+
+def test_labels_all_ignored(gen):
+    """An image whose labels are all ignored adds nothing to the metrics; a split of only such
+    images reports NaN metrics (nothing to measure) instead of failing."""
+    model = _tiny_eval_model()
+    labelled = (torch.randn(3, 32, 48, generator=gen), torch.randint(0, 4, (32, 48), generator=gen))
+    ignored = (torch.randn(3, 40, 24, generator=gen), torch.full((40, 24), IGN))
+    alone = evaluate(model, [labelled], thresholds=[0.5])
+    both = evaluate(model, [labelled, ignored], thresholds=[0.5])
+    for a, b in zip(alone["rows"], both["rows"]):
+        for key in ("mIoU", "mAcc", "aAcc"):
+            assert b[key] == pytest.approx(a[key]), (a["setting"], key)
+        torch.testing.assert_close(torch.tensor(b["IoU"]), torch.tensor(a["IoU"]), equal_nan=True)
+    none = evaluate(model, [ignored, ignored], thresholds=[0.5])
+    for row in none["rows"]:
+        assert all(math.isnan(row[k]) for k in ("mIoU", "mAcc", "aAcc"))
+        assert all(math.isnan(v) for v in row["IoU"])
+    assert "nan" in format_report(none)
+
+
+def test_class_absent_from_the_split_is_nan_and_left_out(gen):
+    """Classes 2 and 3 are in no label: IoU NaN where the model never predicts them either
+    (0 where it does), mIoU the mean of the others (mmseg's nanmean); the report says so."""
+    model = _tiny_eval_model()
+    items = [(torch.randn(3, 32, 32, generator=gen), torch.randint(0, 2, (32, 32), generator=gen))
+             for _ in range(2)]
+    preds = _own_predictions(model, items)
+    predicted = set(torch.cat([p.flatten() for p in preds]).tolist())
+    assert not {2, 3} <= predicted, "pick a seed where an absent class is never predicted"
+    row = evaluate(model, items, thresholds=[0.5])["rows"][0]
+    iou = []
+    for c in range(4):
+        inter = sum(int(((p == c) & (lab == c)).sum()) for p, (_, lab) in zip(preds, items))
+        union = sum(int(((p == c) | (lab == c)).sum()) for p, (_, lab) in zip(preds, items))
+        iou.append(inter / union if union else math.nan)
+    torch.testing.assert_close(torch.tensor(row["IoU"], dtype=torch.float64),
+                               torch.tensor(iou, dtype=torch.float64), equal_nan=True)
+    assert row["mIoU"] == pytest.approx(sum(v for v in iou if not math.isnan(v))
+                                        / sum(not math.isnan(v) for v in iou))
+    text = format_report(evaluate(model, items, thresholds=[0.5]))
+    assert re.search(r" [23]=nan", text) and "nan: a class neither labelled nor predicted" in text

@@ -93,7 +93,7 @@ def test_ddp_training_step_matches_single_process(tmp_path):
         for p in ctx.processes:
             if p.is_alive():
                 p.terminate()
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     counts = torch.stack([torch.cat(r["counts"], dim=1) for r in results])  # [rank, S, steps*B]
     assert not torch.equal(counts[0], counts[1]), "the ranks should prune differently"
     assert bool((counts[:, 1:] < (H // 16) * (W // 16)).all())

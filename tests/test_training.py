@@ -23,20 +23,20 @@ import torch
 pytest.importorskip("PIL", reason="the data loader needs Pillow (pip install Pillow)")
 from PIL import Image
 
-from dtop_kernels.models import count_flops
-from dtop_kernels.models.checkpoint import build_model, load_model, read_checkpoint
-from dtop_kernels.models.data import (
+from dtop_kernels.data import (
     IGNORE_INDEX,
     DataError,
     EvalTransform,
     TrainTransform,
     open_dataset,
 )
-from dtop_kernels.models.evaluate import evaluate, predict
-from dtop_kernels.models.evaluate import main as evaluate_main
-from dtop_kernels.models.synthetic_dataset import write_synthetic_dataset
-from dtop_kernels.models.train import IterationBatches, load_init, lr_factor
-from dtop_kernels.models.train import main as train_main
+from dtop_kernels.data.synthetic import write_synthetic_dataset
+from dtop_kernels.evaluate import evaluate, predict
+from dtop_kernels.evaluate import main as evaluate_main
+from dtop_kernels.models import count_flops
+from dtop_kernels.models.checkpoint import build_model, load_model, read_checkpoint
+from dtop_kernels.train import IterationBatches, load_init, lr_factor
+from dtop_kernels.train import main as train_main
 
 K = 4
 SIZE = {"height": (60, 72), "width": (64, 90)}
@@ -257,3 +257,66 @@ def test_evaluate_command(data, tmp_path):
     assert [r["setting"] for r in out["latency"]] == ["dense", "dtop@0.5", "dtop@0.9"]
     if maps:
         assert (tmp_path / "maps" / "exits_0_0.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ---------------------------------------------------------------------- evaluation: odd images
+def _folder_split(root: Path, images: dict[str, Image.Image], label_size) -> Path:
+    """A folder-layout "val" split of the given images, each with random labels in [0, K)."""
+    (root / "val" / "images").mkdir(parents=True)
+    (root / "val" / "masks").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, im in images.items():
+        im.save(root / "val" / "images" / name)
+        w, h = label_size(im)
+        Image.fromarray(rng.integers(0, K, (h, w), dtype=np.uint8)).save(
+            root / "val" / "masks" / f"{Path(name).stem}.png")
+    return root
+
+
+def test_images_of_any_mode_read_as_rgb(tmp_path):
+    """Grayscale, grayscale + alpha, RGBA, palette, CMYK and 16-bit grayscale files read as the
+    RGB that Pillow's own conversion gives (16-bit: the high byte), and evaluate."""
+    g = np.random.default_rng(1).integers(0, 256, (20, 30), dtype=np.uint8)
+    rgb = Image.fromarray(np.dstack([g, 255 - g, g // 2]))
+    images = {"gray.png": Image.fromarray(g), "gray.jpg": Image.fromarray(g),
+              "gray_alpha.png": Image.fromarray(g).convert("LA"),
+              "rgba.png": rgb.convert("RGBA"), "palette.png": rgb.convert("P"),
+              "cmyk.jpg": rgb.convert("CMYK"),
+              "gray16.png": Image.fromarray(g.astype(np.uint16) * 257)}
+    ds = open_dataset(_folder_split(tmp_path, images, lambda im: im.size), "val", num_classes=K)
+    model = build_model("tiny", K).eval()
+    for i in range(len(ds)):
+        img, _ = ds.load(i)
+        with Image.open(ds.samples[i].image) as im:
+            want = (np.repeat(g[..., None], 3, axis=2) if im.mode.startswith("I")
+                    else np.asarray(im.convert("RGB")))
+        assert img.dtype == np.uint8 and np.array_equal(img, want), ds.name(i)
+    val = open_dataset(tmp_path, "val", num_classes=K, transform=EvalTransform(scale=(128, 64)))
+    assert evaluate(model, val, thresholds=[0.5], crop=64, stride=42)["images"] == len(images)
+
+
+def test_evaluate_images_of_any_size_and_aspect(tmp_path):
+    """From 1 x 1 to 1 x 700 and 700 x 1: the test resize keeps every side at least one pixel
+    within the scale, and whole-image and sliding-window evaluation score every labelled pixel
+    (pixel accuracy recomputed here from predict)."""
+    rng = np.random.default_rng(2)
+    sizes = [(1, 1), (1, 700), (700, 1), (5, 300), (300, 5), (40, 33)]  # (H, W)
+    images = {f"{h}x{w}.png": Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+              for h, w in sizes}
+    _folder_split(tmp_path, images, lambda im: im.size)
+    val = open_dataset(tmp_path, "val", num_classes=K, transform=EvalTransform(scale=(128, 64)))
+    model = build_model("tiny", K).eval()
+    for i in range(len(val)):
+        img, lab = val[i]
+        h, w = img.shape[1:]
+        assert 1 <= min(h, w) <= 64 and max(h, w) <= 128, (val.name(i), img.shape)
+    for crop, stride in ((None, None), (64, 42)):
+        row = evaluate(model, val, thresholds=[0.5], crop=crop, stride=stride)["rows"][0]
+        right = total = 0
+        for i in range(len(val)):
+            img, lab = val[i]
+            prob = predict(model, img, mode="dense", crop=crop, stride=stride).prob
+            pred = torch.nn.functional.interpolate(prob[None], size=lab.shape, mode="bilinear",
+                                                   align_corners=False)[0].argmax(0)
+            right, total = right + int((pred == lab).sum()), total + lab.numel()
+        assert row["aAcc"] == pytest.approx(right / total)

@@ -8,10 +8,10 @@
 - :func:`capture_forward`: the forward captured in a CUDA graph, replayed for new images.
 - :func:`save_pruning_maps`: where tokens exited (matplotlib).
 
-Training and evaluation on data (Pillow): :mod:`.data` (ADE20K / folder layouts, mmseg
-transforms), :mod:`.synthetic_dataset` (a synthetic data set in the ADE20K layout),
-:mod:`.evaluate` (mIoU, dense vs DToP report; ``python -m dtop_kernels.models.evaluate``),
-:mod:`.train` (``python -m dtop_kernels.models.train``), :mod:`.checkpoint`.
+- :mod:`.checkpoint`: configurations by name, checkpoints (save, weights-only load).
+
+Data sets and transforms live in :mod:`dtop_kernels.data`; training and evaluation are the entry
+points ``python -m dtop_kernels.train`` and ``python -m dtop_kernels.evaluate``.
 
 timm, matplotlib and Pillow are optional and imported only where used.
 """

@@ -1,6 +1,6 @@
 """Segmentation metrics (mmseg's definitions) and the DToP evaluation of one set of weights.
 
-    python -m dtop_kernels.models.evaluate --checkpoint CKPT --data DIR [--json OUT] [--maps DIR]
+    python -m dtop_kernels.evaluate --checkpoint CKPT --data DIR [--json OUT] [--maps DIR]
 
 Metrics, from the confusion matrix ``conf[label, pred]`` summed over the data set, pixels whose
 label is ``ignore_index`` left out (mmseg's ``intersect_and_union`` summed over images, then
@@ -41,7 +41,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dtop_kernels.models.data import IGNORE_INDEX, EvalTransform, denormalize, open_dataset
+from dtop_kernels.data import (
+    IGNORE_INDEX,
+    DataError,
+    EvalTransform,
+    denormalize,
+    open_dataset,
+)
 from dtop_kernels.models.flops import count_flops
 
 
@@ -142,11 +148,13 @@ def setting_names(thresholds: Sequence[float]) -> list[str]:
 @torch.no_grad()
 def evaluate(model, dataset, *, thresholds: Sequence[float] = (0.8, 0.9, 0.95),
              crop: int | None = None, stride: int | None = None, backend: str = "auto",
-             max_images: int | None = None, keep_maps: int = 0,
+             max_images: int | None = None, keep_maps: int = 0, skip_bad: bool = False,
              progress: Callable[[str], None] | None = None) -> dict:
     """The report of the module docstring on ``dataset`` (items (img [3, h, w], label [H, W]),
     e.g. ``open_dataset(..., transform=EvalTransform())``). ``keep_maps``: also return the first
-    images with their DToP exit maps at each threshold (for pruning maps)."""
+    images with their DToP exit maps at each threshold (for pruning maps). ``skip_bad``: an
+    item that raises :class:`DataError` is left out (its message in ``report["skipped"]``)
+    instead of stopping the evaluation."""
     was_training = model.training
     model.eval()
     k, s_num = model.num_classes, model.num_stages
@@ -157,9 +165,19 @@ def evaluate(model, dataset, *, thresholds: Sequence[float] = (0.8, 0.9, 0.95),
     dense_macs: list[float] = []
     exit_hits = {n: torch.zeros(s_num, 2, dtype=torch.float64) for n in names}  # [correct, all]
     maps: list[dict] = []
+    skipped: list[str] = []
     n_img = len(dataset) if max_images is None else min(max_images, len(dataset))
     for i in range(n_img):
-        img, label = dataset[i]
+        try:
+            img, label = dataset[i]
+        except DataError as e:
+            if not skip_bad:
+                raise
+            skipped.append(str(e))
+            if progress is not None:
+                progress(f"skipped {e} ({len(skipped)} skipped so far)")
+            continue
+        done = i - len(skipped)  # images evaluated before this one
         for name, thr in zip(names, [None, *thresholds]):
             mode = "dense" if thr is None else "packed"
             pr = predict(model, img, mode=mode, threshold=thr, crop=crop, stride=stride,
@@ -180,16 +198,18 @@ def evaluate(model, dataset, *, thresholds: Sequence[float] = (0.8, 0.9, 0.95),
             for s in range(s_num):
                 at = (ex == s) & valid
                 exit_hits[name][s] += torch.tensor([float(right[at].sum()), float(at.sum())])
-            if i < keep_maps:
-                if not maps or len(maps) <= i:
+            if done < keep_maps:
+                if len(maps) <= done:
                     maps.append({"image": img, "label": label, "exit_stage": {},
                                  "pred": {}, "window_size": pr.window_size})
-                maps[i]["exit_stage"][name] = pr.exit_stage
-                maps[i]["pred"][name] = pred
+                maps[done]["exit_stage"][name] = pr.exit_stage
+                maps[done]["pred"][name] = pred
         if progress is not None:
             progress(f"evaluated {i + 1}/{n_img} images")
     if was_training:
         model.train()
+    if not dense_macs:
+        raise DataError(f"no image of the {n_img} could be read: {skipped[0]}")
     rows = []
     dense_mean = statistics.fmean(dense_macs)
     for name, thr in zip(names, [None, *thresholds]):
@@ -208,8 +228,8 @@ def evaluate(model, dataset, *, thresholds: Sequence[float] = (0.8, 0.9, 0.95),
             "pixel_acc_per_exit_head": [float(a / n) if n else None for a, n in hits.tolist()],
             "tokens_per_image": counts[name],
         })
-    return {"images": n_img, "num_classes": k, "crop": crop, "stride": stride,
-            "dense_gmacs": dense_mean / 1e9, "rows": rows, "maps": maps}
+    return {"images": len(dense_macs), "skipped": skipped, "num_classes": k, "crop": crop,
+            "stride": stride, "dense_gmacs": dense_mean / 1e9, "rows": rows, "maps": maps}
 
 
 # ---------------------------------------------------------------------- latency
@@ -275,7 +295,9 @@ def format_report(report: dict, latency: list[dict] | None = None,
     names = class_names or [str(c) for c in range(report["num_classes"])]
     lines.append("per-class IoU (%): " + "; ".join(
         f"{r['setting']}: " + " ".join(f"{n}={100 * v:.1f}" for n, v in zip(names, r["IoU"]))
-        for r in report["rows"][:1]))
+        for r in report["rows"][:1])
+        + ("  (nan: a class neither labelled nor predicted in the split; left out of mIoU)"
+           if any(math.isnan(v) for v in report["rows"][0]["IoU"]) else ""))
     lines.append(
         "columns: mIoU/mAcc/aAcc in % (mmseg's definitions) | GMACs per image (count_flops at "
         "the real token counts, 1 multiply-add = 1 FLOP; dense without aux heads) | FLOP save: "
@@ -286,16 +308,32 @@ def format_report(report: dict, latency: list[dict] | None = None,
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
+def _readable_images(dataset, n: int) -> list[torch.Tensor]:
+    """The images of the first ``n`` items of ``dataset`` that read without a DataError."""
+    out = []
+    for i in range(len(dataset)):
+        if len(out) == n:
+            break
+        try:
+            out.append(dataset[i][0])
+        except DataError:
+            continue
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from dtop_kernels.data import DataError, default_split, read_meta, require_pillow
     from dtop_kernels.models.checkpoint import load_model
-    from dtop_kernels.models.data import DataError, default_split, read_meta, require_pillow
 
     ap = argparse.ArgumentParser(
-        prog="python -m dtop_kernels.models.evaluate",
+        prog="python -m dtop_kernels.evaluate",
         description="mIoU of dense vs DToP at several thresholds, token counts, FLOP saving "
                     "and latency for one checkpoint on a data set (ADE20K or folder layout).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="a checkpoint written by the trainer")
+    ap.add_argument("--trust-checkpoint", action="store_true",
+                    help="load a checkpoint that holds pickled Python objects (runs code from "
+                         "the file: only for files from a trusted source)")
     ap.add_argument("--data", required=True, help="data set root (ADE20K or folder layout)")
     ap.add_argument("--split", default=None, help="default: validation (ADE20K) / val")
     ap.add_argument("--thresholds", type=float, nargs="+", default=[0.8, 0.9, 0.95],
@@ -310,6 +348,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     help="slide stride (default: 2/3 of the crop rounded down, 341 for 512)")
     ap.add_argument("--max-images", type=int, default=None,
                     help="evaluate only the first N images (default: all)")
+    ap.add_argument("--skip-bad-samples", action="store_true",
+                    help="leave out unreadable or invalid images and labels (reported and "
+                         "counted) instead of stopping")
     ap.add_argument("--backend", default="auto",
                     help="kernel backend of the packed ops: auto, torch, triton or cuda")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -330,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        require_pillow("python -m dtop_kernels.models.evaluate")
+        require_pillow("python -m dtop_kernels.evaluate")
     except ImportError as e:
         ap.exit(2, f"error: {e}\n")
     if args.maps:
@@ -341,7 +382,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         except ImportError as e:
             ap.exit(2, f"error: {e}\n")
     try:
-        model, ckpt = load_model(args.checkpoint, args.device)
+        model, ckpt = load_model(args.checkpoint, args.device,
+                                 trust_checkpoint=args.trust_checkpoint)
     except (FileNotFoundError, ValueError) as e:
         ap.error(str(e))
     train_args = ckpt.get("args", {})
@@ -362,17 +404,23 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(msg, file=sys.stderr, flush=True)
 
     n_maps = args.map_images if args.maps else 0
-    report = evaluate(model, ds, thresholds=thresholds, crop=crop, stride=stride,
-                      backend=args.backend, max_images=args.max_images, keep_maps=n_maps,
-                      progress=say)
+    try:
+        report = evaluate(model, ds, thresholds=thresholds, crop=crop, stride=stride,
+                          backend=args.backend, max_images=args.max_images, keep_maps=n_maps,
+                          skip_bad=args.skip_bad_samples, progress=say)
+    except DataError as e:
+        sys.exit(f"error: {e}" + ("" if args.skip_bad_samples else
+                                  " (--skip-bad-samples evaluates the other images)"))
     latency = None
     if args.latency_images:
-        imgs = [ds[i][0] for i in range(min(args.latency_images, len(ds)))]
+        imgs = _readable_images(ds, args.latency_images)
         latency = measure_latency(model, imgs, thresholds, crop=crop, stride=stride,
                                   backend=args.backend, repeats=args.repeats)
     classes = read_meta(args.data).get("classes")
     print(f"checkpoint {args.checkpoint} (iteration {ckpt.get('iteration')}), {args.data} "
-          f"{split}: {report['images']} images, {args.mode} inference"
+          f"{split}: {report['images']} images"
+          + (f" ({len(report['skipped'])} skipped)" if report["skipped"] else "")
+          + f", {args.mode} inference"
           + (f" (crop {crop}, stride {stride})" if crop else "") + f", test scale {scale}, "
           f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(format_report(report, latency, classes))
@@ -396,7 +444,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
         say(f"wrote {args.json}")
-    return {"report": report, "latency": latency}
 
 
 if __name__ == "__main__":

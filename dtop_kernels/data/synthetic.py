@@ -1,6 +1,6 @@
 """Write a small synthetic segmentation data set in the ADE20K layout (or the folder layout).
 
-    python -m dtop_kernels.models.synthetic_dataset --out DIR [--train 200 --val 40]
+    python -m dtop_kernels.data.synthetic --out DIR [--train 200 --val 40]
 
 Scenes of textured shapes on textured backgrounds, one texture family per class: horizontal
 stripes, vertical stripes, checkerboard, dots, smooth gradient, noise (``CLASSES``; the first K
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dtop_kernels.models.data import IGNORE_INDEX, _pil, require_pillow
+from dtop_kernels.data.datasets import IGNORE_INDEX, _pil, require_pillow
 
 CLASSES = ("stripes_h", "stripes_v", "checker", "dots", "smooth", "noise")
 
@@ -169,9 +169,9 @@ def write_synthetic_dataset(
     return meta
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
+def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
-        prog="python -m dtop_kernels.models.synthetic_dataset",
+        prog="python -m dtop_kernels.data.synthetic",
         description="Write a synthetic segmentation data set (textured shapes on textured "
                     "backgrounds) in the ADE20K layout mmseg reads, or the folder layout. "
                     "Needs Pillow.",
@@ -186,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0, help="the data set is a function of it")
     args = ap.parse_args(argv)
     try:
-        require_pillow("python -m dtop_kernels.models.synthetic_dataset")
+        require_pillow("python -m dtop_kernels.data.synthetic")
     except ImportError as e:
         ap.exit(2, f"error: {e}\n")
     try:
@@ -196,7 +196,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     except ValueError as e:
         ap.error(str(e))
     print(f"wrote {args.out}: {meta['splits']}, classes {meta['classes']}")
-    return meta
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""Train a ViT-DToP on a segmentation data set (ADE20K or folder layout, :mod:`.data`).
+"""Train a ViT-DToP on a segmentation data set (ADE20K or folder layout,
+:mod:`dtop_kernels.data`).
 
-    python -m dtop_kernels.models.train --data DIR --out RUN [--arch base --iters 40000 ...]
-    torchrun --nproc-per-node 8 -m dtop_kernels.models.train --data DIR --out RUN ...
+    python -m dtop_kernels.train --data DIR --out RUN [--arch base --iters 40000 ...]
+    torchrun --nproc-per-node 8 -m dtop_kernels.train --data DIR --out RUN ...
 
 The published recipe's shape: AdamW (weight decay 0.01), heads at 10x the backbone's learning
 rate, linear warm-up then poly decay (power 0.9) per iteration, the DToP loss on every head
@@ -12,10 +13,16 @@ phases can run in one go), the rest with the exit rule at ``--threshold``.
 - Mixed precision on CUDA (``--amp bf16 | fp16 | off``; fp16 with a gradient scaler).
 - ``torchrun``: one process per GPU (NCCL), or CPU processes (gloo); each rank takes its own
   slice of every global batch of ``--batch-size`` x world size images.
-- Checkpoints ``RUN/iter_N.pth`` every ``--ckpt-interval`` iterations and ``RUN/final.pth``;
-  ``--resume RUN/iter_N.pth`` (or ``--resume auto``: the latest in RUN) continues exactly:
-  weights, optimizer, scaler, iteration, random generators; the data order and augmentations are functions of
-  (seed, iteration), so a resumed run sees the batches an uninterrupted one would.
+- Checkpoints ``RUN/iter_N.pth`` every ``--ckpt-interval`` iterations and ``RUN/final.pth``,
+  written atomically (a killed run leaves the previous file whole); ``--resume RUN/iter_N.pth``
+  (or ``--resume auto``: the newest intact one in RUN, passing over damaged ones with a note)
+  continues exactly: weights, optimizer, scaler, iteration, random generators; the data order
+  and augmentations are functions of (seed, iteration), so a resumed run sees the batches an
+  uninterrupted one would.
+- Files are read weights-only; ``--trust-checkpoint`` loads ones holding pickled objects.
+  Unreadable or invalid data stops the run with the file and item named, or with
+  ``--skip-bad-samples`` is skipped and counted. A process whose peers stop or do not answer
+  within ``--dist-timeout`` seconds ends with an error instead of hanging.
 - Progress: a tqdm bar when tqdm is installed, else a line every ``--log-interval``
   iterations; ``RUN/log.jsonl`` gets one JSON line per logged iteration and evaluation.
 - Start from timm ViT weights (``--timm-model NAME``: ``timm.create_model(NAME,
@@ -35,29 +42,36 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from dtop_kernels.models.checkpoint import (
-    ARCHS,
-    build_model,
-    model_config,
-    read_checkpoint,
-    save_checkpoint,
-)
-from dtop_kernels.models.data import (
+from dtop_kernels.data import (
+    CheckedItems,
     DataError,
     EvalTransform,
     TrainTransform,
+    collate_checked,
     default_split,
     open_dataset,
     read_meta,
     require_pillow,
 )
-from dtop_kernels.models.evaluate import evaluate
+from dtop_kernels.evaluate import evaluate
+from dtop_kernels.models.checkpoint import (
+    ARCHS,
+    CheckpointError,
+    DamagedCheckpointError,
+    build_model,
+    load_file,
+    load_weights,
+    model_config,
+    read_checkpoint,
+    save_checkpoint,
+)
 from dtop_kernels.models.loading import load_mmseg_checkpoint, load_timm_backbone
 from dtop_kernels.models.losses import dtop_loss
 
@@ -107,7 +121,9 @@ class IterationBatches(torch.utils.data.Sampler):
 
 
 # ---------------------------------------------------------------------- setup
-def _init_distributed() -> tuple[int, int, torch.device]:
+def _init_distributed(timeout_s: float) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); a collective that waits ``timeout_s`` for another process
+    fails instead of hanging."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -115,36 +131,69 @@ def _init_distributed() -> tuple[int, int, torch.device]:
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
         dev = torch.device("cuda", local)
-        dist.init_process_group("nccl")
+        dist.init_process_group("nccl", timeout=timedelta(seconds=timeout_s))
     else:
         dev = torch.device("cpu")
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
     return dist.get_rank(), world, dev
 
 
-def latest_checkpoint(out: Path) -> str | None:
-    """The ``iter_N.pth`` in ``out`` with the largest N (None when there is none)."""
-    found = [(int(p.stem.split("_")[1]), p) for p in out.glob("iter_*.pth")
-             if p.stem.split("_")[1].isdigit()]
-    return str(max(found)[1]) if found else None
+def latest_intact_checkpoint(out: Path, *, trust_checkpoint: bool = False
+                             ) -> tuple[Path | None, dict | None, list[str]]:
+    """``--resume auto``: the newest ``iter_N.pth`` in ``out`` that reads whole, its checkpoint,
+    and why each newer one was passed over (damaged). (None, None, []) when there is none;
+    CheckpointError when every one is damaged."""
+    found = sorted(((int(p.stem.split("_")[1]), p) for p in out.glob("iter_*.pth")
+                    if p.stem.split("_")[1].isdigit()), reverse=True)
+    damaged = []
+    for _, path in found:
+        try:
+            return path, read_checkpoint(path, trust_checkpoint=trust_checkpoint), damaged
+        except DamagedCheckpointError as e:
+            damaged.append(str(e))
+    if damaged:
+        raise CheckpointError(f"--resume auto: no intact checkpoint in {out}: "
+                              + "; ".join(damaged) + " (remove them to start afresh)")
+    return None, None, []
 
 
-def load_init(model, path: str) -> str:
+def load_init(model, path: str, *, trust_checkpoint: bool = False) -> str:
     """Load ``path`` into model: a checkpoint of this trainer (weights only: e.g. the dense phase
-    before the pruning fine-tune), an mmseg checkpoint or a timm state dict (recognized by its
-    keys); returns what was loaded, as text."""
-    sd = torch.load(path, map_location="cpu", weights_only=False)
+    before the pruning fine-tune), a plain state dict of this model, an mmseg checkpoint or a
+    timm state dict (recognized by its keys); returns what was loaded, as text. Read
+    weights-only unless ``trust_checkpoint`` (:func:`load_file`)."""
+    sd = load_file(path, trust_checkpoint=trust_checkpoint)
     if isinstance(sd, dict) and {"model", "config"} <= sd.keys():
-        model.load_state_dict(sd["model"])
+        load_weights(model, sd["model"], path)
         return f"weights of {path} (iteration {sd.get('iteration')}, {sd['config']})"
     sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
     if not isinstance(sd, dict):
-        raise TypeError(f"{path}: expected a state dict (or {{'state_dict': ...}}); got "
-                         f"{type(sd).__name__}")
+        raise CheckpointError(f"{path}: expected a state dict (or {{'state_dict': ...}}); got "
+                              f"{type(sd).__name__}")
     keys = [k.removeprefix("module.") for k in sd]
+    if any(k.startswith("heads.") for k in keys):  # a plain state dict of this model
+        load_weights(model, dict(zip(keys, sd.values())), path)
+        return f"weights of {path} (a state dict of this model)"
     mmseg = any(k.startswith(("backbone.", "decode_head.", "layers.")) for k in keys)
     report = load_mmseg_checkpoint(model, sd) if mmseg else load_timm_backbone(model, sd)
     return f"{'mmseg' if mmseg else 'timm'} weights from {path}: {report}"
+
+
+def _truncate_log(path: Path, iteration: int) -> None:
+    """Drop the records after ``iteration`` (and a line cut short by a crash) from a run's log,
+    so that a resumed run logs each iteration once."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["iteration"] <= iteration:
+                keep.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
 
 
 def param_groups(model, lr: float, head_mult: float, weight_decay: float) -> list[dict]:
@@ -203,7 +252,7 @@ def train(args: argparse.Namespace) -> dict:
     log record."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    rank, world, dev = _init_distributed()
+    rank, world, dev = _init_distributed(args.dist_timeout)
     main_proc = rank == 0
     out = Path(args.out)
     if main_proc:
@@ -220,18 +269,27 @@ def train(args: argparse.Namespace) -> dict:
         overrides["pos_grid"] = args.pos_grid
     config = model_config(args.arch, num_classes, **overrides)
 
-    resume = args.resume
+    resume, ckpt = args.resume, None
     if resume == "auto":
-        resume = latest_checkpoint(out)
+        resume, ckpt, damaged = latest_intact_checkpoint(
+            out, trust_checkpoint=args.trust_checkpoint)
+        if damaged and main_proc:
+            print(f"--resume auto: resuming from {resume}, the newest intact checkpoint "
+                  f"(passed over: {'; '.join(damaged)})", flush=True)
+    elif resume:
+        ckpt = read_checkpoint(resume, trust_checkpoint=args.trust_checkpoint)
     torch.manual_seed(args.seed)
     model = build_model(args.arch, num_classes, **overrides)
-    start, ckpt = 0, None
-    if resume:
-        ckpt = read_checkpoint(resume)
+    start = 0
+    if ckpt is not None:
         if ckpt["config"] != config:
-            raise ValueError(f"--resume {resume}: its model {ckpt['config']} differs from the "
-                             f"one asked for {config}")
-        model.load_state_dict(ckpt["model"])
+            raise CheckpointError(f"--resume {resume}: its model {ckpt['config']} differs from "
+                                  f"the one asked for {config}")
+        lacking = sorted({"iteration", "optimizer", "rng"} - ckpt.keys())
+        if lacking:
+            raise CheckpointError(f"--resume {resume}: it has no {', '.join(lacking)} to "
+                                  f"continue from; start from its weights with --init {resume}")
+        load_weights(model, ckpt["model"], resume)
         start = int(ckpt["iteration"])
     elif args.init or args.timm_model:
         msgs = []
@@ -241,7 +299,7 @@ def train(args: argparse.Namespace) -> dict:
             msgs.append(f"timm {args.timm_model}: " + str(load_timm_backbone(
                 model, timm.create_model(args.timm_model, pretrained=True))))
         if args.init:
-            msgs.append(load_init(model, args.init))
+            msgs.append(load_init(model, args.init, trust_checkpoint=args.trust_checkpoint))
         if main_proc:
             print("\n".join(msgs), flush=True)
     model.to(dev).train()
@@ -266,14 +324,26 @@ def train(args: argparse.Namespace) -> dict:
     sampler = IterationBatches(len(ds), args.batch_size, args.iters, seed=args.seed,
                                start=start, rank=rank, world=world)
     # its own generator: creating the iterator must not draw from the global one (dropout's)
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=args.workers,
-                                         pin_memory=dev.type == "cuda",
-                                         generator=torch.Generator().manual_seed(args.seed))
+    loader = torch.utils.data.DataLoader(
+        CheckedItems(ds, skip=args.skip_bad_samples), batch_sampler=sampler,
+        collate_fn=collate_checked, num_workers=args.workers, pin_memory=dev.type == "cuda",
+        generator=torch.Generator().manual_seed(args.seed))
     progress = _Progress(args.iters, start, main_proc, bar=not args.quiet)
     log_path = out / "log.jsonl"
+    if main_proc and start:
+        _truncate_log(log_path, start)
     record: dict = {}
+    skipped = 0
     t_last, it_last = time.perf_counter(), start
-    for it, (img, target) in enumerate(loader, start=start):
+    for it, (batch, errors) in enumerate(loader, start=start):
+        if batch is None:
+            raise DataError(errors[0] + ("; no item of the data set could be read"
+                                         if args.skip_bad_samples else
+                                         " (--skip-bad-samples trains on without it)"))
+        for e in errors:
+            skipped += 1
+            progress.write(f"skipped {e} ({skipped} skipped so far)")
+        img, target = batch
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * lr_factor(it, args.iters, args.warmup_iters)
         img, target = img.to(dev, non_blocking=True), target.to(dev, non_blocking=True)
@@ -302,6 +372,7 @@ def train(args: argparse.Namespace) -> dict:
             t_last, it_last = now, done
             record = {"iteration": done, "lr": opt.param_groups[0]["lr"], "loss": loss,
                       "pruning": pruning, "tokens_per_stage": tokens, "sec_per_iter": sec,
+                      "skipped_samples": skipped,
                       **{k: float(v.detach()) for k, v in losses.items() if k != "loss"}}
             if main_proc:
                 with log_path.open("a") as f:
@@ -361,7 +432,7 @@ def _evaluate(model, args, num_classes: int, done: int, progress: _Progress) -> 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     first, _, rest = __doc__.partition("\n")
-    ap = argparse.ArgumentParser(prog="python -m dtop_kernels.models.train", description=first,
+    ap = argparse.ArgumentParser(prog="python -m dtop_kernels.train", description=first,
                                  epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="data set root (ADE20K or folder layout)")
     ap.add_argument("--out", required=True, help="run folder: checkpoints and log.jsonl")
@@ -402,7 +473,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                          "checkpoint of this trainer")
     ap.add_argument("--timm-model", default=None,
                     help="timm model name whose pretrained weights start the backbone")
-    ap.add_argument("--resume", default=None, help="checkpoint to continue, or 'auto'")
+    ap.add_argument("--resume", default=None,
+                    help="checkpoint to continue, or 'auto': the newest intact RUN/iter_N.pth")
+    ap.add_argument("--trust-checkpoint", action="store_true",
+                    help="load --resume / --init files that hold pickled Python objects (runs "
+                         "code from the file: only for files from a trusted source)")
+    ap.add_argument("--skip-bad-samples", action="store_true",
+                    help="train on past unreadable or invalid images and labels (each is "
+                         "replaced by the next readable item, reported and counted) instead "
+                         "of stopping")
+    ap.add_argument("--dist-timeout", type=float, default=600.0,
+                    help="seconds a process waits for the others in a collective before the "
+                         "run stops with an error (torchrun)")
     ap.add_argument("--log-interval", type=int, default=50,
                     help="iterations between log lines and log.jsonl records")
     ap.add_argument("--ckpt-interval", type=int, default=4000,
@@ -420,18 +502,34 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.resume and (args.init or args.timm_model):
         ap.error("--resume continues a run: it cannot be combined with --init / --timm-model")
     try:
-        require_pillow("python -m dtop_kernels.models.train")
+        require_pillow("python -m dtop_kernels.train")
     except ImportError as e:
         ap.exit(2, f"error: {e}\n")
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
+def _lost_peer(e: RuntimeError) -> bool:
+    """Whether ``e`` is a collective failing because another process stopped or timed out."""
+    return dist.is_available() and dist.is_initialized() and (
+        isinstance(e, dist.DistError) or any(w in str(e).lower() for w in ("gloo", "nccl")))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The command line: errors in the data, checkpoints or between processes end it with a
+    one-line message and exit status 1."""
     args = parse_args(argv)
     try:
-        return train(args)
-    except DataError as e:
+        train(args)
+    except (DataError, CheckpointError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    except RuntimeError as e:
+        if not _lost_peer(e):
+            raise
+        first = str(e).strip().splitlines()[0][:300]
+        sys.exit(f"error: process {dist.get_rank()} of {dist.get_world_size()} lost the others "
+                 f"(one stopped, or did not answer within --dist-timeout {args.dist_timeout:g} "
+                 f"s): {first}. The log of the process that stopped says why; continue with "
+                 "--resume auto")
 
 
 if __name__ == "__main__":
