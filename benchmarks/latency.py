@@ -405,9 +405,9 @@ def bench(args) -> tuple[dict, list[dict], list[str]]:
             return model(imgs[i], mode="packed", backend=be, exit_logits=plans[i].exit_logits,
                          upsample=up)
 
-        def packed_compiled(i: int, plans, imgs=imgs, up=True):
-            return compiled(imgs[i], mode="packed", exit_logits=plans[i].exit_logits,
-                            upsample=up, tighten=tighten)
+        def packed_compiled(i: int, plans, imgs=imgs, up=True, fwd=compiled):
+            return fwd(imgs[i], mode="packed", exit_logits=plans[i].exit_logits, upsample=up,
+                       tighten=tighten)
 
         def loop(i: int, plans, imgs=imgs, up=True):
             return model(imgs[i], mode="loop", exit_logits=plans[i].exit_logits, upsample=up)

@@ -77,7 +77,7 @@ def _backends(fn) -> list[str]:
             fn(be)
         except BackendError:
             continue
-        except Exception:  # noqa: BLE001, S112 - recorded by the row's timing
+        except Exception:  # noqa: BLE001, S110 - recorded by the row's timing
             pass
         ok.append(be)
     return ok
