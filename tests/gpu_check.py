@@ -390,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     for s in steps:
         print(f"  {s.name:10s} {s.status:28s} {s.seconds:6.1f} s  (expected ~{EXPECTED[s.name]}"
               f" s on a GPU, limit {s.limit:.0f} s)")
+    for s in steps:
+        if s.stop_on_failure and s.status != "ok":  # what to fix before the rerun
+            print((s.output.strip().splitlines() or [s.status])[-1])
     print(f"total {summary['total_seconds']:.0f} s; results in {args.out}"
           + (f"; {summary['error']}" if "error" in summary else ""))
     ok = all(s.status == "ok" for s in steps) and "error" not in summary
