@@ -33,7 +33,9 @@ equals the paper's ADE20K figure, 21.0% for ViT-B (109.9 -> 86.8 GFLOPs), 33.1% 
 With ``--checkpoint CKPT --data DIR`` the pruning is learned instead: the trained model's own heads
 decide the exits (at its saved threshold) on validation images of DIR, and "keep" is measured. Before timing, every mode is checked: loop and
 each packed backend give the same pred (within dtype tolerance), active_counts and exit_stage, equal
-to the synthesized plan; dense equals packed at threshold 1.0 (the run aborts otherwise).
+to the synthesized plan; dense equals packed at threshold 1.0. A mode that fails its check or
+raises (a crash, a failed capture) is not timed: its row records the error ("error" in the
+JSON, a note in the table) and the other rows are timed and written as usual.
 
 Derived figures (formulas):
 - GFLOPs = count_flops(model, active_counts, res).macs / 1e9, mean per image (1 MAC = 1 FLOP, the

@@ -9,7 +9,8 @@ Every implementation of every op runs at each shape (keep 0.7: images spread ove
 the package's backends, and as peers PyTorch's varlen attention, padded SDPA with a key mask,
 FlexAttention with a document mask, nested-tensor SDPA, the per-image loop, dense SDPA on the
 same token count, and cuBLAS (F.linear) on the gathered rows. A peer that cannot run here is a
-row with its reason in the note column (e.g. GPU only on a CPU).
+row with its reason in the note column (e.g. GPU only on a CPU); one that raises is a row with
+its error ("error" in the JSON, the note column), and the others are timed and written as usual.
 
 --auto-order [PATH] (GPU): per op, the package backends ranked by their summed forward time over
 the measured shapes (a backend that could not run every shape after those that could) become the
