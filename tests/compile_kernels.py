@@ -195,7 +195,12 @@ def cuda_usages(archs: list[int], jobs: int) -> list[Usage]:
             running = []
         for src, arch, cubin in todo:
             for name, (regs, stack, smem, spill) in cubin_usage(cubin.read_bytes()).items():
-                out.append(Usage(_short(name), arch, f"csrc/{src.name}", "-", regs, stack,
+                kernel = _short(name)
+                # template arguments: <dtype, head dim> (attention), <dtype, ...> (others)
+                m = re.match(r"\w+<(fp16|bf16|float)(?:, (\d+)>)?", kernel)
+                dtype = f" {m[1].replace('float', 'fp32')}" if m else ""
+                head_dim = m[2] if m and m[2] and kernel.startswith("attention") else "-"
+                out.append(Usage(kernel, arch, f"csrc/{src.name}{dtype}", head_dim, regs, stack,
                                  spill, smem, "-"))
     return out
 
