@@ -1,8 +1,12 @@
-"""Compile every Triton kernel ahead of time for a real GPU target; no GPU needed.
+"""Compile every kernel ahead of time for real GPU targets and gate their resources; no GPU needed.
 
     python tests/compile_kernels.py --arch 90            # the default matrix for sm_90
     python tests/compile_kernels.py --arch 80 --full     # every dtype and head dim
     python tests/compile_kernels.py --resources          # + registers / spills per kernel
+    python tests/compile_kernels.py --arch 80 --arch 90 --gate              # the resource gate
+    python tests/compile_kernels.py --kernels cuda --arch 80 --arch 90 --gate   # csrc/*.cu
+    python tests/compile_kernels.py --kernels triton cuda --arch 80 --arch 90 --gate \
+        --markdown docs/resources.md                     # the table of docs/resources.md
 
 The CPU interpreter runs the kernels' logic but not the compiler, which can reject code the
 interpreter accepts (types, layouts, shared memory). Each launcher runs once on CPU tensors with
@@ -11,9 +15,11 @@ sizes, warps, stages) the launcher would use on a GPU; each captured call is com
 with Triton's compiler and the specialization Triton's JIT applies to those arguments (16-byte
 aligned pointers, integers divisible by 16, integers equal to 1), so registers, spills and the
 instructions chosen (wgmma, cp.async) are those of a real launch. The launches are recorded at
-ViT-B/16 shapes (batch 8 at 512 x 512) and at small odd shapes; a variant the JIT would reuse is
-compiled once. Must run without TRITON_INTERPRET (tests/test_triton_compile.py runs it in a
-subprocess).
+ViT-B/16 and ViT-L/16 shapes (batch 8 at 512 and 640 px) and at small odd shapes; a variant the
+JIT would reuse is compiled once. The CUDA kernels are compiled with nvcc (device code only).
+Registers, stack and static shared memory come from cuobjdump, spill stores from the SASS.
+``--gate`` fails on any spill or shared memory above the architecture's limit (``Usage``). Must
+run without TRITON_INTERPRET (tests/test_triton_compile.py runs it in subprocesses).
 """
 
 from __future__ import annotations
@@ -242,7 +248,8 @@ def markdown(usages: list[Usage], versions: str) -> str:
 def _record_ops(calls_of, dtype: torch.dtype, t, c: int, heads: int, head_dim: int,
                 num_q: int, head_c: int) -> None:
     """One ViT block's launches (LayerNorm, qkv / proj / fc1 / fc2 linears and their weight
-    gradients, attention fwd and bwd, gather / scatter) and a DToP head's (head-mean logits, selection) on token set ``t``."""
+    gradients, attention fwd and bwd, gather / scatter) and a DToP head's (head-mean logits,
+    selection) on token set ``t``."""
     from dtop_kernels.triton import attention as ta
     from dtop_kernels.triton import gather as tg
     from dtop_kernels.triton import layernorm as tln
