@@ -32,7 +32,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 # Set by tests/gpu_check.py: the end of the GPU tests' time (seconds since the epoch).
 DEADLINE = float(os.environ.get("DTOP_STEP_DEADLINE", "0"))
-TEARDOWN_S = 20  # tests/gpu_check.py's TEARDOWN_S: time left for pytest's report
+TEARDOWN_S = 20  # left before the step's end for the last test and pytest's report
 
 
 def gpu_value(item: pytest.Item) -> int:
