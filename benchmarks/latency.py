@@ -33,7 +33,9 @@ equals the paper's ADE20K figure, 21.0% for ViT-B (109.9 -> 86.8 GFLOPs), 33.1% 
 With ``--checkpoint CKPT --data DIR`` the pruning is learned instead: the trained model's own heads
 decide the exits (at its saved threshold) on validation images of DIR, and "keep" is measured. Before timing, every mode is checked: loop and
 each packed backend give the same pred (within dtype tolerance), active_counts and exit_stage, equal
-to the synthesized plan; dense equals packed at threshold 1.0 (the run aborts otherwise).
+to the synthesized plan; dense equals packed at threshold 1.0. A mode that fails its check or
+raises (a crash, a failed capture) is not timed: its row records the error ("error" in the
+JSON, a note in the table) and the other rows are timed and written as usual.
 
 Derived figures (formulas):
 - GFLOPs = count_flops(model, active_counts, res).macs / 1e9, mean per image (1 MAC = 1 FLOP, the
@@ -179,6 +181,11 @@ def _agree(what: str, ref, out, tol: float, plan: ExitPlan | None = None) -> flo
     return err
 
 
+def _error(e: Exception) -> str:
+    """One line for a row that failed: the exception's type and first line."""
+    return f"{type(e).__name__}: {e}".splitlines()[0][:200]
+
+
 def _cannot(err: BackendError, backend: str) -> str:
     """The reasons ``backend`` gave in a BackendError message (first op that refused)."""
     lines = str(err).splitlines()
@@ -269,6 +276,7 @@ def spread_warnings(rows: list[dict], threads: int | None,
     wider than INTERVAL_LIMIT (both say which interval the samples allow), or (CPU) a load
     average above the threads this run uses, i.e. other processes competed for the cores."""
     out = []
+    rows = [r for r in rows if r["ms"] is not None]  # failed rows have no timings
     for r in rows:
         ratio = r["p80"] / r["p20"] if r["p20"] > 0 else float("inf")
         dense = [d for d in rows if d["batch"] == r["batch"] and d["keep"] is None]
@@ -400,9 +408,9 @@ def bench(args) -> tuple[dict, list[dict], list[str]]:
             return model(imgs[i], mode="packed", backend=be, exit_logits=plans[i].exit_logits,
                          upsample=up)
 
-        def packed_compiled(i: int, plans, imgs=imgs, up=True):
-            return compiled(imgs[i], mode="packed", exit_logits=plans[i].exit_logits,
-                            upsample=up, tighten=tighten)
+        def packed_compiled(i: int, plans, imgs=imgs, up=True, fwd=compiled):
+            return fwd(imgs[i], mode="packed", exit_logits=plans[i].exit_logits, upsample=up,
+                       tighten=tighten)
 
         def loop(i: int, plans, imgs=imgs, up=True):
             return model(imgs[i], mode="loop", exit_logits=plans[i].exit_logits, upsample=up)
@@ -419,28 +427,39 @@ def bench(args) -> tuple[dict, list[dict], list[str]]:
         ref = dense(0)
         progress.step(f"B={b} check dense")
         runs, outs = [], {}
+        # mode -> error of a row that failed (a crash or a failed check): the row records it
+        # and the others are timed
+        failed: dict[tuple[str, float | None], str] = {}
         for be in candidates:
             if be in cannot:
                 continue
             try:
                 outs[be] = packed(0, be, thr=1.0), packed(0, be, plans[keeps[0]])
+                # --- check: dense == packed at threshold 1.0
+                err = _agree(f"B={b}: dense vs packed/{be} at threshold 1.0", ref, outs[be][0],
+                             tol)
+                checked.append(f"dense vs packed/{be} at threshold 1.0: {err:.1e}")
                 runs.append(be)
             except BackendError as e:
                 cannot[be] = _cannot(e, be)
+            except Exception as e:  # noqa: BLE001
+                failed[f"packed/{be}", keeps[0]] = _error(e)
             finally:
                 progress.step(f"B={b} check packed/{be}")
                 progress.step(f"B={b} check packed/{be}")
-        if not runs:
+        if not runs and not failed:
             raise CheckError("no packed backend can run here: " + "; ".join(
                 f"{be}: {why}" for be, why in cannot.items()))
-        # --- checks: dense == packed at threshold 1.0, dense == compiled dense
-        for be in runs:
-            err = _agree(f"B={b}: dense vs packed/{be} at threshold 1.0", ref, outs[be][0], tol)
-            checked.append(f"dense vs packed/{be} at threshold 1.0: {err:.1e}")
+        # --- check: dense == compiled dense
         if compiled is not None:
-            err = _agree(f"B={b}: dense vs dense + torch.compile", ref, dense(0, compiled), tol)
-            checked.append(f"dense vs dense + torch.compile: {err:.1e}")
-            dense(0, compiled, up=False)  # compiled before timing
+            try:
+                err = _agree(f"B={b}: dense vs dense + torch.compile", ref, dense(0, compiled),
+                             tol)
+                checked.append(f"dense vs dense + torch.compile: {err:.1e}")
+                dense(0, compiled, up=False)  # compiled before timing
+            except Exception as e:  # noqa: BLE001
+                failed[COMPILED, None] = _error(e)
+                compiled, compile_packed = None, False
             progress.step(f"B={b} check compile")
 
         # --- CUDA graphs (GPU): captured per batch size, end to end and to the logits
@@ -448,18 +467,25 @@ def bench(args) -> tuple[dict, list[dict], list[str]]:
         if gpu:
             progress.expect(2 + 2 * len(runs))
             pool = torch.cuda.graph_pool_handle()  # the graphs never run at the same time
-            graphs[DENSE_GRAPH] = tuple(
-                capture_forward(model, b, res, mode="dense", aux_heads=False, upsample=up,
-                                pool=pool) for up in (True, False))
+            try:
+                graphs[DENSE_GRAPH] = tuple(
+                    capture_forward(model, b, res, mode="dense", aux_heads=False, upsample=up,
+                                    pool=pool) for up in (True, False))
+                err = _agree(f"B={b}: dense vs {DENSE_GRAPH}", ref,
+                             graphs[DENSE_GRAPH][0](imgs[0]), tol)
+                checked.append(f"dense vs {DENSE_GRAPH}: {err:.1e}")
+            except Exception as e:  # noqa: BLE001
+                graphs.pop(DENSE_GRAPH, None)
+                failed[DENSE_GRAPH, None] = _error(e)
             progress.step(f"B={b} capture dense")
-            err = _agree(f"B={b}: dense vs {DENSE_GRAPH}", ref, graphs[DENSE_GRAPH][0](imgs[0]),
-                         tol)
-            checked.append(f"dense vs {DENSE_GRAPH}: {err:.1e}")
             progress.step(f"B={b} check {DENSE_GRAPH}")
             for be in runs:
-                graphs[be] = tuple(capture_forward(model, b, res, backend=be, exit_logits=True,
-                                                   upsample=up, pool=pool)
-                                   for up in (True, False))
+                try:
+                    graphs[be] = tuple(capture_forward(model, b, res, backend=be,
+                                                       exit_logits=True, upsample=up, pool=pool)
+                                       for up in (True, False))
+                except Exception as e:  # noqa: BLE001
+                    failed[f"packed/{be}{GRAPH}", keeps[0]] = _error(e)
                 progress.step(f"B={b} capture packed/{be}")
                 progress.step(f"B={b} capture packed/{be}")
         else:
@@ -488,38 +514,51 @@ def bench(args) -> tuple[dict, list[dict], list[str]]:
             progress.expect(1 + len(runs) + compile_packed)
             ref = loop(0, kp)
             progress.step(f"B={b} keep={keep} check loop")
+            ok, ok_graph, ok_compiled = [], [], False
             for be in runs:
-                out = outs[be][1] if keep == keeps[0] else packed(0, be, kp)
+                try:
+                    out = outs[be][1] if keep == keeps[0] else packed(0, be, kp)
+                    err = _agree(f"B={b} keep={keep}: loop vs packed/{be}", ref, out, tol, kp[0])
+                    checked.append(f"keep {keep} loop vs packed/{be}: {err:.1e}")
+                    ok.append(be)
+                except Exception as e:  # noqa: BLE001
+                    failed[f"packed/{be}", keep] = _error(e)
                 progress.step(f"B={b} keep={keep} check packed/{be}")
-                err = _agree(f"B={b} keep={keep}: loop vs packed/{be}", ref, out, tol, kp[0])
-                checked.append(f"keep {keep} loop vs packed/{be}: {err:.1e}")
             if compile_packed:
-                err = _agree(f"B={b} keep={keep}: loop vs {PACKED_COMPILED}", ref,
-                             packed_compiled(0, kp), tol, kp[0])
-                checked.append(f"keep {keep} loop vs {PACKED_COMPILED}: {err:.1e}")
-                for i in range(args.rotate):  # every capacity compiled before timing
-                    for up in (True, False):
-                        packed_compiled(i, kp, up=up)
+                try:
+                    err = _agree(f"B={b} keep={keep}: loop vs {PACKED_COMPILED}", ref,
+                                 packed_compiled(0, kp), tol, kp[0])
+                    checked.append(f"keep {keep} loop vs {PACKED_COMPILED}: {err:.1e}")
+                    for i in range(args.rotate):  # every capacity compiled before timing
+                        for up in (True, False):
+                            packed_compiled(i, kp, up=up)
+                    ok_compiled = True
+                except Exception as e:  # noqa: BLE001
+                    failed[PACKED_COMPILED, keep] = _error(e)
                 progress.step(f"B={b} keep={keep} check {PACKED_COMPILED}")
-            for be in runs:
+            for be in ok:
                 if be in graphs:  # the graph against the loop, with these plans
-                    out = graphs[be][0](imgs[0], kp[0].exit_logits)
-                    err = _agree(f"B={b} keep={keep}: loop vs packed/{be}{GRAPH}", ref, out, tol,
-                                 kp[0])
-                    checked.append(f"keep {keep} loop vs packed/{be}{GRAPH}: {err:.1e}")
+                    try:
+                        out = graphs[be][0](imgs[0], kp[0].exit_logits)
+                        err = _agree(f"B={b} keep={keep}: loop vs packed/{be}{GRAPH}", ref, out,
+                                     tol, kp[0])
+                        checked.append(f"keep {keep} loop vs packed/{be}{GRAPH}: {err:.1e}")
+                        ok_graph.append(be)
+                    except Exception as e:  # noqa: BLE001
+                        failed[f"packed/{be}{GRAPH}", keep] = _error(e)
             jobs.append(({"mode": LOOP, **info}, lambda i, kp=kp: loop(i, kp),
                          lambda i, kp=kp: loop(i, kp, up=False)))
             jobs += [({"mode": f"packed/{be}", **info},
                       lambda i, be=be, kp=kp: packed(i, be, kp),
-                      lambda i, be=be, kp=kp: packed(i, be, kp, up=False)) for be in runs]
-            if compile_packed:
+                      lambda i, be=be, kp=kp: packed(i, be, kp, up=False)) for be in ok]
+            if ok_compiled:
                 jobs.append(({"mode": PACKED_COMPILED, **info},
                              lambda i, kp=kp: packed_compiled(i, kp),
                              lambda i, kp=kp: packed_compiled(i, kp, up=False)))
             jobs += [({"mode": f"packed/{be}{GRAPH}", **info},
                       lambda i, g=graphs[be][0], kp=kp, imgs=imgs: g(imgs[i], kp[i].exit_logits),
                       lambda i, g=graphs[be][1], kp=kp, imgs=imgs: g(imgs[i], kp[i].exit_logits))
-                     for be in runs if be in graphs]
+                     for be in ok_graph]
 
         notes.append(f"B={b}: checks passed (active_counts and exit_stage equal; max |d pred| "
                      + "; ".join(checked) + ")")
@@ -540,22 +579,36 @@ def bench(args) -> tuple[dict, list[dict], list[str]]:
 
         fns = [f for info, e2e, lo in jobs for f in (rotating(info, e2e),
                                                      rotating(info, lo, " (logits)"))]
-        timed = time_interleaved(fns, dev, args.warmup, args.repeats)
+        try:
+            timed = time_interleaved(fns, dev, args.warmup, args.repeats)
+        except Exception:  # noqa: BLE001 - a row failed: time each on its own, keep the others
+            timed = []
+            for (info, *_), e2e, lo in zip(jobs, fns[0::2], fns[1::2]):
+                try:
+                    timed += time_interleaved([e2e, lo], dev, args.warmup, args.repeats)
+                except Exception as e:  # noqa: BLE001
+                    failed[info["mode"], info["keep"]] = _error(e)
+                    timed += [None, None]
+            jobs = [j for j, t in zip(jobs, timed[0::2]) if t is not None]
+            timed = [t for t in timed if t is not None]
         timings, logits = timed[0::2], timed[1::2]
         best = min(t["ms"] for (info, *_), t in zip(jobs, timings) if info["keep"] is None)
         best_lo = min(t["ms"] for (info, *_), t in zip(jobs, logits) if info["keep"] is None)
+        name = "tiny" if args.quick else args.model
+        if args.checkpoint:
+            name = f"checkpoint ({Path(args.checkpoint).name})"
         for (info, call, _), t, lo in zip(jobs, timings, logits):
-            name = "tiny" if args.quick else args.model
-            if args.checkpoint:
-                name = f"checkpoint ({Path(args.checkpoint).name})"
             r = {"model": name, "res": res, "batch": b, **info,
                  **t, "logits_ms": lo["ms"], "logits_p20": lo["p20"], "logits_p80": lo["p80"],
                  "logits_samples_ms": lo["samples_ms"]}
             if gpu:
                 # a replay allocates nothing: its memory is the graph pool, shared by all graphs
-                r["peak_mib"] = None if GRAPH in info["mode"] else \
-                    _peak_mib(lambda call=call: call(0))
-                r["syncs"] = _syncs(lambda call=call: call(0))
+                try:
+                    r["peak_mib"] = None if GRAPH in info["mode"] else \
+                        _peak_mib(lambda call=call: call(0))
+                    r["syncs"] = _syncs(lambda call=call: call(0))
+                except Exception as e:  # noqa: BLE001
+                    r["error"] = _error(e)
                 progress.step(f"B={b} {info['mode']} memory, syncs")
                 progress.step(f"B={b} {info['mode']} memory, syncs")
             # speedup and realized fraction (module docstring)
@@ -567,10 +620,15 @@ def bench(args) -> tuple[dict, list[dict], list[str]]:
                 else None
             r["tokens"] = "/".join(f"{c:.0f}" for c in r["tokens_per_stage"])
             rows.append(r)
+        for (mode, keep), err in failed.items():
+            rows.append({"model": name, "res": res, "batch": b, "mode": mode, "keep": keep,
+                         "ms": None, "error": err})
+            notes.append(f"B={b} {mode}" + (f" keep={keep}" if keep else "")
+                         + f": FAILED, not timed: {err}")
         if compile_packed:  # like for like: both compiled
             t_dc = next(r["ms"] for r in rows if r["batch"] == b and r["mode"] == COMPILED)
             for r in rows:
-                if r["batch"] == b and r["mode"] == PACKED_COMPILED:
+                if r["batch"] == b and r["mode"] == PACKED_COMPILED and r["ms"] is not None:
                     saving = 1 - r["gflops"] * 1e9 / dense_macs
                     notes.append(f"B={b} keep={r['keep']}: {PACKED_COMPILED} against "
                                  f"{COMPILED}: {t_dc:.1f} -> {r['ms']:.1f} ms, realized "
@@ -610,6 +668,7 @@ def plot(path: str | Path, rows: list[dict], env: dict) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if r["ms"] is not None]  # failed rows have no timings
     batches = sorted({r["batch"] for r in rows})
     fig, axes = plt.subplots(1, len(batches), figsize=(6.5 * len(batches), 4.8), squeeze=False)
     for ax, b in zip(axes[0], batches):

@@ -9,7 +9,8 @@ Every implementation of every op runs at each shape (keep 0.7: images spread ove
 the package's backends, and as peers PyTorch's varlen attention, padded SDPA with a key mask,
 FlexAttention with a document mask, nested-tensor SDPA, the per-image loop, dense SDPA on the
 same token count, and cuBLAS (F.linear) on the gathered rows. A peer that cannot run here is a
-row with its reason in the note column (e.g. GPU only on a CPU).
+row with its reason in the note column (e.g. GPU only on a CPU); one that raises is a row with
+its error ("error" in the JSON, the note column), and the others are timed and written as usual.
 
 --auto-order [PATH] (GPU): per op, the package backends ranked by their summed forward time over
 the measured shapes (a backend that could not run every shape after those that could) become the
@@ -69,15 +70,22 @@ def _tokens(b: int, n: int, keep: float, device) -> dk.TokenSet:
 
 
 def _backends(fn) -> list[str]:
-    """The backends that can run ``fn(backend)`` here (runs it once each)."""
+    """The backends that can run ``fn(backend)`` here (runs it once each); one that fails with
+    another error is kept: its row records the error."""
     ok = []
     for be in BACKENDS:
         try:
             fn(be)
-            ok.append(be)
         except BackendError:
+            continue
+        except Exception:  # noqa: BLE001, S110 - recorded by the row's timing
             pass
+        ok.append(be)
     return ok
+
+
+def _error(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}".splitlines()[0][:200]
 
 
 def measured_orders(rows: list[dict]) -> dict[str, list[str]]:
@@ -111,7 +119,11 @@ def bench(args) -> tuple[dict, list[dict]]:
     rows = []
     for model in args.model:
         for b in args.batch:
-            rows += bench_shape(args, dev, dtype, model, b)
+            try:
+                rows += bench_shape(args, dev, dtype, model, b)
+            except Exception as e:  # noqa: BLE001 - a row says what failed; the others stand
+                rows.append({"shape": f"{NAMES[model]} B={b}", "op": "setup", "impl": "-",
+                             "ms": None, "error": _error(e), "note": _error(e)})
     return env, rows
 
 
@@ -127,7 +139,13 @@ def bench_shape(args, dev: torch.device, dtype: torch.dtype, model: str, b: int)
     total = int(t.cu_seqlens[-1])  # benchmark setup: one host read is fine here
     seqlens = t.seqlens.tolist()
     rows: list[dict] = []
-    tm = lambda fn: time_fn(fn, dev, warmup=args.warmup, repeats=args.repeats)
+
+    def tm(fn) -> dict:
+        """The timing of ``fn``, or its error (the row records it; the others go on)."""
+        try:
+            return time_fn(fn, dev, warmup=args.warmup, repeats=args.repeats)
+        except Exception as e:  # noqa: BLE001
+            return {"ms": None, "error": _error(e)}
     esize = torch.empty((), dtype=dtype).element_size()
 
     def add(op, impl, timing, flops=None, nbytes=None, copy_gbs=None, note=None, backend=None):
@@ -143,6 +161,7 @@ def bench_shape(args, dev: torch.device, dtype: torch.dtype, model: str, b: int)
             row["gbs"] = nbytes / timing["ms"] / 1e6
             if copy_gbs:
                 row["pct_copy"] = 100 * row["gbs"] / copy_gbs
+        note = note or timing.get("error")
         if note:
             row["note"] = note
         rows.append(row)
@@ -244,7 +263,11 @@ def bench_shape(args, dev: torch.device, dtype: torch.dtype, model: str, b: int)
     # backward
     qg, kg, vg = (z.clone().requires_grad_() for z in (q, k, v))
     for be in _backends(lambda be: dk.varlen_attention(qg, kg, vg, cu, cu, m, m, backend=be)):
-        o = dk.varlen_attention(qg, kg, vg, cu, cu, m, m, backend=be)
+        try:
+            o = dk.varlen_attention(qg, kg, vg, cu, cu, m, m, backend=be)
+        except Exception as e:  # noqa: BLE001
+            add("attention bwd", f"varlen {be}", {"ms": None, "error": _error(e)})
+            continue
         go = torch.randn_like(o)
         add("attention bwd", f"varlen {be}",
             tm(lambda o=o, go=go: torch.autograd.grad(o, (qg, kg, vg), go, retain_graph=True)),

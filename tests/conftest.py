@@ -8,6 +8,8 @@ before anything imports triton, so it is set here, first. With a GPU the real ke
 from __future__ import annotations
 
 import os
+import re
+import time
 
 
 def _has_cuda() -> bool:
@@ -28,13 +30,37 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("filterwarnings", "ignore:.*has not yet passed its tests:UserWarning")
 
 
+# Set by tests/gpu_check.py: the end of the GPU tests' time (seconds since the epoch).
+DEADLINE = float(os.environ.get("DTOP_STEP_DEADLINE", "0"))
+TEARDOWN_S = 20  # left before the step's end for the last test and pytest's report
+
+
+def gpu_value(item: pytest.Item) -> int:
+    """Order of a test in the GPU check (lower first): GPU-marked, cuda backend, Triton, bf16,
+    the rest: what the CPU suite cannot check first."""
+    words = set(re.split(r"[^a-z0-9]+", item.name.lower()))
+    if "gpu" in item.keywords:
+        return 0
+    for rank, word in enumerate(("cuda", "triton"), 1):
+        if word in words:
+            return rank
+    return 3 if words & {"bf16", "bfloat16"} else 4
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if DEADLINE:
+        items.sort(key=gpu_value)  # stable: file order within a rank
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if DEADLINE and time.time() > DEADLINE - TEARDOWN_S:
+        pytest.skip("the GPU check's time for tests is up (DTOP_STEP_DEADLINE)")
 
 
 @pytest.fixture(autouse=True)

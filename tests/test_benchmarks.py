@@ -241,3 +241,52 @@ def test_latency_learned_pruning(tmp_path: Path) -> None:
     assert {r["mode"] for r in rows} >= {"dense (SDPA)", "loop (official per-image)",
                                          "packed/torch"}
     assert all(r["model"] == "checkpoint (final.pth)" and r["res"] == 64 for r in rows)
+
+
+def _failing_packed_model():
+    """The tiny model, whose packed forward raises (a kernel that crashes on some device)."""
+    model = vit_dtop_tiny(num_classes=8)
+    forward = model.forward
+
+    def broken(*args, mode: str = "dense", **kwargs):
+        if mode == "packed":
+            raise RuntimeError("boom in the packed forward")
+        return forward(*args, mode=mode, **kwargs)
+
+    model.forward = broken
+    return model
+
+
+def test_latency_json_records_a_failed_row(tmp_path: Path, monkeypatch) -> None:
+    """A row that raises is recorded with its error; the others are timed and the JSON written."""
+    lat = _bench_module("latency")
+    monkeypatch.setattr(lat, "QUICK", (_failing_packed_model, *lat.QUICK[1:]))
+    monkeypatch.setattr(lat, "BACKENDS", ["torch"])
+    monkeypatch.setattr(lat, "triton_interpret", lambda: False)
+    lat.main(["--quick", "--quiet", "--keep", "0.7", "--json", str(tmp_path / "latency.json")])
+    rows = _rows(tmp_path / "latency.json")
+    failed = [r for r in rows if r.get("error")]
+    assert [r["mode"] for r in failed] == ["packed/torch"]
+    assert failed[0]["ms"] is None and "boom" in failed[0]["error"]
+    timed = {r["mode"] for r in rows if r["ms"]}
+    assert {"dense (SDPA)", "loop (official per-image)"} <= timed
+
+
+def test_ops_json_records_a_failed_row(tmp_path: Path, monkeypatch) -> None:
+    ops = _ops_module()
+    attention = ops.dk.varlen_attention
+
+    def broken(*args, backend: str = "auto", **kwargs):
+        if backend == "torch":
+            raise RuntimeError("boom in attention")
+        return attention(*args, backend=backend, **kwargs)
+
+    monkeypatch.setattr(ops.dk, "varlen_attention", broken)
+    monkeypatch.setattr(ops, "BACKENDS", ["torch"])
+    ops.main(["--quick", "--json", str(tmp_path / "ops.json")])
+    rows = _rows(tmp_path / "ops.json")
+    failed = [r for r in rows if r.get("error")]
+    assert [(r["op"], r["impl"]) for r in failed] == [("attention fwd", "varlen torch"),
+                                                     ("attention bwd", "varlen torch")]
+    assert all("boom" in r["error"] and "boom" in r["note"] for r in failed)
+    assert any(r["op"] == "mlp fwd" and r["ms"] for r in rows)
