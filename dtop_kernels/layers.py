@@ -127,20 +127,22 @@ class LayerParts:
 
 
 def family_of(layer: nn.Module) -> Family:
-    """The family whose layout ``layer`` has: a transformers layer by its class (its forward
-    must be that class's own), anything else by timm's names."""
+    """The family whose layout ``layer`` has: a transformers layer (or a subclass) by its
+    transformers class, whose forward it must keep; anything else by timm's names."""
     cls = type(layer)
-    if not cls.__module__.startswith("transformers."):
-        return TIMM
-    for fam in FAMILIES:
-        if cls.__name__ in fam.classes:
-            if cls.forward.__qualname__ != f"{cls.__name__}.forward":
-                raise TypeError(f"layer is a {cls.__name__} whose forward is overridden "
-                                f"({cls.forward.__qualname__}): pruned_block reproduces the "
-                                f"transformers {cls.__name__} forward only")
-            return fam
-    raise TypeError(f"layer is transformers' {cls.__name__}, which pruned_block does not know; "
-                    f"supported layers: {', '.join(SUPPORTED)}")
+    for klass in cls.__mro__:
+        if not klass.__module__.startswith("transformers."):
+            continue
+        fam = next((f for f in FAMILIES if klass.__name__ in f.classes), None)
+        if fam is None:
+            raise TypeError(f"layer is transformers' {klass.__name__}, which pruned_block does "
+                            f"not know; supported layers: {', '.join(SUPPORTED)}")
+        if cls.forward is not klass.forward:
+            raise TypeError(f"layer is a {klass.__name__} whose forward is overridden "
+                            f"({cls.forward.__qualname__}): pruned_block reproduces the "
+                            f"transformers {klass.__name__} forward only")
+        return fam
+    return TIMM
 
 
 def _get(obj: nn.Module, path: str, owner: str, fam: Family):
