@@ -271,7 +271,7 @@ def call_layer(layer: nn.Module, x: torch.Tensor,
     """The layer's own dense forward on x [B, N, C] -> [B, N, C]: timm-style ``layer(x)``; a
     transformers layer with its ``position_embeddings`` (cos, sin) [N_patches, D] when it
     applies rotary embeddings (the last N_patches tokens are patches)."""
-    if type(layer).__module__.startswith("transformers.") and family_of(layer).rope:
+    if family_of(layer).rope:
         out = layer(x, position_embeddings=position_embeddings)
     else:
         out = layer(x)

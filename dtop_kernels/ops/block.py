@@ -178,12 +178,12 @@ def _fusable(parts: LayerParts, backend: str) -> bool:
     """The standard layer: plain Linear projections, exact GELU MLP, no extra norms, no layer
     scale (and, for the CUDA kernel, features that are multiples of 8). Such layers run with
     fused linear epilogues; others call their modules."""
-    if parts.fc is None or parts.qkv_weight() is None or not isinstance(parts.proj, nn.Linear) \
-            or parts.extras or parts.ls1 is not None or parts.ls2 is not None:
+    linears = (*parts.qkv, parts.proj)
+    if parts.fc is None or not all(isinstance(m, nn.Linear) for m in linears) or parts.extras \
+            or parts.ls1 is not None or parts.ls2 is not None:
         return False
-    linears = (*parts.qkv, parts.proj, *parts.fc)
     return backend != "cuda" or not any(m.in_features % 8 or m.out_features % 8
-                                        for m in linears)
+                                        for m in (*linears, *parts.fc))
 
 
 def _linears(backend: str):
