@@ -216,6 +216,30 @@ def test_checkpoint_rebuilds(kind, tmp_path):
     assert torch.equal(a.pred, b.pred)
 
 
+@pytest.mark.parametrize("p", [0, 1, 3])
+def test_token_set_with_prefix(p):
+    """The prefixed set equals the one built from the mask with the prefix tokens kept, and the
+    slot map puts every row of the original set on its token's row in it."""
+    from dtop_kernels import TokenSet
+
+    gen = torch.Generator().manual_seed(p)
+    keep = torch.rand(4, 9, generator=gen) < 0.5
+    keep[1] = False
+    keep[2] = True
+    ts = TokenSet.from_mask(keep, capacity=30)  # padding slots too
+    full, slots = ts.with_prefix(p)
+    want = TokenSet.from_mask(torch.cat([torch.ones(4, p, dtype=torch.bool), keep], 1))
+    t = int(want.cu_seqlens[-1])
+    assert torch.equal(full.cu_seqlens, want.cu_seqlens) and full.seq_len == 9 + p
+    assert torch.equal(full.indices[:t], want.indices) and bool((full.indices[t:] == -1).all())
+    assert full.capacity == 30 + 4 * p and full.max_seqlen == ts.max_seqlen + p
+    valid = ts.valid_slots()
+    n_old, n_new = ts.indices[valid].long(), full.indices[slots[valid]].long()
+    assert torch.equal(n_new // (9 + p), n_old // 9) and torch.equal(n_new % (9 + p) - p,
+                                                                        n_old % 9)
+    assert bool((slots[~valid] >= t).all()) and len(set(slots.tolist())) == 30
+
+
 def test_paper_stage_ends():
     assert paper_stage_ends(12) == (6, 8, 12) and paper_stage_ends(24) == (8, 16, 24)
     assert paper_stage_ends(6) == (3, 4, 6) and paper_stage_ends(2) == (1, 2)

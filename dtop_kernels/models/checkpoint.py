@@ -7,9 +7,9 @@ numpy, CUDA generator states) and ``args``.
 
 A model built around a given backbone (``ViTDToP.from_timm`` / ``from_transformers``) has no
 name: its config (:func:`backbone_config`, arch ``"backbone"``) carries a skeleton of the
-backbone, its stem and layers without their data (the module structure, pickled: loading needs
-timm or transformers importable), which :func:`build_model` fills with fresh tensors before the
-state dict loads.
+backbone, its stem and layers without their data (the module structure, pickled: loading runs
+the code the file names, so load only trusted files, and needs timm or transformers importable),
+which :func:`build_model` fills with fresh tensors before the state dict loads.
 """
 
 from __future__ import annotations
