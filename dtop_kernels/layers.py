@@ -105,12 +105,10 @@ class LayerParts:
     def rope(self) -> bool:
         return self.family.rope
 
-    def qkv_weight(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """The fused [3C, C] weight and [3C] bias (None: no bias) when every projection is an
-        nn.Linear, else None. Separate q, k, v projections are concatenated (a differentiable
-        copy; a missing bias counts as zeros)."""
-        if not all(isinstance(m, nn.Linear) for m in self.qkv):
-            return None
+    def qkv_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The fused [3C, C] weight and [3C] bias (None: no bias) of projections that are all
+        nn.Linear. Separate q, k, v projections are concatenated (a differentiable copy; a
+        missing bias counts as zeros)."""
         if len(self.qkv) == 1:
             return self.qkv[0].weight, self.qkv[0].bias
         w = torch.cat([m.weight for m in self.qkv])
