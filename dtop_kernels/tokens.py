@@ -261,6 +261,32 @@ class TokenSet:
         src = slot_of[torch.where(new.valid_slots(), new.indices.long(), nn_)]
         return packed.index_select(0, src)
 
+    def with_prefix(self, p: int) -> tuple[TokenSet, torch.Tensor]:
+        """The set over ``p + N`` tokens per image whose first ``p`` tokens (prefix tokens:
+        class, registers) are active in every image, followed by this set's tokens (token n
+        becomes ``p + n``); and where each of this set's slots sits in it (int64 [capacity];
+        padding slots land on padding). Capacity and max_seqlen grow by ``B * p`` and ``p``.
+        No host sync; ``p = 0`` returns this set."""
+        if not isinstance(p, int) or isinstance(p, bool) or p < 0:
+            raise ValueError(f"p (prefix tokens) must be a non-negative int; got {p!r}")
+        slots = torch.arange(self.capacity, device=self.device)
+        if p == 0:
+            return self, slots
+        b, n = self.batch_size, self.seq_len
+        _check_int32(b * (n + p))
+        image = self.slot_image()
+        shift = torch.where(image < b, image + 1, b)  # padding: after every prefix slot
+        slots = slots + p * shift
+        cu = self.cu_seqlens + p * torch.arange(b + 1, dtype=torch.int32, device=self.device)
+        ok = self.valid_slots()
+        indices = torch.empty(self.capacity + b * p, dtype=torch.int32, device=self.device)
+        indices.scatter_(0, slots, torch.where(ok, self.indices + (p * shift).int(), PAD_INDEX))
+        first = torch.arange(p, dtype=torch.int32, device=self.device)
+        prefix_slots = cu[:-1, None].long() + first.long()  # [B, p]
+        prefix = torch.arange(b, dtype=torch.int32, device=self.device)[:, None] * (n + p) + first
+        indices.scatter_(0, prefix_slots.reshape(-1), prefix.reshape(-1))
+        return TokenSet(indices, cu, b, n + p, self.max_seqlen + p), slots
+
     def tighten(self, multiple: int = 1) -> TokenSet:
         """Exact max_seqlen and a capacity of T rounded up to ``multiple`` (a bucket; at most
         the current capacity), read back from the device (one host sync).

@@ -97,6 +97,19 @@ def import_timm():
     return timm
 
 
+def import_transformers():
+    """The transformers module, or skip the test when it cannot be imported; under
+    ``DTOP_REQUIRE_TIMM=1`` (CI's timm environment, which installs transformers too) a missing
+    transformers fails the test instead."""
+    try:
+        import transformers
+    except Exception as e:  # noqa: BLE001 - any import failure means: no transformers here
+        if os.environ.get("DTOP_REQUIRE_TIMM") == "1":
+            pytest.fail(f"DTOP_REQUIRE_TIMM=1 but transformers is not importable: {e!r}")
+        pytest.skip(f"transformers is not importable: {e!r}")
+    return transformers
+
+
 def timm_block_class() -> type[nn.Module]:
     """timm's ``Block`` (see :func:`import_timm`)."""
     return import_timm().models.vision_transformer.Block

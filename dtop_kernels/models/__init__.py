@@ -1,7 +1,9 @@
 """The reference ViT-DToP model (SegViT + Dynamic Token Pruning) on the package's ops.
 
 - :class:`ViTDToP`, :func:`vit_dtop_base`, :func:`vit_dtop_large`, :func:`vit_dtop_tiny`:
-  the model and its configurations; ``model(img, mode="dense" | "loop" | "packed")``.
+  the model and its configurations; ``model(img, mode="dense" | "loop" | "packed")``;
+  ``ViTDToP.from_timm`` / ``ViTDToP.from_transformers``: the model around a timm or
+  transformers ViT (:mod:`.backbones`).
 - :func:`dtop_loss`: the training loss of every head.
 - :func:`load_timm_backbone`, :func:`load_mmseg_checkpoint`: weight loading.
 - :func:`count_flops`: analytic FLOPs at the actual token counts.

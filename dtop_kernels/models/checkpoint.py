@@ -11,6 +11,13 @@ from the file runs. A file that needs more (pickled Python objects) is refused w
 :class:`CheckpointError` naming what it holds, unless the caller passes
 ``trust_checkpoint=True`` (``--trust-checkpoint``), which loads it with ``weights_only=False``
 and so runs whatever code the file carries: only for files from a trusted source.
+
+A model built around a given backbone (``ViTDToP.from_timm`` / ``from_transformers``) has no
+name: its config (:func:`backbone_config`, arch ``"backbone"``) carries a skeleton of the
+backbone, its stem and layers without their data (the module structure, pickled), which
+:func:`build_model` fills with fresh tensors before the state dict loads. Such a file holds
+pickled Python objects: it loads only with ``trust_checkpoint=True``, and needs timm or
+transformers importable.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dtop_kernels.models.backbones import Backbone, materialize, skeleton
 from dtop_kernels.models.dtop import ViTDToP, vit_dtop_base, vit_dtop_large, vit_dtop_tiny
 
 
@@ -37,12 +45,22 @@ def vit_dtop_small(num_classes: int = 6, threshold: float = 0.9, **kw) -> ViTDTo
 
 ARCHS = {"tiny": vit_dtop_tiny, "small": vit_dtop_small, "base": vit_dtop_base,
          "large": vit_dtop_large}
+BACKBONE_ARCH = "backbone"  # a model around a given backbone (from_timm / from_transformers)
 
 
-def build_model(arch: str, num_classes: int, **overrides) -> ViTDToP:
-    """``ARCHS[arch](num_classes, **overrides)``; ValueError naming the choices otherwise."""
+def build_model(arch: str, num_classes: int, *, backbone: nn.ModuleList | None = None,
+                **overrides) -> ViTDToP:
+    """``ARCHS[arch](num_classes, **overrides)``; for arch ``"backbone"``
+    ``ViTDToP.from_backbone`` on the ``backbone`` skeleton (:func:`backbone_config`), its
+    tensors allocated uninitialized (load the weights next). ValueError naming the choices
+    otherwise."""
+    if arch == BACKBONE_ARCH:
+        if backbone is None:
+            raise ValueError("arch 'backbone' needs the backbone skeleton of backbone_config()")
+        stem, *layers = materialize(backbone)
+        return ViTDToP.from_backbone(Backbone(stem, layers), num_classes, **overrides)
     if arch not in ARCHS:
-        raise ValueError(f"arch must be one of {sorted(ARCHS)}; got {arch!r}")
+        raise ValueError(f"arch must be one of {sorted(ARCHS) + [BACKBONE_ARCH]}; got {arch!r}")
     return ARCHS[arch](num_classes=num_classes, **overrides)
 
 
@@ -84,6 +102,18 @@ class _Writer:
 
     def flush(self) -> None:
         self.f.flush()
+
+
+def backbone_config(model: ViTDToP) -> dict:
+    """The checkpoint config of a model built around a given backbone (``from_timm``,
+    ``from_transformers``, ``from_backbone``): its settings and a skeleton of its stem and
+    layers (module structure without data), from which :func:`load_model` rebuilds it."""
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    if getattr(model, "build_overrides", None) is None:
+        raise ValueError("model was not built by ViTDToP.from_timm / from_transformers / "
+                         "from_backbone: save it with model_config(arch, num_classes, ...)")
+    return {**model_config(BACKBONE_ARCH, model.num_classes, **model.build_overrides),
+            "backbone": skeleton(nn.ModuleList([model.patch_embed, *model.blocks]))}
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, config: dict, iteration: int,
@@ -195,7 +225,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", *,
     ckpt = read_checkpoint(path, trust_checkpoint=trust_checkpoint)
     cfg = ckpt["config"]
     try:
-        model = build_model(cfg["arch"], cfg["num_classes"], **{**cfg["overrides"], **overrides})
+        model = build_model(cfg["arch"], cfg["num_classes"], backbone=cfg.get("backbone"),
+                            **{**cfg["overrides"], **overrides})
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot build its model {cfg}: {e}") from e
     load_weights(model, ckpt["model"], path)

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dtop_kernels.layers import call_layer, read_layer
+from dtop_kernels.models.backbones import Backbone, timm_backbone, transformers_backbone
 from dtop_kernels.models.head import SegHead
 from dtop_kernels.models.vit import Block, PatchEmbed, init_backbone_, resize_pos_embed
 from dtop_kernels.ops.block import pruned_stage
@@ -61,6 +63,12 @@ class ViTDToP(nn.Module):
     exact on the CPU, buckets of ``CUDA_BUCKET`` rows on other devices; inside ``torch.compile``
     False (the whole forward one graph), while an explicit True or ``m`` there reads the counts
     back with one graph break per auxiliary head (the stages compile as separate graphs).
+
+    ``backbone``: run a given :class:`~dtop_kernels.models.backbones.Backbone` (stem and layers,
+    e.g. from :meth:`from_timm` / :meth:`from_transformers`) instead of building the plain ViT;
+    ``embed_dim``, ``depth``, ``num_heads``, ``patch_size``, ``in_chans``, ``mlp_ratio`` and
+    ``pos_grid`` then come from it. Its prefix tokens (class, registers) run in every block of
+    every image and never exit; the heads and the canvas see the patch tokens only.
     """
 
     CUDA_BUCKET = 64  # rows: a multiple of the GEMM tile heights
@@ -84,8 +92,19 @@ class ViTDToP(nn.Module):
         pos_grid: int | tuple[int, int] = 24,
         head_attn_drop: float = 0.1,
         tighten: bool | None = None,
+        backbone: Backbone | None = None,
     ) -> None:
         super().__init__()
+        if backbone is not None:
+            stem, layers = backbone
+            embed_dim = stem.proj.out_channels
+            depth, patch_size, in_chans = len(layers), stem.proj.kernel_size[0], \
+                stem.proj.in_channels
+            for i, layer in enumerate(layers):  # fail here, not at the first forward
+                try:
+                    read_layer(layer, embed_dim)
+                except (TypeError, ValueError) as e:
+                    raise type(e)(f"backbone layer {i}: {e}") from None
         stage_ends = tuple(int(e) for e in stage_ends)
         if not stage_ends or any(b <= a for a, b in zip((0,) + stage_ends, stage_ends)) \
                 or stage_ends[-1] != depth:
@@ -98,21 +117,70 @@ class ViTDToP(nn.Module):
         self.embed_dim = embed_dim
         self.patch_size = patch_size
         self.in_chans = in_chans
-        self.pos_grid = (pos_grid, pos_grid) if isinstance(pos_grid, int) else tuple(pos_grid)
         self.stage_ends = stage_ends
         self.threshold = float(threshold)
         self.top_k = top_k
         self.tighten = tighten
-
+        self.heads = nn.ModuleList(
+            SegHead(embed_dim, head_width, head_heads, num_classes, head_layers, head_attn_drop)
+            for _ in stage_ends)
+        self.build_overrides: dict | None = None  # from_backbone's settings (checkpoints)
+        if backbone is not None:  # the given modules, shared: "patch_embed" is the stem
+            self.pos_grid = self.pos_embed = None
+            self.num_prefix_tokens = backbone.stem.num_prefix_tokens
+            self.patch_embed = backbone.stem
+            self.blocks = nn.ModuleList(backbone.layers)
+            w = backbone.stem.proj.weight
+            self.heads.to(device=w.device, dtype=w.dtype)
+            return
+        self.pos_grid = (pos_grid, pos_grid) if isinstance(pos_grid, int) else tuple(pos_grid)
+        self.num_prefix_tokens = 0
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         gh, gw = self.pos_grid
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + gh * gw, embed_dim))
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
-        self.heads = nn.ModuleList(
-            SegHead(embed_dim, head_width, head_heads, num_classes, head_layers, head_attn_drop)
-            for _ in stage_ends)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         init_backbone_(self.blocks)
+
+    @classmethod
+    def from_timm(cls, model: nn.Module, num_classes: int, **kw) -> ViTDToP:
+        """A ViT-DToP around a timm ``VisionTransformer``: its patch embedding, class / register
+        tokens, position embedding, ``norm_pre`` and blocks, shared (not copied: training the
+        ViT-DToP trains ``model``); its final norm and classifier are not used. Create the
+        model with ``dynamic_img_size=True`` to run on other image sizes than its own.
+        ``kw``: see :meth:`from_backbone`."""
+        return cls.from_backbone(timm_backbone(model), num_classes, **kw)
+
+    @classmethod
+    def from_transformers(cls, model: nn.Module, num_classes: int, **kw) -> ViTDToP:
+        """A ViT-DToP around a transformers ViT, DeiT, DINOv2 (with registers) or DINOv3 ViT
+        model (or a task model around one): its embeddings (position embeddings interpolated
+        to the image size), rotary embeddings (DINOv3) and layers, shared (not copied); its
+        final layernorm, pooler and classifier are not used. ``kw``: see
+        :meth:`from_backbone`."""
+        return cls.from_backbone(transformers_backbone(model), num_classes, **kw)
+
+    @classmethod
+    def from_backbone(cls, backbone: Backbone, num_classes: int, *,
+                      threshold: float | None = None, stage_ends: Sequence[int] | None = None,
+                      head_width: int | None = None, head_heads: int | None = None, **kw
+                      ) -> ViTDToP:
+        """A ViT-DToP around ``backbone``, with the paper's settings scaled to it unless given:
+        heads after the paper's exit depths scaled to the depth (:func:`paper_stage_ends`)
+        with that configuration's threshold (0.9 for ViT-B's pattern, 0.95 for ViT-L's), head
+        width C / 2 with 64-wide attention heads. ``kw``: the other :class:`ViTDToP` arguments
+        (``top_k``, ``head_layers``, ``head_attn_drop``, ``tighten``)."""
+        depth = len(backbone.layers)
+        width = backbone.stem.proj.out_channels // 2 if head_width is None else head_width
+        cfg = {"threshold": (0.95 if depth >= LARGE_DEPTH else 0.9) if threshold is None
+               else threshold,
+               "stage_ends": paper_stage_ends(depth) if stage_ends is None else
+               tuple(stage_ends),
+               "head_width": width,
+               "head_heads": max(1, width // 64) if head_heads is None else head_heads, **kw}
+        model = cls(num_classes, backbone=backbone, **cfg)
+        model.build_overrides = cfg
+        return model
 
     @property
     def num_stages(self) -> int:
@@ -164,17 +232,22 @@ class ViTDToP(nn.Module):
         if prunes and not aux_heads:
             raise ValueError(f"aux_heads=False needs a run without pruning (mode 'dense' or "
                              f"threshold >= 1); got mode {mode!r}, threshold {thr}")
-        x = self.embed(img)
+        x, rope = self.embed(img), self._rope(img)
+        if x.shape[1] != self.num_prefix_tokens + grid[0] * grid[1]:
+            raise ValueError(f"the stem made {x.shape[1]} tokens of a {grid[0]} x {grid[1]} "
+                             f"grid; expected {self.num_prefix_tokens} prefix tokens, then one "
+                             "per patch")
         if exit_logits is not None:
-            self._check_exit_logits(exit_logits, x.shape[0], x.shape[1])
+            self._check_exit_logits(exit_logits, x.shape[0], grid[0] * grid[1])
         if mode == "dense":
-            cls, canvases, counts, exit_stage = self._run_dense(x, aux_heads)
+            cls, canvases, counts, exit_stage = self._run_dense(x, aux_heads, rope)
         elif mode == "loop":
-            cls, canvases, counts, exit_stage = self._run_loop(x, thr, aux_heads, exit_logits)
+            cls, canvases, counts, exit_stage = self._run_loop(x, thr, aux_heads, exit_logits,
+                                                               rope)
         else:
             cls, canvases, counts, exit_stage = self._run_packed(
                 x, thr, backend, aux_heads, exit_logits, self.tighten if tighten is None
-                else tighten)
+                else tighten, rope)
         b = img.shape[0]
         masks = tuple(c.reshape(b, self.num_classes, *grid) for c in canvases)
         present = cls[-1].softmax(dim=-1)[..., 0]  # [B, K]
@@ -184,16 +257,25 @@ class ViTDToP(nn.Module):
         return DToPOutput(pred, tuple(cls), masks, counts, exit_stage.view(b, *grid))
 
     def embed(self, img: torch.Tensor) -> torch.Tensor:
-        """Patch tokens plus position embedding: img [B, 3, H, W] -> x [B, N, C]."""
+        """Patch tokens plus position embedding: img [B, 3, H, W] -> x [B, N, C]; with a given
+        backbone its stem: [B, P + N, C], the P prefix tokens first."""
+        if self.pos_embed is None:
+            return self.patch_embed(img)
         grid = (img.shape[-2] // self.patch_size, img.shape[-1] // self.patch_size)
         return self.patch_embed(img) + resize_pos_embed(self.pos_embed, self.pos_grid, grid)
 
+    def _rope(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(cos, sin) [N, D] of a given backbone's rotary embeddings; None without."""
+        return None if self.pos_embed is not None else \
+            self.patch_embed.position_embeddings(img)
+
     def forward_backbone(self, img: torch.Tensor) -> torch.Tensor:
-        """Dense features after the last block (no pruning, no heads): [B, N, C]."""
+        """Dense features after the last block (no pruning, no heads, no final norm):
+        [B, P + N, C], the P prefix tokens of a given backbone first."""
         self._check_input(img)
-        x = self.embed(img)
+        x, rope = self.embed(img), self._rope(img)
         for blk in self.blocks:
-            x = blk(x)
+            x = call_layer(blk, x, rope)
         return x
 
     def _check_exit_logits(self, exit_logits, b: int, n: int) -> None:
@@ -234,25 +316,30 @@ class ViTDToP(nn.Module):
     def _runs_head(self, s: int, aux_heads: bool) -> bool:
         return aux_heads or s == self.num_stages - 1
 
-    def _run_dense(self, x: torch.Tensor, aux_heads: bool):
-        b, n, _ = x.shape
+    def _run_dense(self, x: torch.Tensor, aux_heads: bool, rope=None):
+        p = self.num_prefix_tokens
+        b, n = x.shape[0], x.shape[1] - p
         cls, canvases = [], []
         for s, head in enumerate(self.heads):
             for blk in self.stage_blocks(s):
-                x = blk(x)
+                x = call_layer(blk, x, rope)
             if not self._runs_head(s, aux_heads):
                 continue
-            c, m = head(x)
+            c, m = head(x[:, p:])
             cls.append(c)
             canvases.append(m)  # every token is active: the head writes the whole canvas
         counts = torch.full((self.num_stages, b), n, dtype=torch.long, device=x.device)
         exit_stage = torch.full((b, n), self.num_stages - 1, dtype=torch.long, device=x.device)
         return cls, canvases, counts, exit_stage
 
-    def _run_loop(self, x: torch.Tensor, threshold: float, aux_heads: bool, exit_logits=None):
+    def _run_loop(self, x: torch.Tensor, threshold: float, aux_heads: bool, exit_logits=None,
+                  rope=None):
         """One image at a time with boolean masks, as the official code (exited tokens' features
-        are zeroed there and here; nothing reads them)."""
-        b, n, c = x.shape
+        are zeroed there and here; nothing reads them). Prefix tokens always run; a rotary
+        layer sees the positions of the image's kept patches."""
+        p = self.num_prefix_tokens
+        b, nt, c = x.shape
+        n = nt - p
         last = self.num_stages - 1
         keep = torch.ones(b, n, dtype=torch.bool, device=x.device)
         exit_stage = torch.full((b, n), last, dtype=torch.long, device=x.device)
@@ -261,15 +348,17 @@ class ViTDToP(nn.Module):
         for s, head in enumerate(self.heads):
             counts.append(keep.sum(dim=1))
             rows = []
+            full = torch.cat([keep.new_ones(b, p), keep], dim=1)
             for i in range(b):
-                xi = x[i, keep[i]].unsqueeze(0)
+                xi = x[i, full[i]].unsqueeze(0)
+                rope_i = None if rope is None else (rope[0][keep[i]], rope[1][keep[i]])
                 for blk in self.stage_blocks(s):
-                    xi = blk(xi)
-                rows.append(x.new_zeros(n, c).index_put((keep[i],), xi[0]))
+                    xi = call_layer(blk, xi, rope_i)
+                rows.append(x.new_zeros(nt, c).index_put((full[i],), xi[0]))
             x = torch.stack(rows)
             if not self._runs_head(s, aux_heads):
                 continue
-            outs = [head(x[i, keep[i]].unsqueeze(0)) for i in range(b)]  # ([1,K,2], [1,K,n_i])
+            outs = [head(x[i, p:][keep[i]].unsqueeze(0)) for i in range(b)]  # ([1,K,2], [1,K,n_i])
             canvas = outs[0][1].new_zeros(b, self.num_classes, n) if canvas is None \
                 else canvas.clone()
             for i, (_, m) in enumerate(outs):
@@ -291,23 +380,31 @@ class ViTDToP(nn.Module):
         return cls, canvases, torch.stack(counts), exit_stage
 
     def _run_packed(self, x: torch.Tensor, threshold: float, backend: str, aux_heads: bool,
-                    exit_logits=None, tighten: bool | int | None = None):
-        b, n, c = x.shape
+                    exit_logits=None, tighten: bool | int | None = None, rope=None):
+        """``tokens``: the active patch tokens (what the heads, the canvas and the exit rule
+        see); ``blocks_tokens``: those plus the prefix tokens, first in every image (what the
+        blocks run on), with ``patch_slots`` locating the patch rows in its packed rows."""
+        p = self.num_prefix_tokens
+        b, nt, c = x.shape
+        n = nt - p
         last = self.num_stages - 1
         if tighten is None:  # under torch.compile: fixed capacity (a read-back breaks a graph)
             tighten = False if torch.compiler.is_compiling() else \
                 True if x.device.type == "cpu" else self.CUDA_BUCKET
         tokens = TokenSet.all_active(b, n, device=x.device)
-        packed = x.reshape(b * n, c)  # all active: the packed layout is the dense one
+        blocks_tokens, patch_slots = tokens.with_prefix(p)
+        packed = x.reshape(b * nt, c)  # all active: the packed layout is the dense one
         exit_stage = torch.full((b, n), last, dtype=torch.long, device=x.device)
         cls, canvases, counts = [], [], []
         canvas = None
         for s, head in enumerate(self.heads):
             counts.append(tokens.seqlens.long())
-            packed = pruned_stage(packed, tokens, self.stage_blocks(s), backend=backend)
+            packed = pruned_stage(packed, blocks_tokens, self.stage_blocks(s),
+                                  position_embeddings=rope, backend=backend)
             if not self._runs_head(s, aux_heads):
                 continue
-            c_s, m = head(packed, tokens, backend)  # [B, K, 2], [K, capacity]
+            rows = packed.index_select(0, patch_slots) if p else packed
+            c_s, m = head(rows, tokens, backend)  # [B, K, 2], [K, capacity]
             base = m.new_zeros(b, n, self.num_classes) if canvas is None else canvas.clone()
             canvas = scatter_tokens(m.t(), tokens, base, backend=backend)  # [B, N, K]
             cls.append(c_s)
@@ -323,8 +420,9 @@ class ViTDToP(nn.Module):
                 new = sel.tokens
                 if tighten is not False:
                     new = new.tighten(1 if tighten is True else tighten)
-                packed = tokens.repack(packed, new)
-                tokens = new
+                new_blocks_tokens, patch_slots = new.with_prefix(p)
+                packed = blocks_tokens.repack(packed, new_blocks_tokens)
+                tokens, blocks_tokens = new, new_blocks_tokens
         return cls, canvases, torch.stack(counts), exit_stage
 
 
@@ -355,6 +453,19 @@ def _official_exits(
 
 
 # ---------------------------------------------------------------------- configurations
+LARGE_DEPTH = 18  # from this depth on, a backbone gets ViT-L's exit pattern, else ViT-B's
+
+
+def paper_stage_ends(depth: int) -> tuple[int, ...]:
+    """The paper's exit depths scaled to ``depth`` layers: ViT-B's 6 / 8 / 12 of 12 (halfway,
+    two thirds, the end) below ``LARGE_DEPTH`` layers, ViT-L's 8 / 16 / 24 of 24 (thirds) from
+    it on; rounded, at least 1, repeats dropped (depth 2: (1, 2))."""
+    if not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"depth must be a positive int; got {depth!r}")
+    fractions = (1 / 3, 2 / 3) if depth >= LARGE_DEPTH else (1 / 2, 2 / 3)
+    return tuple(sorted({max(1, round(depth * f)) for f in fractions} | {depth}))
+
+
 def vit_dtop_base(num_classes: int = 150, threshold: float = 0.9, **kw) -> ViTDToP:
     """ViT-B/16 + DToP: 12 layers, 768 wide, 12 heads; heads after layers 6, 8, 12 (384 wide,
     6 heads); p0 0.9, top-k 5. ``threshold=1.0`` is the dense SegViT."""

@@ -5,13 +5,16 @@ d = head width, N = all tokens of the image):
 
 - patch embedding: ``N * in_chans * patch^2 * C``;
 - each block: qkv ``3 n C^2``, attention ``q·k`` and ``p·v`` ``n^2 C`` each, output projection
-  ``n C^2``, MLP ``2 n C * hidden``;
+  ``n C^2``, MLP ``n`` times its Linear layers' ``in * out`` (``2 n C * hidden`` for
+  fc1 -> fc2, ``3 n C * hidden`` for a gated / SwiGLU MLP); a backbone's P prefix tokens
+  (class, registers) run in every block: there ``n`` is the stage's patch tokens plus P;
 - each head (on its stage's n tokens): input projection ``n C d``; per decoder layer the query
   self-attention (``4 K d^2 + 2 K^2 d``), the cross-attention (q and output projections
   ``2 K d^2``, k and v projections ``2 n d^2``, ``q·k`` and ``p·v`` ``2 K n d``) and the FFN
   (``2 K d * ffn``); class logits ``2 K d``.
 
-Not counted: LayerNorm, softmax, GELU/ReLU, biases, residual adds, the position-embedding resize,
+Not counted: LayerNorm, softmax, GELU/ReLU, biases, residual adds, layer scale, rotary
+embeddings, the position-embedding resize,
 the canvas and the final upsampling (``torch.utils.flop_counter.FlopCounterMode`` counts none of
 them either; fvcore would add ~0.1 GFLOPs of LayerNorm and ~0.2 GFLOPs of upsampling for ViT-B
 at 512). Two conventions are reported: ``macs`` (1 multiply-add = 1 FLOP, the papers' "GFLOPs")
@@ -25,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from dtop_kernels.layers import family_of
 
 
 @dataclass
@@ -68,9 +73,11 @@ class FlopCount:
 
 
 def _block_macs(block: nn.Module, n: torch.Tensor, c: int) -> dict[str, torch.Tensor]:
-    hidden = block.mlp.fc1.out_features
+    mlp = getattr(block, family_of(block).mlp)
+    per_token = sum(m.in_features * m.out_features for m in mlp.modules()
+                    if isinstance(m, nn.Linear))
     return {"attn_qkv": 3 * n * c * c, "attn_qk": n * n * c, "attn_pv": n * n * c,
-            "attn_proj": n * c * c, "mlp": 2 * n * c * hidden}
+            "attn_proj": n * c * c, "mlp": n * per_token}
 
 
 def _head_macs(head: nn.Module, n: torch.Tensor, c: int) -> torch.Tensor:
@@ -128,7 +135,7 @@ def _count(model: nn.Module, counts: torch.Tensor, n_all: int, aux_heads: bool
     for s, head in enumerate(model.heads):
         n = counts[s]
         for blk in model.stage_blocks(s):
-            for k, v in _block_macs(blk, n, c).items():
+            for k, v in _block_macs(blk, n + model.num_prefix_tokens, c).items():
                 out[k] = out.get(k, 0) + v
         if aux_heads or s == model.num_stages - 1:
             out[f"head_{s}"] = _head_macs(head, n, c)

@@ -1,4 +1,4 @@
-"""``pruned_block`` / ``pruned_stage``: ViT blocks run on the active tokens only."""
+"""``pruned_block`` / ``pruned_stage``: ViT layers run on the active tokens only."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from torch import nn
 
 from dtop_kernels import _checks, cuda, triton
 from dtop_kernels.backends import Dispatcher, register, requested_backend
+from dtop_kernels.layers import LayerParts, apply_rope, read_layer
 from dtop_kernels.ops import library
 from dtop_kernels.ops.attention import attention_on
 from dtop_kernels.ops.layernorm import layer_norm_tokens
@@ -18,28 +19,19 @@ from dtop_kernels.ops.linear import linear_tokens
 from dtop_kernels.reference.block import block_packed
 from dtop_kernels.tokens import TokenSet
 
-
-def _norm_reasons(blocks: Sequence[nn.Module]) -> list[str]:
-    r = []
-    for i, blk in enumerate(blocks):
-        for name in ("norm1", "norm2"):
-            m = getattr(blk, name, None)
-            if not isinstance(m, nn.LayerNorm) or m.weight is None or m.bias is None:
-                r.append(f"blocks[{i}].{name} is not an affine nn.LayerNorm")
-    return r
+Rope = tuple[torch.Tensor, torch.Tensor]
 
 
-def _why_not_triton(x: torch.Tensor, tokens: TokenSet, blocks: Sequence[nn.Module] = ()):
-    r = triton.device_reasons([x, tokens.indices]) + triton.dtype_reasons(x.dtype)
-    return r + _norm_reasons(blocks)
+def _why_not_triton(x: torch.Tensor, tokens: TokenSet, layers: Sequence[LayerParts] = ()):
+    return triton.device_reasons([x, tokens.indices]) + triton.dtype_reasons(x.dtype)
 
 
-def _why_not_cuda(x: torch.Tensor, tokens: TokenSet, blocks: Sequence[nn.Module] = ()):
+def _why_not_cuda(x: torch.Tensor, tokens: TokenSet, layers: Sequence[LayerParts] = ()):
     r = cuda.tensor_reasons([x, tokens.indices]) + cuda.mma_reasons(x.dtype)
-    for blk in blocks[:1]:
-        d = x.shape[-1] // blk.attn.num_heads
+    for parts in layers[:1]:
+        d = x.shape[-1] // parts.num_heads
         r += cuda.head_dim_reasons(d, d)
-    return r + _norm_reasons(blocks)
+    return r
 
 
 _dispatch = register(Dispatcher(
@@ -50,75 +42,14 @@ _dispatch = register(Dispatcher(
     auto_order=("triton", "cuda", "torch"),
 ))
 
-_REQUIRED = ("norm1", "attn", "attn.qkv", "attn.proj", "attn.num_heads", "norm2", "mlp")
-# Submodules whose math block_packed reproduces (timm Block / Attention names); anything else
-# (a parameter or module it would not apply) is named in the error.
-_BLOCK_PARTS = {"norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2"}
-_ATTN_PARTS = {"qkv", "q_norm", "k_norm", "attn_drop", "norm", "gate", "proj", "proj_drop"}
 
-
-def _timm_class_ok(mod: nn.Module, name: str, cls: str) -> None:
-    """A timm module must be (or inherit unchanged) timm's ``cls``: other timm blocks and
-    attentions (post-norm, parallel, differential, rotary, ...) compute something else."""
-    fwd = type(mod).forward
-    if not type(mod).__module__.startswith("timm."):
-        return
-    if fwd.__qualname__ != f"{cls}.forward" or not fwd.__module__.startswith("timm."):
-        raise TypeError(
-            f"{name} is timm's {type(mod).__name__}, whose forward differs from timm's {cls}: "
-            f"pruned_block reproduces the pre-norm timm Block with its standard Attention only"
-        )
-
-
-def check_block(block: nn.Module, dim: int) -> None:
-    """Raise unless ``block`` computes what the packed path computes: a pre-norm block with
-    timm ``Block`` names (optional ``ls1``/``ls2`` layer scale, ``attn.q_norm``/``k_norm``,
-    ``attn.norm``, ``attn.gate``), matching ``dim``, without dropout / drop-path in training.
-    The error names the attribute that cannot be honoured."""
-    for name in _REQUIRED:
-        obj = block
-        for part in name.split("."):
-            if not hasattr(obj, part):
-                raise TypeError(
-                    f"block has no `{name}`: pruned_block needs a pre-norm ViT block with timm's "
-                    f"Block attribute names {_REQUIRED} (optional ls1/ls2)"
-                )
-            obj = getattr(obj, part)
-    attn = block.attn
-    _timm_class_ok(block, "block", "Block")
-    _timm_class_ok(attn, "block.attn", "Attention")
-    for owner, oname, parts in ((block, "block", _BLOCK_PARTS), (attn, "block.attn", _ATTN_PARTS)):
-        for name, _ in owner.named_children():
-            if name not in parts:
-                raise TypeError(f"{oname}.{name} is a submodule pruned_block does not apply "
-                                f"(it knows {sorted(parts)}); run this block densely")
-        for name, _ in owner.named_parameters(recurse=False):
-            raise TypeError(f"{oname}.{name} is a parameter pruned_block does not apply (e.g. a "
-                            "separate q/v bias or layer-scale gamma); fold it into the known "
-                            "submodules (qkv bias, ls1/ls2) or run this block densely")
-    h = attn.num_heads
-    if not isinstance(h, int) or h <= 0:
-        raise ValueError(f"block.attn.num_heads must be a positive int; got {h!r}")
-    qkv = attn.qkv
-    if getattr(qkv, "in_features", dim) != dim or getattr(qkv, "out_features", 3 * dim) != 3 * dim:
-        raise ValueError(
-            f"block.attn.qkv maps {qkv.in_features} -> {qkv.out_features}; the tokens have C = "
-            f"{dim}, so it must map {dim} -> {3 * dim}"
-        )
-    if dim % h:
-        raise ValueError(f"C = {dim} is not divisible by num_heads = {h}")
-    head_dim = getattr(attn, "head_dim", dim // h)
-    if head_dim != dim // h:
-        raise ValueError(f"block.attn.head_dim = {head_dim} but C / num_heads = {dim // h}: "
-                         "pruned_block needs head_dim * num_heads = C")
-    if block.training:
-        for name, m in block.named_modules():
-            p = m.p if isinstance(m, nn.Dropout) else getattr(m, "drop_prob", 0.0)
-            if p and p > 0:
-                raise ValueError(
-                    f"block.{name} drops with p={p} in training mode; pruned_block applies no "
-                    "dropout or drop-path: set them to 0 or call block.eval()"
-                )
+def check_block(block: nn.Module, dim: int) -> LayerParts:
+    """The parts of ``block`` for tokens of width ``dim``: any layer family of
+    :mod:`dtop_kernels.layers` (a pre-norm block with timm ``Block`` names, optional
+    ``ls1``/``ls2`` layer scale, ``attn.q_norm``/``k_norm``, ``attn.norm``, ``attn.gate``;
+    transformers' ViT, DeiT, DINOv2 (with registers) and DINOv3 layers), without dropout /
+    drop-path in training. Raises otherwise, naming the attribute that cannot be honoured."""
+    return read_layer(block, dim)
 
 
 def pruned_stage(
@@ -126,6 +57,7 @@ def pruned_stage(
     tokens: TokenSet,
     blocks: Sequence[nn.Module],
     *,
+    position_embeddings: Rope | None = None,
     backend: str = "auto",
     check: bool | None = None,
 ) -> torch.Tensor:
@@ -136,6 +68,12 @@ def pruned_stage(
     meaning). Each active token attends only to the active tokens of its own image. Every block
     must pass :func:`check_block`. ``check``: validate ``tokens`` once (one host sync; always for
     CPU tensors; None follows ``DTOP_CHECK``).
+
+    ``position_embeddings``: for layers with rotary embeddings (DINOv3), the (cos, sin)
+    [N_patches, D] of the image's patch grid, as transformers passes them to its layers (the
+    model's ``rope_embeddings(pixel_values)``). The first ``P = N - N_patches`` tokens of every
+    image are prefix tokens (class, registers) and get no rotation; token ``n >= P`` is patch
+    ``n - P``, wherever it sits in the packed rows.
 
     Equivalent PyTorch, per image b with keep mask m_b::
 
@@ -151,20 +89,64 @@ def pruned_stage(
     else:
         raise ValueError(f"x must be dense [B, N, C] or packed [capacity, C]; got "
                          f"{_checks.describe(x)}")
-    for blk in blocks:
-        check_block(blk, x.shape[-1])
+    layers = [check_block(blk, x.shape[-1]) for blk in blocks]
+    rope = _stage_rope(layers, position_embeddings, tokens, x)
     _checks.tokens_contract(tokens, _checks.check_flag(check))
-    be = _dispatch.select(backend, x, tokens, blocks)
+    be = _dispatch.select(backend, x, tokens, layers)
     x = _checks.last_dim_contiguous(x)
-    plan = _stage_plan(x, tokens, blocks) if requested_backend(backend) == "auto" else None
-    return _run_stage(x, tokens, blocks, plan or dict.fromkeys(STAGE_OPS, be))
+    plan = _stage_plan(x, tokens, layers) if requested_backend(backend) == "auto" else None
+    return _run_stage(x, tokens, layers, plan or dict.fromkeys(STAGE_OPS, be), rope)
+
+
+def _stage_rope(layers: Sequence[LayerParts], position_embeddings: Rope | None,
+                tokens: TokenSet, x: torch.Tensor) -> Rope | None:
+    """Per-slot (cos, sin) [capacity, D] for a stage with rotary layers (None without)."""
+    ropes = [p.family.name for p in layers if p.rope]
+    if position_embeddings is None:
+        if ropes:
+            raise ValueError(f"a {ropes[0]} layer applies rotary position embeddings: pass "
+                             "position_embeddings=(cos, sin) [N_patches, D], what the "
+                             "transformers model's rope_embeddings(pixel_values) returns")
+        return None
+    if not ropes:
+        raise ValueError("position_embeddings were given but no layer of the stage applies "
+                         "rotary position embeddings; leave them out")
+    return slot_rope(position_embeddings, tokens, x.shape[-1] // layers[0].num_heads, x.dtype)
+
+
+def slot_rope(position_embeddings: Rope, tokens: TokenSet, head_dim: int, dtype: torch.dtype
+              ) -> Rope:
+    """Per-slot (cos, sin) [capacity, D] from the patch grid's (cos, sin) [N_patches, D]: token
+    n of an image (from ``tokens.indices``) is patch ``n - P`` (P = N - N_patches prefix tokens
+    first, as transformers counts them); prefix and padding slots get the identity (cos 1,
+    sin 0). No host sync."""
+    if not isinstance(position_embeddings, (tuple, list)) or len(position_embeddings) != 2:
+        raise TypeError("position_embeddings must be a (cos, sin) pair of [N_patches, D] "
+                        "tensors, what the transformers model's rope_embeddings(pixel_values) "
+                        "returns")
+    cos, sin = position_embeddings
+    for name, t in (("cos", cos), ("sin", sin)):
+        _checks.float_tensor(f"position_embeddings {name}", t)
+        _checks.same_device(**{name: t, "indices": tokens.indices})
+        if t.dim() != 2 or t.shape[-1] != head_dim or not 0 < t.shape[0] <= tokens.seq_len:
+            raise ValueError(f"position_embeddings {name} must be [N_patches, D] with "
+                             f"0 < N_patches <= N = {tokens.seq_len} and D = the head dim "
+                             f"{head_dim}; got {tuple(t.shape)}")
+    if cos.shape != sin.shape:
+        raise ValueError(f"position_embeddings cos {tuple(cos.shape)} and sin "
+                         f"{tuple(sin.shape)} differ in shape")
+    n = tokens.seq_len
+    pos = tokens.indices.long() % n - (n - cos.shape[0])
+    ok = ((pos >= 0) & tokens.valid_slots())[:, None]
+    pos = pos.clamp(min=0)
+    return (torch.where(ok, cos[pos], 1.0).to(dtype), torch.where(ok, sin[pos], 0.0).to(dtype))
 
 
 STAGE_OPS = ("gather_tokens", "layer_norm", "packed_linear", "varlen_attention",
              "scatter_tokens")
 
 
-def _stage_plan(x: torch.Tensor, tokens: TokenSet, blocks: Sequence[nn.Module]
+def _stage_plan(x: torch.Tensor, tokens: TokenSet, layers: Sequence[LayerParts]
                 ) -> dict[str, str] | None:
     """Per-op backends of an "auto" stage on a GPU whose architecture has measured orders
     (dtop_kernels.auto_order), each op its own fastest verified backend; None without any
@@ -172,17 +154,16 @@ def _stage_plan(x: torch.Tensor, tokens: TokenSet, blocks: Sequence[nn.Module]
     from dtop_kernels import auto_order
     from dtop_kernels.backends import dispatcher
 
-    if not blocks or x.device.type != "cuda" or \
+    if not layers or x.device.type != "cuda" or \
             not any(auto_order.measured_order(op, x.device) for op in STAGE_OPS):
         return None
-    blk = blocks[0]
-    d = x.shape[-1] // blk.attn.num_heads
-    q = x.new_empty(0, blk.attn.num_heads, d)
+    parts = layers[0]
+    d = x.shape[-1] // parts.num_heads
+    q = x.new_empty(0, parts.num_heads, d)
     norm = next((b for b in auto_order.measured_order("layer_norm", x.device) or ()
-                 if not _dispatch.why_not[b](x, tokens, blocks)), "torch")
-    fc1 = getattr(blk.mlp, "fc1", None)
-    linear = "torch" if not isinstance(fc1, nn.Linear) else \
-        dispatcher("packed_linear").select("auto", x, fc1.weight, tokens, None)
+                 if not _dispatch.why_not[b](x, tokens, layers)), "torch")
+    linear = "torch" if parts.fc is None else \
+        dispatcher("packed_linear").select("auto", x, parts.fc[0].weight, tokens, None)
     return {
         "gather_tokens": dispatcher("gather_tokens").select(
             "auto", x.new_empty(tokens.batch_size, tokens.seq_len, 0), tokens),
@@ -193,27 +174,16 @@ def _stage_plan(x: torch.Tensor, tokens: TokenSet, blocks: Sequence[nn.Module]
     }
 
 
-def _identity(m: nn.Module | None) -> bool:
-    return m is None or isinstance(m, nn.Identity)
-
-
-def _fusable(blk: nn.Module, backend: str) -> bool:
-    """The standard timm block: plain Linear layers, exact GELU MLP, no extra norms, no layer
-    scale (and, for the CUDA kernel, features that are multiples of 8). Such blocks run with
+def _fusable(parts: LayerParts, backend: str) -> bool:
+    """The standard layer: plain Linear projections, exact GELU MLP, no extra norms, no layer
+    scale (and, for the CUDA kernel, features that are multiples of 8). Such layers run with
     fused linear epilogues; others call their modules."""
-    attn, mlp = blk.attn, blk.mlp
-    linears = ((attn, "qkv"), (attn, "proj"), (mlp, "fc1"), (mlp, "fc2"))
-    if not all(isinstance(getattr(m, name, None), nn.Linear) for m, name in linears):
+    linears = (*parts.qkv, parts.proj)
+    if parts.fc is None or not all(isinstance(m, nn.Linear) for m in linears) or parts.extras \
+            or parts.ls1 is not None or parts.ls2 is not None:
         return False
-    if backend == "cuda" and any(getattr(m, name).in_features % 8 or
-                                 getattr(m, name).out_features % 8 for m, name in linears):
-        return False
-    return (
-        isinstance(getattr(mlp, "act", None), nn.GELU) and mlp.act.approximate == "none"
-        and all(_identity(getattr(attn, n, None)) for n in ("q_norm", "k_norm", "norm", "gate"))
-        and _identity(getattr(mlp, "norm", None))
-        and all(_identity(getattr(blk, n, None)) for n in ("ls1", "ls2"))
-    )
+    return backend != "cuda" or not any(m.in_features % 8 or m.out_features % 8
+                                        for m in (*linears, *parts.fc))
 
 
 def _linears(backend: str):
@@ -225,32 +195,36 @@ def _linears(backend: str):
     return functools.partial(linear_tokens, backend=backend, inplace=False, zero_padding=False)
 
 
-def _block_fused(packed, normed1, tokens, blk, attention, norm, linear, dense_out=None):
-    """One standard block with packed linears (``_linears``): bias, GELU and residual in the
+def _block_fused(packed, normed1, tokens, parts: LayerParts, attention, norm, linear,
+                 rope: Rope | None, dense_out=None):
+    """One standard layer with packed linears (``_linears``): bias, GELU and residual in the
     GEMM epilogues on the kernel backends; with ``dense_out`` the last GEMM scatters its rows
     straight into it."""
-    attn, mlp = blk.attn, blk.mlp
     cap, c = packed.shape
-    h = attn.num_heads
+    h = parts.num_heads
     d = c // h
     if normed1 is None:
-        normed1 = norm(blk.norm1, packed)
-    qkv = linear(normed1, attn.qkv.weight, attn.qkv.bias, tokens)
+        normed1 = norm(parts.norm1, packed)
+    qkv = linear(normed1, *parts.qkv_weight(), tokens)
     q, k, v = qkv.view(cap, 3, h, d).unbind(1)
+    if rope is not None:
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     cu, m = tokens.cu_seqlens, tokens.max_seqlen
-    o = attention(q, k, v, cu, cu, m, m, getattr(attn, "scale", d**-0.5)).reshape(cap, c)
-    packed = linear(o, attn.proj.weight, attn.proj.bias, tokens, residual=packed)
-    hid = linear(norm(blk.norm2, packed), mlp.fc1.weight, mlp.fc1.bias, tokens,
-                 activation="gelu")
-    return linear(hid, mlp.fc2.weight, mlp.fc2.bias, tokens, residual=packed, out=dense_out)
+    o = attention(q, k, v, cu, cu, m, m, parts.scale).reshape(cap, c)
+    packed = linear(o, parts.proj.weight, parts.proj.bias, tokens, residual=packed)
+    fc1, fc2 = parts.fc
+    hid = linear(norm(parts.norm2, packed), fc1.weight, fc1.bias, tokens, activation="gelu")
+    return linear(hid, fc2.weight, fc2.bias, tokens, residual=packed, out=dense_out)
 
 
-def _run_stage(x, tokens, blocks, plan: dict[str, str]):
+def _run_stage(x, tokens, layers: Sequence[LayerParts], plan: dict[str, str],
+               rope: Rope | None = None):
     """The stage with a backend per op (``plan``, keys ``STAGE_OPS``), each op called once
     dispatched (``dtop::`` ops, no per-layer checks): LayerNorms (on a kernel backend the first
     fused with the gather), attention and packed linears (fused epilogues on the kernel
-    backends, the last block scattering from its final GEMM); blocks that are not standard (see
-    ``_fusable``) call their own linear modules."""
+    backends, the last layer scattering from its final GEMM); layers that are not standard (see
+    ``_fusable``) call their own projection and MLP modules. ``rope``: per-slot (cos, sin) for
+    the rotary layers."""
     ln_be, lin_be = plan["layer_norm"], plan["packed_linear"]
     idx, cu, n = tokens.indices, tokens.cu_seqlens, tokens.seq_len
 
@@ -259,7 +233,7 @@ def _run_stage(x, tokens, blocks, plan: dict[str, str]):
             return F.layer_norm(t, mod.normalized_shape, mod.weight, mod.bias, mod.eps)
         return layer_norm_tokens(t, mod.weight, mod.bias, tokens, mod.eps, backend=ln_be)[0]
 
-    if not blocks:
+    if not layers:
         return x if x.dim() == 2 else x.clone()
     attention = attention_on(plan["varlen_attention"])
     linear = _linears(lin_be)
@@ -267,22 +241,25 @@ def _run_stage(x, tokens, blocks, plan: dict[str, str]):
     x2d = x.reshape(-1, x.shape[-1])
     normed1 = None
     if dense and ln_be != "torch":
-        n1 = blocks[0].norm1
+        n1 = layers[0].norm1
         normed1, packed = layer_norm_tokens(x2d, n1.weight, n1.bias, tokens, n1.eps,
                                             gather=True, store_x=True, backend=ln_be)
     elif dense:
         packed = library.gather(x2d, idx, cu, n, plan["gather_tokens"])
     else:
         packed = x
-    for i, blk in enumerate(blocks):
-        last = i == len(blocks) - 1
-        if _fusable(blk, lin_be):
+    for i, parts in enumerate(layers):
+        last = i == len(layers) - 1
+        layer_rope = rope if parts.rope else None
+        if _fusable(parts, lin_be):
             out = x if dense and last and lin_be != "torch" else None
-            packed = _block_fused(packed, normed1, tokens, blk, attention, norm, linear, out)
+            packed = _block_fused(packed, normed1, tokens, parts, attention, norm, linear,
+                                  layer_rope, out)
             if out is not None:
                 return packed
         else:
-            packed = block_packed(packed, tokens, blk, attention, norm=norm, normed1=normed1)
+            packed = block_packed(packed, tokens, parts, attention, norm=norm, normed1=normed1,
+                                  rope=layer_rope)
         normed1 = None
     if not dense:
         return packed
@@ -290,15 +267,19 @@ def _run_stage(x, tokens, blocks, plan: dict[str, str]):
 
 
 def pruned_block(
-    x: torch.Tensor, tokens: TokenSet, block: nn.Module, *, backend: str = "auto",
-    check: bool | None = None,
+    x: torch.Tensor, tokens: TokenSet, block: nn.Module, *,
+    position_embeddings: Rope | None = None, backend: str = "auto", check: bool | None = None,
 ) -> torch.Tensor:
-    """A pre-norm ViT block (timm ``Block`` names) applied to the active tokens only.
+    """A pre-norm ViT layer applied to the active tokens only: timm ``Block`` names, or a
+    transformers ``ViTLayer`` / ``DeiTLayer`` / ``Dinov2Layer`` / ``Dinov2WithRegistersLayer`` /
+    ``DINOv3ViTLayer`` as it is (:mod:`dtop_kernels.layers`).
 
     LayerNorm -> multi-head self-attention -> residual -> LayerNorm -> MLP -> residual (with
-    ``ls1``/``ls2`` layer scale, ``attn.q_norm``/``k_norm``, ``attn.norm`` and the
-    ``attn.gate`` sigmoid gate when present). x: dense [B, N, C] -> dense (inactive tokens
-    unchanged) or packed [capacity, C] -> packed. Same as ``pruned_stage(x, tokens, [block])``;
-    a block whose math differs (see :func:`check_block`) raises, naming the attribute.
+    the layer's layer scale, ``attn.q_norm``/``k_norm``, ``attn.norm`` and the ``attn.gate``
+    sigmoid gate when present; rotary embeddings from ``position_embeddings``, see
+    :func:`pruned_stage`). x: dense [B, N, C] -> dense (inactive tokens unchanged) or packed
+    [capacity, C] -> packed. Same as ``pruned_stage(x, tokens, [block])``; a layer whose math
+    differs (see :func:`check_block`) raises, naming the attribute.
     """
-    return pruned_stage(x, tokens, [block], backend=backend, check=check)
+    return pruned_stage(x, tokens, [block], position_embeddings=position_embeddings,
+                        backend=backend, check=check)
