@@ -53,12 +53,13 @@ class _Recorder:
 
 
 def _patch(calls: list) -> None:
+    from dtop_kernels import _gpu
     from dtop_kernels.triton import _utils, attention, gather, layernorm, linear, select
 
     for mod in (_utils, attention, linear, select):  # GPU tile sizes, not the interpreter's
         if hasattr(mod, "interpret_blocks"):
             mod.interpret_blocks = lambda: 0
-    _utils.sm_count = lambda device: 132  # grids sized for an H100 / H200 (no GPU queried)
+    _gpu.sm_count = lambda device: 132  # grids sized for an H100 / H200 (no GPU queried)
     for mod in (attention, gather, layernorm, linear, select):
         for name in dir(mod):
             obj = getattr(mod, name)

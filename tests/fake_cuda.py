@@ -341,7 +341,6 @@ def fake_cuda(arch: tuple[int, int] = (9, 0), *, check: bool = True) -> Iterator
 
     from dtop_kernels import auto_order
     from dtop_kernels import cuda as dk_cuda
-    from dtop_kernels.cuda import _args
 
     reason = available()
     if reason:
@@ -351,11 +350,10 @@ def fake_cuda(arch: tuple[int, int] = (9, 0), *, check: bool = True) -> Iterator
     props = SimpleNamespace(name=f"fake sm_{arch[0]}{arch[1]}", major=arch[0], minor=arch[1],
                             multi_processor_count=SM_COUNT.get(arch, 100),
                             total_memory=80 << 30)
-    from dtop_kernels.triton import _utils as triton_utils
+    from dtop_kernels import _gpu
 
     # answers cached per process that depend on the (fake) GPU
-    caches = [auto_order._arch, dk_cuda._import_C, dk_cuda._device_arch_reason, _args.sm_count,
-              *([triton_utils.sm_count] if hasattr(triton_utils, "sm_count") else [])]
+    caches = (auto_order._arch, dk_cuda._import_C, dk_cuda._device_arch_reason, _gpu._sm_count)
     patches: list[tuple[object, str, object]] = [
         (torch.cuda, "device_count", lambda: 1),
         (torch.cuda, "current_device", lambda: 0),

@@ -243,7 +243,7 @@ def test_triton_bwd_grid_fills_the_gpu(monkeypatch, sms):
     pytest.importorskip("triton")
     from compile_kernels import _Recorder
 
-    from dtop_kernels.triton import _utils
+    from dtop_kernels import _gpu
     from dtop_kernels.triton import layernorm as tln
 
     queries = []
@@ -256,7 +256,8 @@ def test_triton_bwd_grid_fills_the_gpu(monkeypatch, sms):
     monkeypatch.setattr(tln, "_ln_bwd_kernel", _Recorder(tln._ln_bwd_kernel, calls))
     monkeypatch.setattr(tln, "interpret", lambda: False)
     monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
-    _utils._sm_count.cache_clear()
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    _gpu._sm_count.cache_clear()
     try:
         rows, c = 1024, 768
         t = TokenSet.from_mask(torch.ones(1, rows, dtype=torch.bool))
@@ -264,7 +265,7 @@ def test_triton_bwd_grid_fills_the_gpu(monkeypatch, sms):
         for _ in range(2):
             tln.layer_norm_bwd(x, x, w, stat, stat, t)
     finally:
-        _utils._sm_count.cache_clear()
+        _gpu._sm_count.cache_clear()
     _, grid, args, _ = calls[0]
     progs, rows_per_prog = grid[0], args[16]
     dw, db = args[8], args[9]

@@ -7,7 +7,6 @@ exercised with CPU tensors.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable
 
 import torch
@@ -103,7 +102,3 @@ def stream(device: torch.device) -> int:
     """The current CUDA stream of ``device``, as the int the compiled module takes."""
     return torch.cuda.current_stream(device).cuda_stream
 
-
-@functools.cache
-def sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count

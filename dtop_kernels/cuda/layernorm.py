@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from dtop_kernels import _gpu
 from dtop_kernels.cuda import DTYPE_CODES, _args, load_C
 from dtop_kernels.tokens import TokenSet
 
@@ -111,7 +112,7 @@ def layer_norm_fwd(
 
 def num_partials(capacity: int, device: torch.device) -> int:
     """Partial rows of dweight / dbias the backward writes (= its blocks): 4 per SM at most."""
-    return max(1, min(-(-capacity // 4), 4 * _args.sm_count(device.index or 0)))
+    return max(1, min(-(-capacity // 4), 4 * _gpu.sm_count(device)))
 
 
 def layer_norm_bwd(

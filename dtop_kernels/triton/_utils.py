@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 
@@ -18,13 +16,3 @@ def dot_precision(dtype: torch.dtype) -> str | None:
     """fp32 inputs get exact fp32 products ("ieee"), not TF32: the reference is fp32. Other
     dtypes keep Triton's default (None)."""
     return "ieee" if dtype == torch.float32 else None
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of CUDA ``device`` (queried once per device)."""
-    return _sm_count(device.index or 0)
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count

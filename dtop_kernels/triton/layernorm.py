@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dtop_kernels import _gpu
 from dtop_kernels.tokens import TokenSet
 from dtop_kernels.triton import _utils, interpret
 
@@ -104,7 +105,7 @@ def _bwd_programs(rows: int, device: torch.device) -> int:
     if interpret():
         return max(1, triton.cdiv(rows, 64))
     return max(1, min(triton.cdiv(rows, BWD_MIN_ROWS),
-                      BWD_PROGRAMS_PER_SM * _utils.sm_count(device)))
+                      BWD_PROGRAMS_PER_SM * _gpu.sm_count(device)))
 
 
 def layer_norm_fwd(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
