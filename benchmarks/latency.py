@@ -82,7 +82,7 @@ from common import (
 )
 from synth import ExitPlan, image_keeps, plan_exits, target_counts
 
-from dtop_kernels.backends import BACKENDS, BackendError
+from dtop_kernels import BACKENDS, BackendError, triton_interpreted
 from dtop_kernels.models import (
     capture_forward,
     count_flops,
@@ -93,7 +93,6 @@ from dtop_kernels.models import (
 from dtop_kernels.models.checkpoint import load_model, read_checkpoint
 from dtop_kernels.models.data import EvalTransform, default_split, open_dataset, require_pillow
 from dtop_kernels.models.synthetic import synthetic_images
-from dtop_kernels.triton import interpret as triton_interpret
 
 # model -> (factory, default resolution, the paper's ADE20K FLOP saving: 1 - DToP / SegViT GFLOPs)
 MODELS = {
@@ -356,7 +355,7 @@ def bench(args) -> tuple[dict, list[dict], list[str]]:
     dense_macs = count_flops(model, None, res, aux_heads=False).dense_macs
     tol = PRED_TOL[dtype]
     candidates = list(BACKENDS)
-    if triton_interpret():
+    if triton_interpreted():
         candidates.remove("triton")
         notes.append("packed/triton: not run: TRITON_INTERPRET is set (interpreter timings are "
                      "not kernel timings); unset it")
