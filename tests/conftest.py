@@ -37,6 +37,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+def skip_reasons(reports: list) -> list[tuple[int, str]]:
+    """(count, reason) of skipped test reports, most frequent first."""
+    counts: dict[str, int] = {}
+    for rep in reports:
+        longrepr = rep.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        counts[reason] = counts.get(reason, 0) + 1
+    return sorted(((n, r) for r, n in counts.items()), key=lambda x: (-x[0], x[1]))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """One line naming why tests skipped (no GPU, no timm, ...), even under -q and xdist."""
+    reports = [r for r in terminalreporter.stats.get("skipped", []) if r.when in ("setup", "call")]
+    if reports:
+        terminalreporter.write_line(f"skipped {len(reports)}: " + "; ".join(
+            f"{n} {reason}" for n, reason in skip_reasons(reports)))
+
+
 @pytest.fixture(autouse=True)
 def _isolate(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test starts from the same seed and with no process-wide backend override."""
