@@ -1,20 +1,48 @@
-"""The README's Python examples run as written."""
+"""The Python examples of the README and of the docs it sends readers to run as written, and
+print what the page shows under them ("prints:" followed by a text block)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parent.parent / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.DOTALL)
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = [ROOT / "README.md", ROOT / "docs" / "api.md", ROOT / "docs" / "model.md"]
+EXAMPLE = re.compile(r"```python\n(.*?)```\n(?:prints:\n```text\n(.*?)```)?", re.DOTALL)
 
 
-@pytest.mark.parametrize("code", [pytest.param(b, id=f"block{i}") for i, b in enumerate(BLOCKS)])
-def test_readme_example_runs(code):
-    exec(compile(code, str(README), "exec"), {"__name__": "readme_example"})  # noqa: S102
+def _examples() -> list:
+    out = []
+    for page in PAGES:
+        for i, (code, printed) in enumerate(EXAMPLE.findall(page.read_text())):
+            out.append(pytest.param(page, code, printed, id=f"{page.stem}-{i}"))
+    return out
 
 
-def test_readme_has_examples():
-    assert len(BLOCKS) >= 2
+@pytest.mark.parametrize(("page", "code", "printed"), _examples())
+def test_example_runs_and_prints_what_the_page_shows(page: Path, code: str, printed: str) -> None:
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        exec(compile(code, str(page), "exec"), {"__name__": "readme_example"})  # noqa: S102
+    if printed:
+        assert stdout.getvalue() == printed, f"{page.name} shows other output than its example"
+
+
+def test_readme_opens_with_install_main_job_and_test() -> None:
+    """The first screen: what it is, the two install lines, the main job, the test command."""
+    text = (ROOT / "README.md").read_text()
+    heads = re.findall(r"^## (.+)$", text, re.MULTILINE)
+    assert heads[:3] == ["Install", "The main job: dense vs pruned, side by side", "Test"]
+    install = text.split("## Install")[1].split("```bash\n")[1].split("```")[0].splitlines()
+    assert len(install) == 2 and "whl/cpu" in install[0] and "pip install ." in install[1]
+    assert "python benchmarks/latency.py" in text and "pytest -q" in text
+    assert "**Status.**" in text.split("## Install")[0]
+    assert len(text.split()) < 1200
+
+
+def test_every_page_has_examples() -> None:
+    assert all(EXAMPLE.search(page.read_text()) for page in PAGES)
