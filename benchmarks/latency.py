@@ -293,6 +293,10 @@ def realized_interval(row: dict, dense: dict, rounds: int = 2000, seed: int = 0
     return vals[int(0.1 * rounds)], vals[int(0.9 * rounds) - 1]
 
 
+def _threads(n: int) -> str:
+    return f"{n} thread" + ("s" if n != 1 else "")
+
+
 def spread_warnings(rows: list[dict], threads: int | None,
                     load: tuple[float, float, float] | None) -> list[str]:
     """Warnings when the timings cannot support the realized fraction: a row whose p80 / p20
@@ -317,7 +321,7 @@ def spread_warnings(rows: list[dict], threads: int | None,
                     f"[{interval[0]:.2f}, {interval[1]:.2f}]")
         out.append(msg)
     if load is not None and threads is not None and load[0] > threads + 0.5:
-        out.append(f"CPU load average {load[0]:.1f} exceeds the {threads} threads this run uses: "
+        out.append(f"CPU load average {load[0]:.1f} exceeds the {_threads(threads)} this run uses: "
                    "other processes shared the cores, so the timings are not those of a quiet "
                    "machine")
     if out:
@@ -362,7 +366,7 @@ def trust_line(rows: list[dict], threads: int | None,
     if spread > SPREAD_LIMIT:
         problems.append(f"timings spread (p80/p20 up to {spread:.2f})")
     if loaded:
-        problems.append(f"CPU load {load[0]:.1f} above the {threads} threads this run uses")
+        problems.append(f"CPU load {load[0]:.1f} above the {_threads(threads)} this run uses")
     if not problems:
         width = max((w for w, _ in widths), default=0.0)
         return (f"trust: good: every realized fraction known to within {width:.2f} (80% "

@@ -39,8 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import default_json_path, environment, format_table, header, time_fn, write_json
 
 import dtop_kernels as dk
-from dtop_kernels import auto_order
-from dtop_kernels import BACKENDS, BackendError
+from dtop_kernels import BACKENDS, BackendError, auto_order
 from dtop_kernels.reference import attention as ref_attention
 from dtop_kernels.reference import torch_varlen
 

@@ -67,8 +67,8 @@ def unavailable_reasons() -> list[str]:
         return []
     info = build_info()
     if info.get("cuda_built"):
-        return [f"the CUDA extension dtop_kernels._C was built but fails to import ({error}); "
-                "rebuild it: pip install ."]
+        return [(f"the CUDA extension dtop_kernels._C was built but fails to import ({error}); "
+                 "rebuild it: pip install .")]
     # advice to build only where the kernels could run: a CUDA build of torch
     how = f"; {_HOW_TO_BUILD}" if torch.version.cuda else ""
     return [f"the CUDA extension dtop_kernels._C is not built ({info.get('reason', 'unknown')})"
