@@ -785,6 +785,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="tiny model, 128 px, batch 2, 1 repeat: a smoke test, not a timing")
     p.add_argument("--quiet", action="store_true", help="no progress output on stderr")
+    p.add_argument("--show", metavar="JSON", default=None,
+                   help="print a run saved with --json (compact, or --full) instead of running")
     p.add_argument("--full", action="store_true",
                    help="every column (percentiles, logits-only times, memory, syncs), the full "
                         "legend and every note, instead of the compact table")
@@ -826,8 +828,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def report(env: dict, rows: list[dict], notes: list[str], *, full: bool, gpu: bool,
+           quick: bool, cpu: tuple[int | None, tuple[float, float, float] | None]) -> str:
+    """The printed result: header, table (compact, or every column with ``full``), notes, the
+    trust line and the verdict. ``cpu``: (threads, load average) of a CPU run, else Nones."""
+    add_intervals(rows)
+    lines = [header(env)]
+    if full:
+        lines += [format_table(rows, COLUMNS), LEGEND]
+        lines += [f"- {n}" for n in notes + spread_warnings(rows, *cpu)]
+    else:
+        lines += [format_table(rows, COMPACT), COMPACT_LEGEND]
+        lines += [f"- {n}" for n in notes if "checks passed:" in n or "tensors here (" in n]
+    lines += [trust_line(rows, *cpu, quick), verdict(rows, gpu, quick)]
+    return "\n".join(lines)
+
+
+def show(path: str, full: bool) -> str:
+    """The report of a run saved with --json (its trust line from its own samples only: the
+    load of that machine then is in its notes, shown with --full)."""
+    import json
+
+    data = json.loads(Path(path).read_text())
+    gpu = not data["environment"]["device"].startswith("CPU")
+    return report(data["environment"], data["rows"], data.get("notes", []), full=full, gpu=gpu,
+                  quick=bool(data.get("args", {}).get("quick")), cpu=(None, None))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.show:
+        print(show(args.show, args.full))
+        return
     # Kernels not yet verified on a GPU warn on every explicit call; the checks above compare
     # them with the per-image loop before anything is timed.
     warnings.filterwarnings("ignore", message=".*not yet passed its tests on a GPU.*")
@@ -837,23 +869,8 @@ def main(argv: list[str] | None = None) -> None:
     except CheckError as e:
         sys.exit(f"latency.py: check failed, nothing timed is trustworthy: {e}")
     gpu = args.device.startswith("cuda")
-    add_intervals(rows)
-    print(header(env))
-    if args.full:
-        print(format_table(rows, COLUMNS))
-        print(LEGEND)
-        for n in notes + spread_warnings(rows, None if gpu else torch.get_num_threads(),
-                                         None if gpu else os.getloadavg()):
-            print(f"- {n}")
-    else:
-        print(format_table(rows, COMPACT))
-        print(COMPACT_LEGEND)
-        for n in notes:
-            if "checks passed" in n or "cannot run on" in n:
-                print(f"- {n}")
-    print(trust_line(rows, None if gpu else torch.get_num_threads(),
-                     None if gpu else os.getloadavg(), args.quick))
-    print(verdict(rows, gpu, args.quick))
+    cpu_state = (None, None) if gpu else (torch.get_num_threads(), os.getloadavg())
+    print(report(env, rows, notes, full=args.full, gpu=gpu, quick=args.quick, cpu=cpu_state))
     if args.json is not None:
         path = write_json(args.json or default_json_path(env, "latency"), env, rows,
                           args=vars(args), notes=notes)

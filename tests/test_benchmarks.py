@@ -265,3 +265,15 @@ def test_latency_learned_pruning(tmp_path: Path) -> None:
     assert {r["mode"] for r in rows} >= {"dense (SDPA)", "loop (official per-image)",
                                          "packed/torch"}
     assert all(r["model"] == "checkpoint (final.pth)" and r["res"] == 64 for r in rows)
+
+
+def test_readme_sample_is_what_show_prints() -> None:
+    """The README's benchmark sample is a saved run as ``latency.py --show`` prints it."""
+    saved = BENCH / "results" / "latency-cpu-x86-64-2-threads-20261124-run1.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(dtop_kernels.__file__).resolve().parents[1])
+    proc = subprocess.run([sys.executable, str(BENCH / "latency.py"), "--show", str(saved)],
+                          env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() in (ROOT / "README.md").read_text()
+    assert proc.stdout.splitlines()[-2].startswith("trust: good")
