@@ -26,6 +26,9 @@ import torch
 def pytest_configure(config: pytest.Config) -> None:
     # Explicitly requested kernels that have not passed their GPU tests warn on every call.
     config.addinivalue_line("filterwarnings", "ignore:.*has not yet passed its tests:UserWarning")
+    # torch.compile's import of torch.jit warns about torch's own deprecated API (torch 2.13)
+    config.addinivalue_line(
+        "filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
