@@ -1,11 +1,18 @@
 """Builds the CUDA extension ``dtop_kernels._C`` with CMake (everything else is in pyproject.toml).
 
-The extension is optional: without a CUDA compiler (or with ``DTOP_SKIP_CUDA_BUILD=1``) the
-package installs without it and the pure-PyTorch / Triton backends are used. Either way the
+The extension is optional. It is built when the installed torch is a CUDA build and nvcc is
+found; a CPU build of torch (``torch.version.cuda is None``), whose tensors never reach the CUDA
+kernels, skips it by default (``DTOP_FORCE_CUDA_BUILD=1`` builds it anyway, as CI does to keep
+compiling the kernels), and so does a missing nvcc or ``DTOP_SKIP_CUDA_BUILD=1``; the package
+then installs without it and the pure-PyTorch / Triton backends are used. Either way the
 outcome is written to ``dtop_kernels/_build_info.json`` (``python -m dtop_kernels.info`` shows it),
 because pip hides build output unless run with ``-v``. Two lines, the start (archs, expected time,
 how to skip) and the outcome, also go to the terminal (``/dev/tty``) when there is one, since pip
 shows nothing else of a successful build.
+
+Which torch: pip builds in an isolated environment without the user's packages, so the build
+asks the target interpreter (``sys.executable -I``, which ignores the isolation's PYTHONPATH)
+where torch is and reads its ``torch/version.py`` without importing torch.
 
 The CMake build folder (``build/temp.*/dtop_kernels._C``) is reused between installs, so a second
 ``pip install`` recompiles only changed sources. What configured it (cmake, ninja, Python,
@@ -16,6 +23,7 @@ the archs change, the folder is rebuilt from scratch. A skipped or failed build 
 
 Environment:
   DTOP_SKIP_CUDA_BUILD=1           do not build the extension
+  DTOP_FORCE_CUDA_BUILD=1          build it even for a CPU build of torch (CI: compile checks)
   DTOP_ALLOW_CUDA_BUILD_FAILURE=1  install without the extension if its compilation fails
   DTOP_CUDA_ARCHS                  CUDA architectures in CMake syntax (default "80;90")
   MAX_JOBS                         parallel compile jobs
@@ -32,6 +40,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -41,10 +50,13 @@ ROOT = Path(__file__).resolve().parent
 PACKAGE = "dtop_kernels"
 BUILD_INFO = "_build_info.json"
 DEFAULT_ARCHS = "80;90"
+# A first build of DEFAULT_ARCHS with 2 jobs, measured: 122 s (2-core AMD EPYC VM shared with
+# other work, nvcc 13.0.88, 2026-12-03); the estimate scales it by archs and jobs.
+FIRST_BUILD_S = 122
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+def _env_flag(name: str, env: Mapping[str, str] = os.environ) -> bool:
+    return env.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _find_nvcc() -> str | None:
@@ -72,6 +84,48 @@ def _cuda_archs() -> str:
 
 class CUDABuildError(RuntimeError):
     pass
+
+
+# Run by the target interpreter: torch's version and CUDA version, read from torch/version.py
+# without importing torch (seconds saved; no CUDA initialization). Prints JSON, or null.
+_TORCH_PROBE = """
+import importlib.util, json, pathlib
+spec = importlib.util.find_spec("torch")
+found = None
+if spec and spec.submodule_search_locations:
+    ns = {}
+    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / "version.py"
+    exec(compile(path.read_text(), str(path), "exec"), ns)
+    found = {"version": ns.get("__version__"), "cuda": ns.get("cuda")}
+print(json.dumps(found))
+"""
+
+
+def installed_torch(python: str = sys.executable) -> dict | None:
+    """{"version", "cuda"} of the torch that ``python`` imports outside pip's isolated build
+    environment (``-I``: no PYTHONPATH, no user site), or None when it has none."""
+    try:
+        out = subprocess.run([python, "-I", "-c", _TORCH_PROBE], capture_output=True, text=True,
+                             timeout=60, check=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def skip_reason(env: Mapping[str, str], torch_info: dict | None, nvcc: str | None) -> str | None:
+    """Why the CUDA kernels are not built (None: build them), from the environment, the torch
+    the package installs into ({"version", "cuda"}, None when not found) and nvcc's path.
+
+    No torch found: built (pip is about to install torch, by default a CUDA build)."""
+    if _env_flag("DTOP_SKIP_CUDA_BUILD", env):
+        return "DTOP_SKIP_CUDA_BUILD=1"
+    if torch_info is not None and not torch_info.get("cuda") \
+            and not _env_flag("DTOP_FORCE_CUDA_BUILD", env):
+        return (f"torch {torch_info.get('version')} is a CPU build, whose tensors never reach "
+                "the CUDA kernels; DTOP_FORCE_CUDA_BUILD=1 builds them anyway")
+    if nvcc is None:
+        return "no nvcc found on PATH, in CUDA_HOME or CUDACXX"
+    return None
 
 
 def _say(message: str) -> None:
@@ -163,17 +217,19 @@ class CMakeBuild(build_ext):
     def finalize_options(self) -> None:
         super().finalize_options()
         self.nvcc = _find_nvcc()
+        self.torch = installed_torch()
         self.skip_reason = self._skip_reason()
         if self.skip_reason:
             self.extensions = []
+        torch_desc = "not found" if self.torch is None else \
+            f"{self.torch['version']} (CUDA {self.torch.get('cuda') or 'none'})"
         self.build_info = {"cuda_built": False, "reason": self.skip_reason or "",
-                           "archs": "", "nvcc_version": ""}
+                           "archs": "", "nvcc_version": "", "torch": torch_desc}
 
     def _skip_reason(self) -> str | None:
-        if _env_flag("DTOP_SKIP_CUDA_BUILD"):
-            return "DTOP_SKIP_CUDA_BUILD=1"
-        if self.nvcc is None:
-            return "no nvcc found on PATH, in CUDA_HOME or CUDACXX"
+        reason = skip_reason(os.environ, self.torch, self.nvcc)
+        if reason:
+            return reason
         for tool in ("cmake", "ninja"):
             if shutil.which(tool) is None:
                 return f"{tool} not found on PATH (pip install {tool})"
@@ -254,10 +310,11 @@ class CMakeBuild(build_ext):
         prepare_build_dir(build_dir, key)
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
         n_archs = len(archs.split(";"))
+        minutes = FIRST_BUILD_S * n_archs / 2 * 2 / max(1, min(int(jobs), 7)) / 60
         _say(f"compiling the CUDA kernels for archs {archs} with nvcc "
-             f"{self.build_info['nvcc_version']} and {jobs} jobs (about "
-             f"{max(1, round(2.5 * n_archs * 2 / max(1, min(int(jobs), 7))))} min on a first "
-             "build; DTOP_SKIP_CUDA_BUILD=1 skips them, DTOP_CUDA_ARCHS=<one arch> is faster)")
+             f"{self.build_info['nvcc_version']} and {jobs} jobs (about {max(1, round(minutes))}"
+             " min on a first build; DTOP_SKIP_CUDA_BUILD=1 skips them, DTOP_CUDA_ARCHS=<one "
+             "arch> is faster)")
         configure = [
             "cmake", "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
             "-DCMAKE_BUILD_TYPE=Release",

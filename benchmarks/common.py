@@ -44,13 +44,13 @@ def environment(dtype: torch.dtype, device: torch.device) -> dict:
     except Exception:  # noqa: BLE001 - triton is optional
         triton_version = "not installed"
     import dtop_kernels
-    from dtop_kernels.cuda import build_info
 
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
         name = f"CPU ({platform.processor() or platform.machine()}, "
-        name += f"{torch.get_num_threads()} threads)"
+        threads = torch.get_num_threads()
+        name += f"{threads} thread{'s' if threads != 1 else ''})"
     env = {
         "device": name,
         "torch": torch.__version__,
@@ -58,7 +58,7 @@ def environment(dtype: torch.dtype, device: torch.device) -> dict:
         "cuda": torch.version.cuda or "none",
         "dtop_kernels": dtop_kernels.__version__,
         "commit": _git_commit(),
-        "cuda_ext_built": bool(build_info().get("cuda_built")),
+        "cuda_ext_built": bool(dtop_kernels.cuda_build_info().get("cuda_built")),
         "dtype": str(dtype).replace("torch.", ""),
         "date": _dt.date.today().isoformat(),
     }

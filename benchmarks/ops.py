@@ -40,8 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import default_json_path, environment, format_table, header, time_fn, write_json
 
 import dtop_kernels as dk
-from dtop_kernels import auto_order
-from dtop_kernels.backends import BACKENDS, BackendError
+from dtop_kernels import BACKENDS, BackendError, auto_order
 from dtop_kernels.reference import attention as ref_attention
 from dtop_kernels.reference import torch_varlen
 
@@ -192,11 +191,11 @@ def bench_shape(args, dev: torch.device, dtype: torch.dtype, model: str, b: int)
         tm(lambda: ln(flat.index_select(0, idx))), nbytes=moved, copy_gbs=copy_gbs,
         backend="torch")
     if dev.type == "cuda":
-        from dtop_kernels.cuda import unavailable_reasons
         from dtop_kernels.ops.layernorm import layer_norm_tokens
 
-        kernels = [be for be, ok in (("triton", dk.triton.import_error() is None),
-                                     ("cuda", not unavailable_reasons())) if ok]
+        kernels = [be for be, ok in (("triton", dk.triton_import_error() is None),
+                                     ("cuda", dk.cuda_build_info()["import_error"] is None))
+                   if ok]
         for be in kernels:
             add("gather+layernorm", f"{be} fused",
                 tm(lambda be=be: layer_norm_tokens(flat, ln.weight, ln.bias, t, 1e-6,
@@ -339,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     args.dtype = args.dtype or ("bf16" if gpu else "fp32")
     args.warmup = args.warmup if args.warmup is not None else (0 if args.quick else 3)
     args.repeats = args.repeats or (1 if args.quick else (50 if gpu else 5))
-    if dk.triton.interpret():
+    if dk.triton_interpreted():
         print("note: TRITON_INTERPRET is set; Triton timings are interpreter timings",
               file=sys.stderr)
     # Kernels not yet verified on a GPU warn on every explicit call; the table says which ran.

@@ -9,19 +9,39 @@ from dtop_kernels.ops.block import pruned_block, pruned_stage
 from dtop_kernels.ops.gather import gather_tokens, scatter_tokens
 from dtop_kernels.ops.linear import packed_linear
 from dtop_kernels.ops.select import Selection, dtop_select
+from dtop_kernels.status import (
+    BACKENDS,
+    auto_backend,
+    backend_reasons,
+    cuda_build_info,
+    cuda_kernel_problems,
+    public_ops,
+    triton_import_error,
+    triton_interpreted,
+    unverified_backends,
+)
 from dtop_kernels.tokens import TokenSet
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BACKENDS",
     "BackendError",
     "Selection",
     "TokenSet",
+    "auto_backend",
+    "backend_reasons",
+    "cuda_build_info",
+    "cuda_kernel_problems",
     "dtop_select",
     "gather_tokens",
     "packed_linear",
     "pruned_block",
     "pruned_stage",
+    "public_ops",
     "scatter_tokens",
+    "triton_import_error",
+    "triton_interpreted",
+    "unverified_backends",
     "varlen_attention",
 ]

@@ -422,7 +422,8 @@ def main(argv: Sequence[str] | None = None) -> None:
           + (f" ({len(report['skipped'])} skipped)" if report["skipped"] else "")
           + f", {args.mode} inference"
           + (f" (crop {crop}, stride {stride})" if crop else "") + f", test scale {scale}, "
-          f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} thread"
+          + ("s" if torch.get_num_threads() != 1 else ""))
     print(format_report(report, latency, classes))
     maps = report.pop("maps")
     if args.maps:

@@ -4,7 +4,7 @@
 
 Trains a tiny model for a few steps with the DToP loss (AdamW, head lr x10 as published), then
 runs the three execution modes on the same weights, compares them, and counts FLOPs at the
-token counts each image really kept.
+token counts each image really kept. Its last line is a verdict: what the timings show and why.
 """
 
 from __future__ import annotations
@@ -61,19 +61,33 @@ def main() -> None:
     model.eval()
     img = synthetic_images(4, h, w, seed=1000)
     with torch.no_grad():
-        outs = {}
+        outs, ms = {}, {}
         for mode in ("dense", "loop", "packed"):
             t = time.perf_counter()
             outs[mode] = model(img, mode=mode)
-            print(f"{mode:>6}: {1e3 * (time.perf_counter() - t):.1f} ms")
+            ms[mode] = 1e3 * (time.perf_counter() - t)
+            print(f"{mode:>6}: {ms[mode]:.1f} ms")
     diff = (outs["loop"].pred - outs["packed"].pred).abs().max().item()
     print(f"max |loop - packed| = {diff:.2e}; exit maps equal: "
           f"{torch.equal(outs['loop'].exit_stage, outs['packed'].exit_stage)}")
-    print(count_flops(model, outs["packed"].active_counts, (h, w)).summary())
+    flops = count_flops(model, outs["packed"].active_counts, (h, w))
+    print(flops.summary())
     if args.maps:
         for p in save_pruning_maps(img, outs["packed"].exit_stage, f"{args.maps}/tour",
                                    stage_ends=model.stage_ends):
             print("wrote", p)
+    print(verdict(ms, float(flops.saving.mean()), flops.dense_macs))
+
+
+def verdict(ms: dict[str, float], saving: float, dense_macs: float) -> str:
+    """One line: what the timings of this tour show, why, and where pruning pays."""
+    faster = ms["packed"] < ms["dense"]
+    return (f"verdict: pruning saved {100 * saving:.0f}% of the FLOPs, and packed took "
+            f"{ms['packed']:.0f} ms against {ms['dense']:.0f} ms dense"
+            + ("" if faster else f": a tiny model ({dense_macs / 1e6:.0f} MFLOPs per image), "
+               "where fixed per-op costs outweigh the FLOPs, timed once")
+            + "; where it pays: python benchmarks/latency.py (ViT-B at 512 px, "
+            "docs/benchmarks.md), and a trained model's exits: docs/training.md")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,9 @@ import torch
 def pytest_configure(config: pytest.Config) -> None:
     # Explicitly requested kernels that have not passed their GPU tests warn on every call.
     config.addinivalue_line("filterwarnings", "ignore:.*has not yet passed its tests:UserWarning")
+    # torch.compile's import of torch.jit warns about torch's own deprecated API (torch 2.13)
+    config.addinivalue_line(
+        "filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
 
 # Set by tests/gpu_check.py: the end of the GPU tests' time (seconds since the epoch).
@@ -61,6 +64,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if DEADLINE and time.time() > DEADLINE - TEARDOWN_S:
         pytest.skip("the GPU check's time for tests is up (DTOP_STEP_DEADLINE)")
+
+
+def skip_reasons(reports: list) -> list[tuple[int, str]]:
+    """(count, reason) of skipped test reports, most frequent first."""
+    counts: dict[str, int] = {}
+    for rep in reports:
+        longrepr = rep.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        counts[reason] = counts.get(reason, 0) + 1
+    return sorted(((n, r) for r, n in counts.items()), key=lambda x: (-x[0], x[1]))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """One line naming why tests skipped (no GPU, no timm, ...), even under -q and xdist."""
+    reports = [r for r in terminalreporter.stats.get("skipped", []) if r.when in ("setup", "call")]
+    if reports:
+        terminalreporter.write_line(f"skipped {len(reports)}: " + "; ".join(
+            f"{n} {reason}" for n, reason in skip_reasons(reports)))
 
 
 @pytest.fixture(autouse=True)

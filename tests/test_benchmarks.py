@@ -53,13 +53,17 @@ def test_latency_quick(tmp_path: Path) -> None:
                str(tmp_path / "latency.json"), "--csv", str(tmp_path / "latency.csv"), *extra)
     head = out.stdout.splitlines()
     assert head[0].startswith("device:") and "torch:" in head[0] and "dtype:" in head[0]
-    for title in ("mode", "GFLOPs", "ms", "p20", "p80", "speedup", "realized", "logits ms",
-                  "realized logits", "peak MiB", "syncs"):
-        assert title in head[1]
-    assert "+ CUDA graph rows: GPU only" in out.stdout
+    # the compact table: these columns only, narrow enough to read
+    assert head[1].split() == ["B", "mode", "tokens/stage", "GFLOPs", "saving", "%", "ms",
+                               "speedup", "realized", "[80%", "interval]"]
+    assert max(len(ln) for ln in head[1:8]) <= 110
     for mode in ("dense (SDPA)", "loop (official per-image)", "packed/torch"):
         assert mode in out.stdout
-    assert "columns:" in out.stdout and "1 multiply-add\n= 1 FLOP" in out.stdout  # the legend
+    assert "WARNING" not in out.stdout and "columns:" not in out.stdout
+    tail = out.stdout.splitlines()[-2:]  # how far to trust it, then the verdict: one line each
+    assert tail[0].startswith("trust: none: --quick")
+    assert tail[1].startswith("verdict: at batch 2, packed/torch takes ")
+    assert "fixed per-call costs" in tail[1] and "where it is meant to pay" in tail[1]
     rows = _rows(tmp_path / "latency.json")
     modes = {(r["mode"], r["keep"]) for r in rows}
     assert {("dense (SDPA)", None), ("loop (official per-image)", 0.7),
@@ -143,7 +147,8 @@ def _row(mode: str, keep, samples: list[float], saving: float = 0.0) -> dict:
     samples = sorted(samples)
     q = statistics.quantiles(samples, n=5)
     return {"batch": 1, "mode": mode, "keep": keep, "ms": statistics.median(samples),
-            "p20": q[0], "p80": q[3], "flop_saving": saving, "samples_ms": samples}
+            "p20": q[0], "p80": q[3], "flop_saving": saving, "samples_ms": samples,
+            "repeats": len(samples)}
 
 
 def test_spread_warnings_flag_noisy_rows_and_load() -> None:
@@ -164,6 +169,34 @@ def test_spread_warnings_flag_noisy_rows_and_load() -> None:
     assert hi - lo > 0.2
     loaded = lat.spread_warnings(quiet, threads=1, load=(3.0, 3.0, 3.0))
     assert len(loaded) == 2 and "load average 3.0" in loaded[0]
+
+
+def test_trust_is_one_line() -> None:
+    lat = _latency_module()
+    tight = [_row("dense (SDPA)", None, [100 + 0.1 * i for i in range(-5, 6)]),
+             _row("packed/torch", 0.7, [80 + 0.1 * i for i in range(-5, 6)], 20)]
+    tight[1]["realized"] = 1.0
+    lat.add_intervals(tight)
+    assert tight[1]["realized_text"].startswith("1.00 [0.9")
+    line = lat.trust_line(tight, threads=2, load=(1.0, 1.0, 1.0))
+    assert line.startswith("trust: good: every realized fraction known to within 0.0")
+    spread = [90, 95, 100, 105, 110, 115, 85, 100, 100, 120, 80]
+    noisy = [_row("dense (SDPA)", None, spread), dict(tight[1])]
+    lat.add_intervals(noisy)
+    line = lat.trust_line(noisy, threads=1, load=(3.0, 3.0, 3.0))
+    assert line.startswith("trust: low: the realized fraction of B=1 packed/torch lies anywhere")
+    assert "p80/p20 up to" in line and "CPU load 3.0" in line and "\n" not in line
+
+
+def test_verdict_at_batch_1_says_there_is_nothing_to_batch() -> None:
+    lat = _latency_module()
+    rows = [dict(_row("dense (SDPA)", None, [1500.0] * 5), res=512),
+            dict(_row("loop (official per-image)", 0.684, [1222.0] * 5, 21.0), res=512),
+            dict(_row("packed/torch", 0.684, [1250.0] * 5, 21.0), res=512)]
+    line = lat.verdict(rows, gpu=False, quick=False)
+    assert line.startswith("verdict: at batch 1, packed/torch takes 1250 ms, the per-image loop "
+                           "1222 ms, dense 1500 ms, for 21% fewer FLOPs than dense")
+    assert "nothing to batch" in line and "on a GPU" in line and "docs/benchmarks.md" in line
 
 
 def test_cli_optional_dependency_fails_before_the_work() -> None:
@@ -233,10 +266,13 @@ def test_latency_learned_pruning(tmp_path: Path) -> None:
                             width=(64, 80))
     train_main(["--data", str(data), "--out", str(run), "--arch", "tiny", "--iters", "1",
                 "--crop", "64", "--scale", "128", "64", "--workers", "0", "--quiet"])
-    out = _run("latency.py", "--quiet", "--checkpoint", str(run / "final.pth"), "--data",
-               str(data), "--json", str(tmp_path / "learned.json"))
+    out = _run("latency.py", "--quiet", "--full", "--checkpoint", str(run / "final.pth"),
+               "--data", str(data), "--json", str(tmp_path / "learned.json"))
     assert "pruning learned: the checkpoint's heads at threshold 0.9" in out.stdout
-    assert "columns:" in out.stdout and "checks passed" in out.stdout
+    assert "columns:" in out.stdout and "checks passed" in out.stdout  # --full: the legend
+    for title in ("p20", "p80", "logits ms", "realized logits", "peak MiB", "syncs"):
+        assert title in out.stdout.splitlines()[1]
+    assert "+ CUDA graph rows: GPU only" in out.stdout
     rows = _rows(tmp_path / "learned.json")
     assert {r["mode"] for r in rows} >= {"dense (SDPA)", "loop (official per-image)",
                                          "packed/torch"}
@@ -262,7 +298,7 @@ def test_latency_json_records_a_failed_row(tmp_path: Path, monkeypatch) -> None:
     lat = _bench_module("latency")
     monkeypatch.setattr(lat, "QUICK", (_failing_packed_model, *lat.QUICK[1:]))
     monkeypatch.setattr(lat, "BACKENDS", ["torch"])
-    monkeypatch.setattr(lat, "triton_interpret", lambda: False)
+    monkeypatch.setattr(lat, "triton_interpreted", lambda: False)
     lat.main(["--quick", "--quiet", "--keep", "0.7", "--json", str(tmp_path / "latency.json")])
     rows = _rows(tmp_path / "latency.json")
     failed = [r for r in rows if r.get("error")]
@@ -290,3 +326,15 @@ def test_ops_json_records_a_failed_row(tmp_path: Path, monkeypatch) -> None:
                                                      ("attention bwd", "varlen torch")]
     assert all("boom" in r["error"] and "boom" in r["note"] for r in failed)
     assert any(r["op"] == "mlp fwd" and r["ms"] for r in rows)
+
+
+def test_readme_sample_is_what_show_prints() -> None:
+    """The README's benchmark sample is a saved run as ``latency.py --show`` prints it."""
+    saved = BENCH / "results" / "latency-cpu-x86-64-2-threads-20261124-run1.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(dtop_kernels.__file__).resolve().parents[1])
+    proc = subprocess.run([sys.executable, str(BENCH / "latency.py"), "--show", str(saved)],
+                          env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() in (ROOT / "README.md").read_text()
+    assert proc.stdout.splitlines()[-2].startswith("trust: good")

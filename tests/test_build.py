@@ -75,3 +75,42 @@ def test_compiler_change_or_unknown_folder_starts_over(setup_py, tmp_path: Path,
 ])
 def test_build_errors_name_their_cause(setup_py, lines, step, expect) -> None:
     assert expect in setup_py._diagnose(step, "80;90a", "/cuda/bin/nvcc", lines)
+
+
+CPU_TORCH = {"version": "2.13.0+cpu", "cuda": None}
+CUDA_TORCH = {"version": "2.13.0+cu130", "cuda": "13.0"}
+
+
+@pytest.mark.parametrize(("env", "torch_info", "nvcc", "expect"), [
+    pytest.param({}, CUDA_TORCH, "/cuda/bin/nvcc", None, id="cuda-torch-builds"),
+    pytest.param({}, None, "/cuda/bin/nvcc", None, id="no-torch-yet-builds"),
+    pytest.param({}, CPU_TORCH, "/cuda/bin/nvcc", "torch 2.13.0+cpu is a CPU build",
+                 id="cpu-torch-skips"),
+    pytest.param({"DTOP_FORCE_CUDA_BUILD": "1"}, CPU_TORCH, "/cuda/bin/nvcc", None,
+                 id="forced-builds"),
+    pytest.param({"DTOP_FORCE_CUDA_BUILD": "1"}, CPU_TORCH, None, "no nvcc found",
+                 id="forced-without-nvcc-skips"),
+    pytest.param({"DTOP_SKIP_CUDA_BUILD": "1", "DTOP_FORCE_CUDA_BUILD": "1"}, CUDA_TORCH,
+                 "/cuda/bin/nvcc", "DTOP_SKIP_CUDA_BUILD=1", id="skip-wins"),
+    pytest.param({}, CUDA_TORCH, None, "no nvcc found", id="no-nvcc-skips"),
+])
+def test_build_decision_follows_the_installed_torch(setup_py, env, torch_info, nvcc,
+                                                    expect) -> None:
+    reason = setup_py.skip_reason(env, torch_info, nvcc)
+    if expect is None:
+        assert reason is None
+    else:
+        assert expect in reason
+    if torch_info is CPU_TORCH and reason and "CPU build" in reason:
+        assert "DTOP_FORCE_CUDA_BUILD=1" in reason  # the one line says how to build anyway
+
+
+def test_installed_torch_is_read_from_the_target_interpreter(setup_py) -> None:
+    """The build asks this interpreter (``-I``: outside pip's isolated build environment) which
+    torch it has, without importing it."""
+    import sys
+
+    import torch
+
+    found = setup_py.installed_torch(sys.executable)
+    assert found == {"version": torch.__version__, "cuda": torch.version.cuda}

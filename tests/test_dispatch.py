@@ -210,17 +210,48 @@ def test_import_has_no_side_effects():
     assert out["cuda_after_ops"] == "False", "CPU ops must not initialize CUDA"
 
 
-def test_info_module_runs():
-    res = subprocess.run([sys.executable, "-m", "dtop_kernels.info"], capture_output=True,
-                         text=True, env=_clean_env(), cwd=ROOT, timeout=120, check=False)
+def _info(*args: str, **env: str) -> str:
+    res = subprocess.run([sys.executable, "-m", "dtop_kernels.info", *args], capture_output=True,
+                         text=True, env=dict(_clean_env(), **env), cwd=ROOT, timeout=120,
+                         check=False)
     assert res.returncode == 0, res.stderr
-    out = res.stdout
-    assert dtop_kernels.__version__ in out
+    return res.stdout
+
+
+def test_info_is_one_line_per_backend():
+    """Default: versions, one line per backend saying what runs here or why not, the auto
+    choice, and where the details are."""
+    out = _info().splitlines()
+    assert out[0].startswith(f"dtop_kernels {dtop_kernels.__version__} | python ")
+    assert "torch " in out[0] and "GPU: " in out[0]
+    lines = {name: next(ln.strip() for ln in out if ln.strip().startswith(name + " "))
+             for name in BACKEND_NAMES}
+    assert lines["torch"].split(None, 1)[1].startswith("runs every op")
+    if not torch.cuda.is_available():
+        assert "no: needs a CUDA GPU" in lines["triton"]
+        assert lines["cuda"].split(None, 1)[1].startswith("no: ")
+        assert 'backend="auto" runs torch for every op on cpu tensors' in out
+    assert all(len(ln) <= 300 for ln in lines.values()), lines  # one reason, not one per op
+    assert "head dim 8" not in "\n".join(out)
+    assert out[-1].endswith("python -m dtop_kernels.info --verbose")
+    assert len(out) <= 8
+
+
+def test_info_verbose_lists_every_op():
+    out = _info("--verbose")
     for name in BACKEND_NAMES:
         assert name in out
     for op in ("gather_tokens", "scatter_tokens", "varlen_attention", "pruned_block",
                "dtop_select"):
-        assert op in out, f"info does not mention {op}"
+        assert f"  {op}: auto -> " in out, f"info does not mention {op}"
+    assert "head dim 64" in out and "not compiled" not in out
+
+
+def test_info_under_the_interpreter_says_triton_runs_on_the_cpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: Triton runs there")
+    out = _info(TRITON_INTERPRET="1")
+    assert "triton  runs on CPU tensors under TRITON_INTERPRET=1" in out
 
 
 def test_info_names_an_installed_package_shadowed_by_the_source_tree(tmp_path, monkeypatch):
@@ -248,3 +279,18 @@ def test_info_names_an_installed_package_shadowed_by_the_source_tree(tmp_path, m
     assert info.shadowed_install() == (installed / "dtop_kernels").resolve()
     monkeypatch.setattr(importlib.metadata, "distributions", lambda name=None: [Dist(here.parent)])
     assert info.shadowed_install() is None
+
+
+def test_info_and_benchmarks_use_public_names_only():
+    """What ``info`` and the benchmarks need is public (``dtop_kernels``' exports): no import of
+    the backend packages' internals."""
+    import re
+
+    files = [ROOT / "dtop_kernels" / "info.py", *sorted((ROOT / "benchmarks").glob("*.py"))]
+    internal = re.compile(r"dtop_kernels\.(backends|cuda|triton)\b|\bdk\.(backends|cuda|triton)\.")
+    for f in files:
+        hits = [ln for ln in f.read_text().splitlines() if internal.search(ln)]
+        assert not hits, f"{f.name} uses backend internals: {hits}"
+    for name in ("BACKENDS", "backend_reasons", "auto_backend", "cuda_build_info",
+                 "triton_interpreted", "triton_import_error"):
+        assert name in dtop_kernels.__all__

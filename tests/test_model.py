@@ -8,6 +8,7 @@ test checks that the images of its batch really keep different numbers of tokens
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -502,3 +503,25 @@ def test_pruning_maps(tmp_path):
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
     paths = main(["--out", str(tmp_path / "cli"), "--images", "2", "--size", "64", "96"])
     assert len(paths) == 2 and all(p.stat().st_size > 0 for p in paths)
+
+
+def test_pruning_map_colours_are_the_legend_colours(tmp_path):
+    """Exit colours are drawn unblended: each head's legend colour fills its tokens' area."""
+    pytest.importorskip("matplotlib")
+    Image = pytest.importorskip("PIL.Image")
+    from matplotlib.colors import to_rgb
+
+    from dtop_kernels.models.visualize import EXIT_COLOURS, NEVER_EXITED, save_pruning_maps
+
+    exit_stage = torch.zeros(8, 8, dtype=torch.long)
+    exit_stage[:, 4:] = 2  # left half exits at head 0, right half never exits
+    (path,) = save_pruning_maps(torch.rand(3, 128, 128), exit_stage, tmp_path / "m",
+                                stage_ends=[2, 3, 4])
+    pixels = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3).copy())
+
+    def share(colour: str) -> float:
+        rgb = torch.tensor([round(255 * c) for c in to_rgb(colour)], dtype=pixels.dtype)
+        return float((pixels == rgb).all(1).float().mean())
+
+    assert share(EXIT_COLOURS[0]) > 0.03 and share(NEVER_EXITED) > 0.03
+    assert share(EXIT_COLOURS[1]) < 0.01  # head 1: its legend patch only

@@ -55,8 +55,8 @@ def build_info() -> dict:
     """What setup.py recorded: {"cuda_built", "reason", "archs", "nvcc_version"}."""
     if not _BUILD_INFO.is_file():
         return {"cuda_built": False,
-                "reason": f"no build record in {_BUILD_INFO.parent}: a source tree, not an "
-                          "installed package (`pip install .` builds and installs the kernels)"}
+                "reason": f"a source tree without a build record, {_BUILD_INFO.parent}; "
+                          "`pip install .` builds and installs the package"}
     return json.loads(_BUILD_INFO.read_text())
 
 
@@ -67,10 +67,12 @@ def unavailable_reasons() -> list[str]:
         return []
     info = build_info()
     if info.get("cuda_built"):
-        why = f"was built but fails to import ({error}); rebuild it"
-    else:
-        why = f"is not built ({info.get('reason', 'unknown')})"
-    return [f"the CUDA extension dtop_kernels._C {why}; {_HOW_TO_BUILD}"]
+        return [(f"the CUDA extension dtop_kernels._C was built but fails to import ({error}); "
+                 "rebuild it: pip install .")]
+    # advice to build only where the kernels could run: a CUDA build of torch
+    how = f"; {_HOW_TO_BUILD}" if torch.version.cuda else ""
+    return [f"the CUDA extension dtop_kernels._C is not built ({info.get('reason', 'unknown')})"
+            + how]
 
 
 def head_dims() -> tuple[int, ...]:

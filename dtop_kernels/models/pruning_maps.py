@@ -1,6 +1,6 @@
 """Write pruning maps (where each token exited) of a tiny random model on synthetic images.
 
-    pip install matplotlib        # or: pip install "dtop-kernels[models]"
+    pip install matplotlib        # or, from the checkout: pip install ".[models]"
     python -m dtop_kernels.models.pruning_maps --out DIR
 
 Runs :func:`dtop_kernels.models.vit_dtop_tiny` with confident heads
