@@ -668,10 +668,11 @@ def bench(args) -> tuple[dict, list[dict], list[str]]:
                       lambda i, g=graphs[be][1], kp=kp, imgs=imgs: g(imgs[i], kp[i].exit_logits))
                      for be in ok_graph]
 
-        worst = max(float(c.rsplit(": ", 1)[1]) for c in checked)
-        notes.append(f"B={b}: checks passed: every mode exits the same tokens and predicts the "
-                     f"same (max |d pred| {worst:.1e})")
-        notes.append(f"B={b}: check details (max |d pred|): " + "; ".join(checked))
+        if checked:
+            worst = max(float(c.rsplit(": ", 1)[1]) for c in checked)
+            notes.append(f"B={b}: checks passed: every mode exits the same tokens and predicts "
+                         f"the same (max |d pred| {worst:.1e})")
+            notes.append(f"B={b}: check details (max |d pred|): " + "; ".join(checked))
 
         # --- timing: every row round-robin (end to end and to the logits), inputs rotating
 
