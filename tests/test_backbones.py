@@ -270,7 +270,7 @@ def test_checkpoint_builds_only_described_classes(tmp_path):
     model = _dtop("vit", _hf("vit"))
     config = backbone_config(model)
     for bad in ({"class": "BertModel"}, {"class": "os.system"}, {"class": "AutoTokenizer"},
-                {"source": "pickle"}, {"dtype": "int64"}):
+                {"source": "pickle"}, {"dtype": "int64"}, {"dtype": ["float32"]}):
         path = save_checkpoint(tmp_path / "bad.pth", model,
                                {**config, "backbone": {**config["backbone"], **bad}}, 1)
         with pytest.raises(CheckpointError, match="cannot build its model"):

@@ -168,6 +168,8 @@ _TIMM_ACTS = ("gelu_tanh", "quick_gelu", "gelu", "silu", "relu")
 _TIMM_NORMS = ("timm", "torch")  # timm.layers.LayerNorm, torch.nn.LayerNorm
 # transformers model types whose layers pruned_block runs (layers.FAMILIES)
 _HF_MODEL_TYPES = ("vit", "deit", "dinov2", "dinov2_with_registers", "dinov3_vit")
+_DTYPES = {str(d).removeprefix("torch."): d
+           for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 _PLAIN = (bool, int, float, str, type(None))
 _RUNTIME = frozenset({"training", "fused_attn", "grad_checkpointing", "gradient_checkpointing"})
 
@@ -289,7 +291,7 @@ def _structure(backbone: Backbone) -> list[tuple]:
                      and k not in _RUNTIME and isinstance(v, (*_PLAIN, tuple))}
             tensors = {k: tuple(t.shape) for k, t in (*m._parameters.items(),
                                                       *m._buffers.items()) if t is not None}
-            out.append((name, type(m).__qualname__, attrs, tensors))
+            out.append((name, f"{type(m).__module__}.{type(m).__qualname__}", attrs, tensors))
     return out
 
 
@@ -330,6 +332,8 @@ def backbone_spec(backbone: Backbone) -> dict:
         raise _no_spec(f"its stem {type(stem).__name__} comes from neither from_timm nor "
                        "from_transformers")
     spec["dtype"] = str(stem.proj.weight.dtype).removeprefix("torch.")
+    if spec["dtype"] not in _DTYPES:
+        raise _no_spec(f"its dtype {spec['dtype']} is none of {sorted(_DTYPES)}")
     check_data(spec, "the backbone description")
     with torch.device("meta"):
         rebuilt = backbone_from_spec(spec)
@@ -347,9 +351,10 @@ def backbone_from_spec(spec: Mapping) -> Backbone:
     source, class, argument or dtype."""
     if not isinstance(spec, Mapping) or spec.get("source") not in SOURCES:
         raise SpecError(f"a backbone description needs 'source' in {SOURCES}; got {spec!r:.200}")
-    dtype = getattr(torch, str(spec.get("dtype")), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise SpecError(f"backbone dtype {spec.get('dtype')!r} is not a floating-point dtype")
+    dtype = _DTYPES.get(spec["dtype"]) if isinstance(spec.get("dtype"), str) else None
+    if dtype is None:
+        raise SpecError(f"backbone dtype must be one of {sorted(_DTYPES)}; got "
+                        f"{spec.get('dtype')!r}")
     if spec["source"] == "timm":
         import timm.layers
 

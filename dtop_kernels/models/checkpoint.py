@@ -234,6 +234,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", *,
         model = build_model(cfg["arch"], cfg["num_classes"], backbone=cfg.get("backbone"),
                             **{**cfg["overrides"], **overrides})
     except (ImportError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot build its model {cfg!r:.300}: {e}") from e
+        raise CheckpointError(f"{path}: cannot build its model (arch {cfg['arch']!r}, "
+                              f"num_classes {cfg['num_classes']!r}, overrides "
+                              f"{cfg['overrides']!r:.200}): {e}") from e
     load_weights(model, ckpt["model"], path)
     return model.to(device).eval(), ckpt
