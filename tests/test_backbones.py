@@ -3,7 +3,8 @@
 With pruning off the backbone computes what the source model computes (its final tokens before
 the final norm); with pruning, the packed mode (torch and Triton backends) equals the loop mode
 (the source's own layers run image by image on the kept tokens), prefix tokens never exit,
-FLOPs match FlopCounterMode, training reaches the source's weights and checkpoints rebuild.
+FLOPs match FlopCounterMode, training reaches the source's weights and checkpoints rebuild
+(from plain data, weights-only).
 
 Small random configurations, no network; each test skips without timm / transformers."""
 
@@ -18,7 +19,13 @@ from helpers import backend_params
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from dtop_kernels.models import ViTDToP, count_flops, dtop_loss
-from dtop_kernels.models.checkpoint import backbone_config, load_model, save_checkpoint
+from dtop_kernels.models.backbones import check_data
+from dtop_kernels.models.checkpoint import (
+    CheckpointError,
+    backbone_config,
+    load_model,
+    save_checkpoint,
+)
 from dtop_kernels.models.dtop import paper_stage_ends
 
 C, HEADS, DEPTH, K = 64, 2, 4, 4
@@ -202,18 +209,72 @@ def test_training_reaches_the_source_and_packed_grads_equal_loop(kind):
     assert last.grad is not None and bool(last.grad.abs().sum() > 0)
 
 
-@pytest.mark.parametrize("kind", [SOURCES[1], SOURCES[-1]])
+def _no_pickled_objects(path) -> None:
+    """The file holds tensors and plain data only: it loads weights-only and names no global."""
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(path) == []
+    ckpt = torch.load(path, weights_only=True)
+    check_data(ckpt["config"], "config")  # no module or other object in it
+
+
+@pytest.mark.parametrize("kind", SOURCES)
 def test_checkpoint_rebuilds(kind, tmp_path):
+    """The checkpoint describes the backbone as plain data and loads weights-only (no trust
+    needed); the rebuilt model computes what the saved one does."""
     model = _dtop(kind, _source(kind), threshold=0.5, top_k=1)
     path = save_checkpoint(tmp_path / "c.pth", model, backbone_config(model), 7)
+    _no_pickled_objects(path)
     again, ckpt = load_model(path, threshold=0.6)
+    assert ckpt["config"]["backbone"]["source"] == ("timm" if kind.startswith("timm")
+                                                    else "transformers")
     assert ckpt["iteration"] == 7 and again.threshold == 0.6 and again.top_k == 1
+    assert again.num_prefix_tokens == PREFIX[kind]
     img = torch.randn(2, 3, H, W)
     exits = _exit_logits(model, 2)
     with torch.no_grad():
         a = model(img, "packed", backend="torch", threshold=0.6, exit_logits=exits)
         b = again(img, "packed", backend="torch", exit_logits=exits)
+        assert torch.equal(again.forward_backbone(img), model.forward_backbone(img))
     assert torch.equal(a.pred, b.pred)
+
+
+@pytest.mark.timm
+def test_checkpoint_refuses_what_it_cannot_describe():
+    """A timm model its VisionTransformer arguments do not rebuild fails at save time, saying
+    what differs and what to do instead."""
+    vit = _timm_vit()
+    vit.blocks[2].norm1.eps = 1e-3
+    model = _dtop("timm", vit)
+    with pytest.raises(ValueError, match=r"blocks\.2\.norm1: settings .*'eps': 0\.001.* save its "
+                       r"state dict .*from_timm / from_transformers yourself"):
+        backbone_config(model)
+    vit = _timm_vit()
+    for block in vit.blocks:
+        block.mlp.act = torch.nn.GELU(approximate="tanh")
+    with pytest.raises(ValueError, match=r"MLP activation GELU\(approximate='tanh'\) has no "
+                       "timm name"):
+        backbone_config(_dtop("timm", vit))
+
+
+@pytest.mark.transformers
+def test_checkpoint_builds_only_described_classes(tmp_path):
+    """A file naming another class or source is refused before anything is built from it;
+    a transformers model class of the user's own is refused at save time."""
+    tf = import_transformers()
+
+    class MyViT(tf.ViTModel):
+        pass
+
+    with pytest.raises(ValueError, match=r"MyViT is not a model class of the transformers "
+                       "package"):
+        backbone_config(_dtop("vit", MyViT(_hf("vit").config)))
+    model = _dtop("vit", _hf("vit"))
+    config = backbone_config(model)
+    for bad in ({"class": "BertModel"}, {"class": "os.system"}, {"class": "AutoTokenizer"},
+                {"source": "pickle"}, {"dtype": "int64"}, {"dtype": ["float32"]}):
+        path = save_checkpoint(tmp_path / "bad.pth", model,
+                               {**config, "backbone": {**config["backbone"], **bad}}, 1)
+        with pytest.raises(CheckpointError, match="cannot build its model"):
+            load_model(path)
 
 
 @pytest.mark.parametrize("p", [0, 1, 3])

@@ -13,11 +13,12 @@ from the file runs. A file that needs more (pickled Python objects) is refused w
 and so runs whatever code the file carries: only for files from a trusted source.
 
 A model built around a given backbone (``ViTDToP.from_timm`` / ``from_transformers``) has no
-name: its config (:func:`backbone_config`, arch ``"backbone"``) carries a skeleton of the
-backbone, its stem and layers without their data (the module structure, pickled), which
-:func:`build_model` fills with fresh tensors before the state dict loads. Such a file holds
-pickled Python objects: it loads only with ``trust_checkpoint=True``, and needs timm or
-transformers importable.
+name: its config (:func:`backbone_config`, arch ``"backbone"``) describes the backbone as plain
+data (:func:`~dtop_kernels.models.backbones.backbone_spec`: timm ``VisionTransformer``
+arguments, or a transformers model class name and config dict), so such a file loads
+weights-only too. :func:`build_model` builds only timm's ``VisionTransformer`` or a model class
+of the transformers package from it (no network), and the weights then load strictly; timm or
+transformers must be importable.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dtop_kernels.models.backbones import Backbone, materialize, skeleton
+from dtop_kernels.models.backbones import Backbone, backbone_from_spec, backbone_spec, check_data
 from dtop_kernels.models.dtop import ViTDToP, vit_dtop_base, vit_dtop_large, vit_dtop_tiny
 
 
@@ -48,17 +49,17 @@ ARCHS = {"tiny": vit_dtop_tiny, "small": vit_dtop_small, "base": vit_dtop_base,
 BACKBONE_ARCH = "backbone"  # a model around a given backbone (from_timm / from_transformers)
 
 
-def build_model(arch: str, num_classes: int, *, backbone: nn.ModuleList | None = None,
+def build_model(arch: str, num_classes: int, *, backbone: Mapping | None = None,
                 **overrides) -> ViTDToP:
     """``ARCHS[arch](num_classes, **overrides)``; for arch ``"backbone"``
-    ``ViTDToP.from_backbone`` on the ``backbone`` skeleton (:func:`backbone_config`), its
-    tensors allocated uninitialized (load the weights next). ValueError naming the choices
-    otherwise."""
+    ``ViTDToP.from_backbone`` on the backbone that ``backbone`` (the description of
+    :func:`backbone_config`) rebuilds, its weights not those of the file (load them next).
+    ValueError naming the choices otherwise."""
     if arch == BACKBONE_ARCH:
         if backbone is None:
-            raise ValueError("arch 'backbone' needs the backbone skeleton of backbone_config()")
-        stem, *layers = materialize(backbone)
-        return ViTDToP.from_backbone(Backbone(stem, layers), num_classes, **overrides)
+            raise ValueError("arch 'backbone' needs the backbone description of "
+                             "backbone_config()")
+        return ViTDToP.from_backbone(backbone_from_spec(backbone), num_classes, **overrides)
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {sorted(ARCHS) + [BACKBONE_ARCH]}; got {arch!r}")
     return ARCHS[arch](num_classes=num_classes, **overrides)
@@ -105,15 +106,20 @@ class _Writer:
 
 
 def backbone_config(model: ViTDToP) -> dict:
-    """The checkpoint config of a model built around a given backbone (``from_timm``,
-    ``from_transformers``, ``from_backbone``): its settings and a skeleton of its stem and
-    layers (module structure without data), from which :func:`load_model` rebuilds it."""
+    """The checkpoint config of a model built by ``ViTDToP.from_timm`` or
+    ``from_transformers``: its settings and a description of its backbone as plain data
+    (:func:`~dtop_kernels.models.backbones.backbone_spec`), from which :func:`load_model`
+    rebuilds it. ValueError (saying what to do instead) for a model built otherwise, or a
+    backbone the description would not rebuild exactly."""
     model = getattr(model, "module", model)  # DistributedDataParallel
     if getattr(model, "build_overrides", None) is None:
         raise ValueError("model was not built by ViTDToP.from_timm / from_transformers / "
                          "from_backbone: save it with model_config(arch, num_classes, ...)")
-    return {**model_config(BACKBONE_ARCH, model.num_classes, **model.build_overrides),
-            "backbone": skeleton(nn.ModuleList([model.patch_embed, *model.blocks]))}
+    spec = backbone_spec(Backbone(model.patch_embed, list(model.blocks)))
+    config = {**model_config(BACKBONE_ARCH, model.num_classes, **model.build_overrides),
+              "backbone": spec}
+    check_data(config, "the model's settings")
+    return config
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, config: dict, iteration: int,
@@ -227,7 +233,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", *,
     try:
         model = build_model(cfg["arch"], cfg["num_classes"], backbone=cfg.get("backbone"),
                             **{**cfg["overrides"], **overrides})
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot build its model {cfg}: {e}") from e
+    except (ImportError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot build its model (arch {cfg['arch']!r}, "
+                              f"num_classes {cfg['num_classes']!r}, overrides "
+                              f"{cfg['overrides']!r:.200}): {e}") from e
     load_weights(model, ckpt["model"], path)
     return model.to(device).eval(), ckpt
