@@ -95,16 +95,15 @@ def measured_order(op: str, device: torch.device) -> tuple[str, ...] | None:
     Under ``torch.compile`` the lookup (a file ``stat`` and a GPU query, which dynamo cannot
     trace) runs once at trace time and its result is a constant of the graph: a compiled
     graph keeps the order it was traced with."""
-    if device.type != "cuda":
-        return None
-    index = device.index if device.index is not None else -1
     if torch.compiler.is_compiling():
-        return _traced_order(op, index)
-    return _order(op, index)
+        return _traced_order(op, device.type, -1 if device.index is None else device.index)
+    return _order(op, device)
 
 
-def _order(op: str, index: int) -> tuple[str, ...] | None:
-    a = _arch(torch.device("cuda", index) if index >= 0 else torch.device("cuda"))
+def _order(op: str, device: torch.device) -> tuple[str, ...] | None:
+    a = arch(device)
+    if a is None:
+        return None
     entry = load()["gpus"].get(a)
     if entry is None or op not in entry["order"]:
         return None
@@ -112,8 +111,9 @@ def _order(op: str, index: int) -> tuple[str, ...] | None:
 
 
 @torch.compiler.assume_constant_result
-def _traced_order(op: str, index: int) -> tuple[str, ...] | None:
-    return _order(op, index)
+def _traced_order(op: str, device_type: str, index: int) -> tuple[str, ...] | None:
+    return _order(op, torch.device(device_type, index) if index >= 0 else
+                  torch.device(device_type))
 
 
 def make_entry(env: dict, order: dict[str, list[str]], source: str) -> dict:

@@ -83,7 +83,7 @@ def test_stage_mixes_backends_per_op(fake_gpu, gen):
     keep = random_keep(b, n, [13, 5], gen)
     ts = TokenSet.from_mask(keep, capacity=b * n)
     x = torch.randn(b, n, c, generator=gen)
-    plan = block_op._stage_plan(x, ts, blocks)
+    plan = block_op._stage_plan(x, ts, [block_op.check_block(blk, c) for blk in blocks])
     assert plan == {"gather_tokens": "torch", "layer_norm": "torch", "packed_linear": "triton",
                     "varlen_attention": "torch", "scatter_tokens": "triton"}
     with torch.no_grad():

@@ -206,7 +206,7 @@ CATALOGUE = [
      "block has no `attn`"),
     ("block-qkv-dims", lambda: pruned_block(_x(), _good(), _block(**{"attn.qkv":
                                                                     nn.Linear(8, 16)})),
-     ValueError, "qkv maps 8 -> 16"),
+     ValueError, "qkv must map the tokens' C = 8 to 24 features"),
     ("block-q-bias", lambda: pruned_block(_x(), _good(), _block(attn=_QBiasAttention(8, 2))),
      TypeError, "block.attn.q_bias"),
     ("block-unknown-attn-part",

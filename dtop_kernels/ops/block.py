@@ -154,8 +154,7 @@ def _stage_plan(x: torch.Tensor, tokens: TokenSet, layers: Sequence[LayerParts]
     from dtop_kernels import auto_order
     from dtop_kernels.backends import dispatcher
 
-    if not layers or x.device.type != "cuda" or \
-            not any(auto_order.measured_order(op, x.device) for op in STAGE_OPS):
+    if not layers or not any(auto_order.measured_order(op, x.device) for op in STAGE_OPS):
         return None
     parts = layers[0]
     d = x.shape[-1] // parts.num_heads
