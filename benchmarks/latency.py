@@ -387,13 +387,17 @@ def trust_line(rows: list[dict], threads: int | None,
 
 def verdict(rows: list[dict], gpu: bool, quick: bool) -> str:
     """One plain line: what the run shows, why, and where the packed path is meant to pay."""
+    rows = [r for r in rows if r["ms"] is not None]  # failed rows have no timings
     b = max(r["batch"] for r in rows)
     at_b = [r for r in rows if r["batch"] == b]
     dense = min((r for r in at_b if r["keep"] is None), key=lambda r: r["ms"])
     pruned = [r for r in at_b if r["keep"] is not None]
     keep = max(pruned, key=lambda r: r["flop_saving"])["keep"]
     packed = min((r for r in pruned if r["keep"] == keep and r["mode"].startswith("packed")),
-                 key=lambda r: r["ms"])
+                 key=lambda r: r["ms"], default=None)
+    if packed is None:
+        return (f"verdict: no packed row was timed at batch {b} (each failed: the FAILED notes "
+                "say why), so this run shows nothing about the packed path")
     loop = next(r for r in pruned if r["keep"] == keep and r["mode"] == LOOP)
     shows = (f"verdict: at batch {b}, {packed['mode']} takes {packed['ms']:.0f} ms, the "
              f"per-image loop {loop['ms']:.0f} ms, dense {dense['ms']:.0f} ms, for "
@@ -630,7 +634,7 @@ def bench(args) -> tuple[dict, list[dict], list[str]]:
                     checked.append(f"keep {keep} loop vs packed/{be}: {err:.1e}")
                     ok.append(be)
                 except Exception as e:  # noqa: BLE001
-                    failed[f"packed/{be}", keep] = _error(e)
+                    failed.setdefault((f"packed/{be}", keep), _error(e))  # the first error
                 progress.step(f"B={b} keep={keep} check packed/{be}")
             if compile_packed:
                 try:
