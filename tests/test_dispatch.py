@@ -222,7 +222,8 @@ def test_info_is_one_line_per_backend():
     """Default: versions, one line per backend saying what runs here or why not, the auto
     choice, and where the details are."""
     # run from a checkout root over an installed package, a note on which one comes first
-    out = [ln for ln in _info().splitlines() if not ln.startswith("note: ")]
+    # (its line and a blank line)
+    out = [ln for ln in _info().splitlines() if ln and not ln.startswith("note: ")]
     assert out[0].startswith(f"dtop_kernels {dtop_kernels.__version__} | python ")
     assert "torch " in out[0] and "GPU: " in out[0]
     lines = {name: next(ln.strip() for ln in out if ln.strip().startswith(name + " "))
