@@ -235,7 +235,7 @@ def run_steps(steps: list[Step], deadline_s: float, log_dir: Path) -> None:
                 s.status = "skipped: no time left"
                 continue
             f = open(log_dir / f"{len(running)}-{s.name.replace(' ', '_')}.txt", "w+")  # noqa: SIM115
-            env = os.environ | s.env | {"DTOP_STEP_DEADLINE": f"{time.time() + s.limit:.1f}"}
+            env = os.environ | s.env | {"DTOP_STEP_DEADLINE": f"{time.time() + s.limit:.3f}"}
             t0 = time.monotonic()
             try:
                 proc = subprocess.Popen(s.cmd, cwd=ROOT, env=env, stdout=f,
