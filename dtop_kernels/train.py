@@ -30,6 +30,11 @@ phases can run in one go), the rest with the exit rule at ``--threshold``.
   (``--init FILE``, official DToP / SegViT naming) or a checkpoint of this trainer (``--init
   RUN/final.pth``: weights only, a new schedule, e.g. the pruning fine-tune after a dense run);
   the kind is recognized from its keys.
+- Bring your own ViT: ``--init FILE`` with a checkpoint of a model built by
+  ``ViTDToP.from_timm`` / ``from_transformers`` (``save_checkpoint(FILE, model,
+  backbone_config(model), 0)``) trains that model: the file sets the backbone, the heads and
+  their settings (no ``--arch``); ``--threshold`` replaces its threshold when given, and
+  ``--resume`` continues such a run as any other.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ from dtop_kernels.data import (
 from dtop_kernels.evaluate import evaluate
 from dtop_kernels.models.checkpoint import (
     ARCHS,
+    BACKBONE_ARCH,
     CheckpointError,
     DamagedCheckpointError,
     build_model,
@@ -162,7 +168,10 @@ def load_init(model, path: str, *, trust_checkpoint: bool = False) -> str:
     before the pruning fine-tune), a plain state dict of this model, an mmseg checkpoint or a
     timm state dict (recognized by its keys); returns what was loaded, as text. Read
     weights-only unless ``trust_checkpoint`` (:func:`load_file`)."""
-    sd = load_file(path, trust_checkpoint=trust_checkpoint)
+    return _load_init_state(model, load_file(path, trust_checkpoint=trust_checkpoint), path)
+
+
+def _load_init_state(model, sd: object, path: str) -> str:
     if isinstance(sd, dict) and {"model", "config"} <= sd.keys():
         load_weights(model, sd["model"], path)
         return f"weights of {path} (iteration {sd.get('iteration')}, {sd['config']})"
@@ -177,6 +186,47 @@ def load_init(model, path: str, *, trust_checkpoint: bool = False) -> str:
     mmseg = any(k.startswith(("backbone.", "decode_head.", "layers.")) for k in keys)
     report = load_mmseg_checkpoint(model, sd) if mmseg else load_timm_backbone(model, sd)
     return f"{'mmseg' if mmseg else 'timm'} weights from {path}: {report}"
+
+
+class OptionError(ValueError):
+    """Command-line options that do not fit the model or each other."""
+
+
+def _backbone_source(sd: object) -> dict | None:
+    """The config of a checkpoint of a model around its own backbone (arch ``"backbone"``),
+    else None."""
+    cfg = sd.get("config") if isinstance(sd, dict) else None
+    if isinstance(cfg, dict) and cfg.get("arch") == BACKBONE_ARCH:
+        return cfg
+    return None
+
+
+def _model_config(args: argparse.Namespace, num_classes: int, ckpt: dict | None,
+                  resume: str | None, init: object) -> dict:
+    """The configuration of the model to train: the built-in ``--arch`` (default base), or
+    the model around its own backbone that the ``--resume`` / ``--init`` file describes."""
+    source, name = (_backbone_source(ckpt), f"--resume {resume}") if ckpt is not None else \
+        (_backbone_source(init), f"--init {args.init}")
+    if source is None:
+        overrides = {"threshold": 0.9 if args.threshold is None else args.threshold}
+        if args.pos_grid:
+            overrides["pos_grid"] = args.pos_grid
+        return model_config(args.arch or "base", num_classes, **overrides)
+    given = [f"--{o} {getattr(args, o.replace('-', '_'))}"
+             for o in ("arch", "pos-grid", "timm-model") if getattr(args, o.replace("-", "_"))]
+    if given:
+        raise OptionError(f"{name} holds a model around its own backbone (from_timm / "
+                              f"from_transformers), which sets the model: drop "
+                              f"{' and '.join(given)}")
+    if source.get("num_classes") != num_classes:
+        raise CheckpointError(f"{name} has {source.get('num_classes')} classes, the data set "
+                              f"{num_classes}: build the model with num_classes={num_classes} "
+                              f"(or pass --num-classes {source.get('num_classes')})")
+    overrides = dict(source.get("overrides") or {})
+    if args.threshold is not None:
+        overrides["threshold"] = args.threshold
+    return {**model_config(BACKBONE_ARCH, num_classes, **overrides),
+            "backbone": source.get("backbone")}
 
 
 def _truncate_log(path: Path, iteration: int) -> None:
@@ -264,12 +314,7 @@ def train(args: argparse.Namespace) -> dict:
                         cat_max_ratio=args.cat_max_ratio, photometric=not args.no_photometric)
     ds = open_dataset(args.data, split, num_classes=num_classes, transform=tf)
     num_classes = ds.num_classes
-    overrides = {"threshold": args.threshold}
-    if args.pos_grid:
-        overrides["pos_grid"] = args.pos_grid
-    config = model_config(args.arch, num_classes, **overrides)
-
-    resume, ckpt = args.resume, None
+    resume, ckpt, init = args.resume, None, None
     if resume == "auto":
         resume, ckpt, damaged = latest_intact_checkpoint(
             out, trust_checkpoint=args.trust_checkpoint)
@@ -278,8 +323,21 @@ def train(args: argparse.Namespace) -> dict:
                   f"(passed over: {'; '.join(damaged)})", flush=True)
     elif resume:
         ckpt = read_checkpoint(resume, trust_checkpoint=args.trust_checkpoint)
+    if args.init:
+        init = load_file(args.init, trust_checkpoint=args.trust_checkpoint)
+    config = _model_config(args, num_classes, ckpt, resume, init)
     torch.manual_seed(args.seed)
-    model = build_model(args.arch, num_classes, **overrides)
+    try:
+        model = build_model(config["arch"], num_classes, backbone=config.get("backbone"),
+                            **config["overrides"])
+    except (ImportError, TypeError, ValueError) as e:
+        if config["arch"] != BACKBONE_ARCH:
+            raise
+        source = resume if ckpt is not None else args.init
+        raise CheckpointError(f"{source}: cannot build the model it describes: {e}") from e
+    if args.crop % model.patch_size:
+        raise OptionError(f"--crop {args.crop} is not a multiple of the model's patch size "
+                              f"{model.patch_size}: pick a crop that is")
     start = 0
     if ckpt is not None:
         if ckpt["config"] != config:
@@ -299,7 +357,7 @@ def train(args: argparse.Namespace) -> dict:
             msgs.append(f"timm {args.timm_model}: " + str(load_timm_backbone(
                 model, timm.create_model(args.timm_model, pretrained=True))))
         if args.init:
-            msgs.append(load_init(model, args.init, trust_checkpoint=args.trust_checkpoint))
+            msgs.append(_load_init_state(model, init, args.init))
         if main_proc:
             print("\n".join(msgs), flush=True)
     model.to(dev).train()
@@ -417,13 +475,14 @@ def _evaluate(model, args, num_classes: int, done: int, progress: _Progress) -> 
     val = open_dataset(args.data, default_split(args.data, train=False),
                        num_classes=num_classes, transform=EvalTransform(scale=tuple(args.scale)))
     rng_state = torch.get_rng_state()
-    rep = evaluate(model, val, thresholds=[args.threshold], crop=args.crop,
+    threshold = model.threshold
+    rep = evaluate(model, val, thresholds=[threshold], crop=args.crop,
                    stride=args.crop * 2 // 3, backend=args.backend,
                    max_images=args.eval_images)
     torch.set_rng_state(rng_state)  # evaluation must not change the training's random stream
     dense, dtop = rep["rows"]
     progress.write(f"eval @ {done}: mIoU dense {100 * dense['mIoU']:.2f}, DToP@"
-                   f"{args.threshold:g} {100 * dtop['mIoU']:.2f} (FLOP saving "
+                   f"{threshold:g} {100 * dtop['mIoU']:.2f} (FLOP saving "
                    f"{100 * dtop['flop_saving']:.1f}%) on {rep['images']} images")
     return {"iteration": done, "eval": {r["setting"]: {k: r[k] for k in
                                                        ("mIoU", "aAcc", "flop_saving")}
@@ -439,12 +498,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--split", default=None, help="training split (default training / train)")
     ap.add_argument("--num-classes", type=int, default=None,
                     help="default: dataset.json's, else 150 (ADE20K layout)")
-    ap.add_argument("--arch", choices=sorted(ARCHS), default="base",
-                    help="model size: base / large are the paper's ViT-B/16 and ViT-L/16")
+    ap.add_argument("--arch", choices=sorted(ARCHS), default=None,
+                    help="model size: base / large are the paper's ViT-B/16 and ViT-L/16 "
+                         "(default base; a --init file of a from_timm / from_transformers "
+                         "model sets the model instead)")
     ap.add_argument("--pos-grid", type=int, default=None,
                     help="position-embedding grid (default: the arch's)")
-    ap.add_argument("--threshold", type=float, default=0.9,
-                    help="DToP exit threshold p0 while pruning (saved with the model)")
+    ap.add_argument("--threshold", type=float, default=None,
+                    help="DToP exit threshold p0 while pruning, saved with the model (default "
+                         "0.9; for a --init model around its own backbone, the file's)")
     ap.add_argument("--iters", type=int, default=40000, help="training iterations")
     ap.add_argument("--dense-iters", type=int, default=0,
                     help="first iterations without pruning (the dense SegViT phase)")
@@ -469,8 +531,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0,
                     help="seed of the weights, the data order and the augmentations")
     ap.add_argument("--init", default=None,
-                    help="weights to start from: an mmseg checkpoint, a timm state dict, or a "
-                         "checkpoint of this trainer")
+                    help="weights to start from: an mmseg checkpoint, a timm state dict, a "
+                         "checkpoint of this trainer, or one of a from_timm / "
+                         "from_transformers model (which also sets the model)")
     ap.add_argument("--timm-model", default=None,
                     help="timm model name whose pretrained weights start the backbone")
     ap.add_argument("--resume", default=None,
@@ -494,8 +557,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--eval-images", type=int, default=None, help="validation images per eval")
     ap.add_argument("--quiet", action="store_true", help="no progress bar (log lines only)")
     args = ap.parse_args(argv)
-    if args.crop % 16:
-        ap.error(f"--crop must be a multiple of 16 (the patch size); got {args.crop}")
+    if args.crop < 1:
+        ap.error(f"--crop must be positive; got {args.crop}")
     for name in ("iters", "batch_size", "log_interval", "ckpt_interval"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -520,7 +583,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         train(args)
-    except (DataError, CheckpointError, FileNotFoundError) as e:
+    except (DataError, CheckpointError, OptionError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     except RuntimeError as e:
         if not _lost_peer(e):

@@ -330,3 +330,72 @@ def test_from_transformers_refuses():
     model.encoder.layer[2].adapter = torch.nn.Linear(C, C)  # not what Dinov2Layer holds
     with pytest.raises(TypeError, match=r"layer 2: layer\.adapter is a submodule"):
         ViTDToP.from_transformers(model, num_classes=K)
+
+
+TRAIN_KINDS = [pytest.param("timm-reg", id="timm", marks=pytest.mark.timm),
+               pytest.param("dinov2", id="Dinov2", marks=pytest.mark.transformers)]
+
+
+@pytest.fixture(scope="module")
+def train_data(tmp_path_factory):
+    from dtop_kernels.data.synthetic import write_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("synth")
+    write_synthetic_dataset(root, train=4, val=2, num_classes=K, seed=3, height=(60, 72),
+                            width=(64, 90))
+    return root
+
+
+@pytest.mark.parametrize("kind", TRAIN_KINDS)
+def test_train_command_trains_a_model_around_its_own_backbone(kind, train_data, tmp_path):
+    """``dtop-train --init FILE`` with a checkpoint of a from_timm / from_transformers model
+    trains that model: the file sets the model (threshold replaced only when given), training
+    moves the source's weights, the checkpoints rebuild it, ``--resume`` continues it exactly,
+    and options that would contradict the file are refused."""
+    pytest.importorskip("PIL")
+    from dtop_kernels.evaluate import main as evaluate_main
+    from dtop_kernels.models.backbones import TimmStem, TransformersStem
+    from dtop_kernels.models.checkpoint import read_checkpoint
+    from dtop_kernels.train import main as train_main
+
+    model = _dtop(kind, _source(kind), threshold=0.5)
+    init = save_checkpoint(tmp_path / "init.pth", model, backbone_config(model), 0)
+    common = ["--data", str(train_data), "--crop", "64", "--scale", "128", "64",
+              "--batch-size", "2", "--lr", "1e-3", "--warmup-iters", "1", "--workers", "0",
+              "--log-interval", "1", "--quiet", "--iters", "3", "--dense-iters", "1",
+              "--ckpt-interval", "1"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    train_main(["--out", str(a), "--init", str(init), *common])
+    trained, ckpt = load_model(a / "final.pth")
+    stem = TimmStem if kind.startswith("timm") else TransformersStem
+    assert isinstance(trained.patch_embed, stem)
+    assert ckpt["config"] == backbone_config(trained)
+    assert trained.threshold == 0.5 and trained.num_prefix_tokens == PREFIX[kind]
+    before = model.state_dict()
+    moved = [k for k, v in trained.state_dict().items()
+             if k.startswith("blocks.") and not torch.equal(v, before[k])]
+    assert moved, "training left the source's layers as they were"
+
+    # --resume continues the run exactly: the weights and optimizer of the uninterrupted run
+    train_main(["--out", str(b), "--resume", str(a / "iter_1.pth"), *common])
+    ra, rb = read_checkpoint(a / "final.pth"), read_checkpoint(b / "final.pth")
+    for k, v in ra["model"].items():
+        assert torch.equal(v, rb["model"][k]), k
+
+    # the file's threshold is replaced only when --threshold is given
+    c = tmp_path / "c"
+    train_main(["--out", str(c), "--init", str(init), "--threshold", "0.7", *common[:-6],
+                "--iters", "1", "--ckpt-interval", "1"])
+    assert read_checkpoint(c / "final.pth")["config"]["overrides"]["threshold"] == 0.7
+
+    # the evaluation command takes the trained checkpoint
+    evaluate_main(["--checkpoint", str(a / "final.pth"), "--data", str(train_data),
+                   "--thresholds", "0.5", "--latency-images", "0", "--json",
+                   str(tmp_path / "e.json")])
+
+    for extra, match in [(["--arch", "tiny"], "drop --arch tiny"),
+                         (["--pos-grid", "8"], "drop --pos-grid 8"),
+                         (["--num-classes", str(K + 1)], f"has {K} classes, the data set {K + 1}"),
+                         (["--crop", "72"], "not a multiple of the model's patch size 16")]:
+        with pytest.raises(SystemExit, match=match):
+            train_main(["--out", str(tmp_path / "d"), "--init", str(init), *common, *extra])
