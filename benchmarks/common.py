@@ -145,6 +145,24 @@ def write_json(path: str | Path, env: dict, rows: list[dict], **extra) -> Path:
     return path
 
 
+class Stopped(BaseException):  # noqa: N818 - a stop, not an error of the benchmark
+    """Raised in the main thread when the process receives SIGTERM (:func:`stop_on_sigterm`).
+    A BaseException, like KeyboardInterrupt: the benchmarks' ``except Exception`` (a row that
+    fails is recorded, the others go on) must not take it for a failed row."""
+
+
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM (a time limit ending the run, e.g. tests/gpu_check.py's) into
+    :class:`Stopped`, so that a benchmark can still write the rows it has measured."""
+    import signal
+
+    def stop(signum, frame):  # noqa: ARG001
+        raise Stopped("stopped by SIGTERM before the end (a time limit?): the rows measured so "
+                      "far are kept")
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def default_json_path(env: dict, name: str) -> Path:
     dev = "".join(ch if ch.isalnum() else "-" for ch in env["device"].lower()).strip("-")
     while "--" in dev:

@@ -75,10 +75,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
+    Stopped,
     default_json_path,
     environment,
     format_table,
     header,
+    stop_on_sigterm,
     time_interleaved,
     write_json,
 )
@@ -458,7 +460,10 @@ def learned_keep(plans: list[ExitPlan]) -> float:
 
 
 # ---------------------------------------------------------------------- benchmark
-def bench(args) -> tuple[dict, list[dict], list[str]]:
+def bench(args, partial: dict | None = None) -> tuple[dict, list[dict], list[str]]:
+    """Measure; ``partial`` (a dict), when given, holds ``env``, ``rows`` and ``notes`` as they
+    grow, for a run stopped before the end (:class:`Stopped`)."""
+    partial = {} if partial is None else partial
     dev = torch.device(args.device)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     gpu = dev.type == "cuda"
@@ -469,6 +474,7 @@ def bench(args) -> tuple[dict, list[dict], list[str]]:
     res = args.res or res
     env = environment(dtype, dev)
     notes: list[str] = []
+    partial.update(env=env, notes=notes)
     if not gpu:
         load = os.getloadavg()
         notes.append(f"CPU load average (1/5/15 min) at start: {load[0]:.1f} / {load[1]:.1f} / "
@@ -497,7 +503,7 @@ def bench(args) -> tuple[dict, list[dict], list[str]]:
     progress = _Progress(args.quiet, len(args.batch) * forwards_per_batch(
         len(runs), n_keeps, args.warmup, args.repeats, gpu, compiled is not None,
         compile_packed))
-    rows: list[dict] = []
+    rows: list[dict] = partial.setdefault("rows", [])
     for b in args.batch:
         if args.checkpoint:
             imgs = learned_images(args, b, res, dtype, dev)
@@ -937,17 +943,26 @@ def main(argv: list[str] | None = None) -> None:
     # Kernels not yet verified on a GPU warn on every explicit call; the checks above compare
     # them with the per-image loop before anything is timed.
     warnings.filterwarnings("ignore", message=".*not yet passed its tests on a GPU.*")
+    stop_on_sigterm()
+    partial: dict = {}
     try:
         with torch.inference_mode():
-            env, rows, notes = bench(args)
+            env, rows, notes = bench(args, partial)
     except CheckError as e:
         sys.exit(f"latency.py: check failed, nothing timed is trustworthy: {e}")
+    except Stopped as e:
+        if args.json is not None and partial.get("env"):
+            path = write_json(args.json or default_json_path(partial["env"], "latency"),
+                              partial["env"], partial.get("rows", []), args=vars(args),
+                              notes=[*partial.get("notes", []), str(e)], complete=False)
+            print(f"wrote {path} ({len(partial.get('rows', []))} rows)", file=sys.stderr)
+        sys.exit(f"latency.py: {e}")
     gpu = args.device.startswith("cuda")
     cpu_state = (None, None) if gpu else (torch.get_num_threads(), os.getloadavg())
     print(report(env, rows, notes, full=args.full, gpu=gpu, quick=args.quick, cpu=cpu_state))
     if args.json is not None:
         path = write_json(args.json or default_json_path(env, "latency"), env, rows,
-                          args=vars(args), notes=notes)
+                          args=vars(args), notes=notes, complete=True)
         print(f"wrote {path}", file=sys.stderr)
     if args.csv:
         print(f"wrote {write_csv(args.csv, rows)}", file=sys.stderr)

@@ -37,7 +37,16 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import default_json_path, environment, format_table, header, time_fn, write_json
+from common import (
+    Stopped,
+    default_json_path,
+    environment,
+    format_table,
+    header,
+    stop_on_sigterm,
+    time_fn,
+    write_json,
+)
 
 import dtop_kernels as dk
 from dtop_kernels import BACKENDS, BackendError, auto_order
@@ -111,22 +120,29 @@ def write_auto_order(path: Path, env: dict, rows: list[dict], source: str) -> Pa
     return path
 
 
-def bench(args) -> tuple[dict, list[dict]]:
+def bench(args, partial: dict | None = None) -> tuple[dict, list[dict]]:
+    """Measure; ``partial`` (a dict), when given, holds ``env`` and ``rows`` as they grow, for a
+    run stopped before the end (:class:`Stopped`)."""
+    partial = {} if partial is None else partial
     dev = torch.device(args.device)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     env = environment(dtype, dev)
-    rows = []
+    rows: list[dict] = []
+    partial.update(env=env, rows=rows)
     for model in args.model:
         for b in args.batch:
             try:
-                rows += bench_shape(args, dev, dtype, model, b)
+                bench_shape(args, dev, dtype, model, b, rows)
             except Exception as e:  # noqa: BLE001 - a row says what failed; the others stand
                 rows.append({"shape": f"{NAMES[model]} B={b}", "op": "setup", "impl": "-",
                              "ms": None, "error": _error(e), "note": _error(e)})
     return env, rows
 
 
-def bench_shape(args, dev: torch.device, dtype: torch.dtype, model: str, b: int) -> list[dict]:
+def bench_shape(args, dev: torch.device, dtype: torch.dtype, model: str, b: int,
+                rows: list[dict] | None = None) -> list[dict]:
+    """The rows of one shape, appended to ``rows`` (a new list by default) as they are
+    measured."""
     c, h = SHAPES[model]
     n = (args.res // 16) ** 2 if args.res else (512 // 16 if model == "base" else 640 // 16) ** 2
     shape = f"{NAMES[model]} B={b}"
@@ -137,7 +153,7 @@ def bench_shape(args, dev: torch.device, dtype: torch.dtype, model: str, b: int)
     t = _tokens(b, n, args.keep, dev)
     total = int(t.cu_seqlens[-1])  # benchmark setup: one host read is fine here
     seqlens = t.seqlens.tolist()
-    rows: list[dict] = []
+    rows = [] if rows is None else rows
 
     def tm(fn) -> dict:
         """The timing of ``fn``, or its error (the row records it; the others go on)."""
@@ -343,7 +359,17 @@ def main(argv: list[str] | None = None) -> None:
               file=sys.stderr)
     # Kernels not yet verified on a GPU warn on every explicit call; the table says which ran.
     warnings.filterwarnings("ignore", message=".*not yet passed its tests on a GPU.*")
-    env, rows = bench(args)
+    stop_on_sigterm()
+    partial: dict = {}
+    try:
+        env, rows = bench(args, partial)
+    except Stopped as e:
+        if args.json is not None and partial.get("env"):
+            path = write_json(args.json or default_json_path(partial["env"], "ops"),
+                              partial["env"], partial["rows"], args=vars(args),
+                              notes=[str(e)], complete=False)
+            print(f"wrote {path} ({len(partial['rows'])} rows)", file=sys.stderr)
+        sys.exit(f"ops.py: {e}")
     print(header(env))
     print(format_table(rows, [("shape", "shape", ""), ("op", "op", ""), ("impl", "impl", ""),
                               ("ms", "ms", ".3f"),
@@ -352,7 +378,7 @@ def main(argv: list[str] | None = None) -> None:
                               ("tflops", "TFLOP/s", ".2f"), ("note", "note", "")]))
     if args.json is not None:
         path = write_json(args.json or default_json_path(env, "ops"), env, rows,
-                          args=vars(args))
+                          args=vars(args), complete=True)
         print(f"wrote {path}", file=sys.stderr)
     orders = measured_orders(rows)
     print("measured order per op (fastest first, summed over the shapes): " + "; ".join(

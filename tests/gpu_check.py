@@ -76,7 +76,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 MAX_FILES = 8
 DEADLINE_S = 450  # every step, within 8 minutes of device time with the machine's start
-RESERVE_S = 15  # kept back from the deadline for the summary
+RESERVE_S = 15  # kept back from the deadline for the summary (and a stopped step's grace)
+GRACE_S = 5  # a step over its limit gets SIGTERM, then SIGKILL this much later
 LOG = "gpu_check.log"
 # Test files a GPU does not change (host-side checks, CPU-only subprocesses); the benchmarks
 # run as steps of their own.
@@ -206,11 +207,19 @@ def preflight(device: str) -> int:
 
 
 def _kill(proc: subprocess.Popen) -> None:
-    """Ends the step's whole process group (the step's children too)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    """Ends the step's whole process group (the step's children too): SIGTERM, on which the
+    benchmarks write the rows measured so far, then SIGKILL after ``GRACE_S``."""
+    for sig, wait in ((signal.SIGTERM, GRACE_S), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        if wait is not None:
+            try:
+                proc.wait(timeout=wait)
+                return
+            except subprocess.TimeoutExpired:
+                pass
 
 
 def run_steps(steps: list[Step], deadline_s: float, log_dir: Path) -> None:

@@ -300,6 +300,7 @@ def test_latency_json_records_a_failed_row(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(lat, "BACKENDS", ["torch"])
     monkeypatch.setattr(lat, "triton_interpreted", lambda: False)
     lat.main(["--quick", "--quiet", "--keep", "0.7", "--json", str(tmp_path / "latency.json")])
+    assert json.loads((tmp_path / "latency.json").read_text())["complete"] is True
     rows = _rows(tmp_path / "latency.json")
     failed = [r for r in rows if r.get("error")]
     assert [r["mode"] for r in failed] == ["packed/torch"]
@@ -320,12 +321,62 @@ def test_ops_json_records_a_failed_row(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(ops.dk, "varlen_attention", broken)
     monkeypatch.setattr(ops, "BACKENDS", ["torch"])
     ops.main(["--quick", "--json", str(tmp_path / "ops.json")])
+    assert json.loads((tmp_path / "ops.json").read_text())["complete"] is True
     rows = _rows(tmp_path / "ops.json")
     failed = [r for r in rows if r.get("error")]
     assert [(r["op"], r["impl"]) for r in failed] == [("attention fwd", "varlen torch"),
                                                      ("attention bwd", "varlen torch")]
     assert all("boom" in r["error"] and "boom" in r["note"] for r in failed)
     assert any(r["op"] == "mlp fwd" and r["ms"] for r in rows)
+
+
+def _sigterm_once_rows_exist(partial: dict, real):
+    """``real``, but once ``partial`` holds a row: SIGTERM to this process (as a time limit
+    sends it), then a wait that the signal ends."""
+    import signal
+    import time
+
+    def call(*args, **kwargs):
+        if partial.get("rows"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)
+            raise AssertionError("SIGTERM did not stop the benchmark")
+        return real(*args, **kwargs)
+    return call
+
+
+@pytest.mark.parametrize("script", ["latency", "ops"])
+def test_sigterm_writes_the_rows_measured_so_far(script: str, tmp_path: Path,
+                                                 monkeypatch) -> None:
+    """A run ended by SIGTERM (a time limit) writes its JSON with the rows measured so far,
+    marked incomplete, and exits with a message saying so; a whole run is marked complete."""
+    import signal
+
+    mod = _bench_module(script)
+    monkeypatch.setattr(mod, "BACKENDS", ["torch"])
+    timer = "time_interleaved" if script == "latency" else "time_fn"
+    real_bench, real_timer = mod.bench, getattr(mod, timer)
+
+    def bench(args, partial):
+        monkeypatch.setattr(mod, timer, _sigterm_once_rows_exist(partial, real_timer))
+        return real_bench(args, partial)
+
+    monkeypatch.setattr(mod, "bench", bench)
+    argv = ["--quick", "--json", str(tmp_path / "out.json")]
+    if script == "latency":
+        monkeypatch.setattr(mod, "triton_interpreted", lambda: False)
+        argv += ["--quiet", "--batch", "1", "2"]
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit, match="SIGTERM"):
+            mod.main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    data = json.loads((tmp_path / "out.json").read_text())
+    assert data["complete"] is False and data["rows"]
+    assert "SIGTERM" in data["notes"][-1]
+    if script == "latency":
+        assert {r["batch"] for r in data["rows"]} == {1}  # batch 2 never finished
 
 
 def test_readme_sample_is_what_show_prints() -> None:

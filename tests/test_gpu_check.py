@@ -211,6 +211,33 @@ def test_steps_time_boxed_and_run_past_failures(tmp_path):
     assert "still runs" in (out / "gpu_check.log").read_text()
 
 
+def test_a_step_over_its_limit_gets_sigterm_first(tmp_path):
+    """A step over its limit gets SIGTERM (the benchmarks then write what they measured) and,
+    if it does not end within GRACE_S, SIGKILL."""
+    py = sys.executable
+    mark = tmp_path / "wrote"
+    polite = ("import pathlib, signal, sys, time\n"
+              "def stop(*a):\n"
+              f"    pathlib.Path({str(mark)!r}).write_text('partial')\n"
+              "    sys.exit(1)\n"
+              "signal.signal(signal.SIGTERM, stop)\n"
+              "time.sleep(30)\n")
+    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(30)"
+    steps = [gc.Step("ops", [py, "-c", polite]), gc.Step("latency", [py, "-c", stubborn])]
+    saved = dict(gc.LIMIT)
+    gc.LIMIT.update(ops=2, latency=2)
+    try:
+        t0 = time.monotonic()
+        gc.run_steps(steps, deadline_s=60 + gc.RESERVE_S, log_dir=tmp_path)
+        took = time.monotonic() - t0
+    finally:
+        gc.LIMIT.clear()
+        gc.LIMIT.update(saved)
+    assert [s.status for s in steps] == ["timeout after 2 s"] * 2
+    assert mark.read_text() == "partial"
+    assert steps[1].seconds >= 2 + gc.GRACE_S - 0.5 and took < 4 + gc.GRACE_S + 5
+
+
 def test_deadline_cuts_limits_and_skips(tmp_path):
     py = sys.executable
     steps = [gc.Step("info", [py, "-c", "import time; time.sleep(30)"]),
