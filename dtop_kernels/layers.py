@@ -152,13 +152,22 @@ def _get(obj: nn.Module, path: str, owner: str, fam: Family):
     return obj
 
 
+@torch.compiler.assume_constant_result
+def _forward_origin(cls: type) -> str:
+    """``"module:qualname"`` of ``cls.forward``. Read eagerly, a constant of a torch.compile
+    trace: dynamo (torch 2.14) reads a function's ``__qualname__`` as the descriptor, so the
+    comparison below would fail on every timm block inside a compiled region."""
+    fwd = cls.forward
+    return f"{fwd.__module__}:{fwd.__qualname__}"
+
+
 def _timm_class_ok(mod: nn.Module, name: str, cls: str) -> None:
     """A timm module must be (or inherit unchanged) timm's ``cls``: other timm blocks and
     attentions (post-norm, parallel, differential, rotary, ...) compute something else."""
-    fwd = type(mod).forward
     if not type(mod).__module__.startswith("timm."):
         return
-    if fwd.__qualname__ != f"{cls}.forward" or not fwd.__module__.startswith("timm."):
+    origin = _forward_origin(type(mod))
+    if not (origin.startswith("timm.") and origin.endswith(":" + cls + ".forward")):
         raise TypeError(
             f"{name} is timm's {type(mod).__name__}, whose forward differs from timm's {cls}: "
             f"pruned_block reproduces the pre-norm timm Block with its standard Attention only"

@@ -399,3 +399,33 @@ def test_train_command_trains_a_model_around_its_own_backbone(kind, train_data, 
                          (["--crop", "72"], "not a multiple of the model's patch size 16")]:
         with pytest.raises(SystemExit, match=match):
             train_main(["--out", str(tmp_path / "d"), "--init", str(init), *common, *extra])
+
+
+COMPILE_KINDS = [p for p in SOURCES if p.values[0] in ("timm-reg", "dinov2_with_registers",
+                                                        "dinov3")]
+
+
+@pytest.mark.parametrize("kind", COMPILE_KINDS)
+def test_packed_forward_compiles_in_one_graph(kind):
+    """torch.compile traces the packed forward of a model around a timm / transformers
+    backbone with no graph break at fixed capacity (the layers' checks are constants of the
+    trace), and the compiled forward computes what eager does."""
+    model = _dtop(kind, _source(kind), threshold=0.6, top_k=1)
+    img = torch.randn(3, 3, H, W)
+    exits = _exit_logits(model, 3)
+
+    def fwd(img):
+        return model(img, "packed", backend="torch", tighten=False, exit_logits=exits)
+
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            ex = torch._dynamo.explain(fwd)(img)
+            assert ex.graph_break_count == 0, [str(r.reason)[:300] for r in ex.break_reasons]
+            want = fwd(img)
+            got = torch.compile(fwd, fullgraph=True, backend="aot_eager")(img)
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(got.active_counts, want.active_counts)
+    assert bool((want.active_counts[1:] < want.active_counts[:1]).any())
+    torch.testing.assert_close(got.pred, want.pred, atol=1e-5, rtol=1e-5)
