@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -72,8 +73,9 @@ def main() -> None:
         ev += ["--maps", str(out / "maps"), "--map-images", "4"]
     else:
         print("matplotlib is not installed: no pruning maps", file=sys.stderr)
-    result = run(evaluate, ev)
-    print(verdict(result["report"], args.threshold, args.iters))
+    run(evaluate, ev)
+    report = json.loads((out / "report.json").read_text())["report"]
+    print(verdict(report, args.threshold, args.iters))
 
 
 FULL_RUN_ITERS = 1800  # the documented run (docs/training.md)

@@ -42,3 +42,25 @@ def test_training_smoke_verdict_says_why_nothing_exited() -> None:
     assert "not yet confident" in line and "docs/training.md" in line
     full = ts.verdict(_report([0.2, 0.1], 0.22, 0.861), 0.7, 1800)
     assert "not yet confident" not in full and "full run" not in full
+
+
+def test_training_example_runs_to_its_verdict(tmp_path: Path) -> None:
+    """The example end to end as a user runs it (data, training, evaluation), at its smoke
+    size: it ends with the verdict line, built from the report the evaluation wrote."""
+    import json
+    import os
+    import subprocess
+
+    import pytest
+
+    pytest.importorskip("PIL")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "train_synthetic.py"), "--out",
+                           str(tmp_path), "--iters", "2", "--train", "4", "--val", "2"],
+                          env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    report = json.loads((tmp_path / "report.json").read_text())["report"]
+    ts = _example("train_synthetic")
+    assert last == ts.verdict(report, 0.7, 2)
