@@ -152,11 +152,13 @@ def _get(obj: nn.Module, path: str, owner: str, fam: Family):
     return obj
 
 
-@torch.compiler.assume_constant_result
 def _forward_origin(cls: type) -> str:
-    """``"module:qualname"`` of ``cls.forward``. Read eagerly, a constant of a torch.compile
-    trace: dynamo (torch 2.14) reads a function's ``__qualname__`` as the descriptor, so the
-    comparison below would fail on every timm block inside a compiled region."""
+    """``"module:qualname"`` of ``cls.forward``; under torch.compile a constant of the trace
+    (dtop_kernels/_traced.py says why)."""
+    if torch.compiler.is_compiling():
+        from dtop_kernels._traced import forward_origin
+
+        return forward_origin(cls)
     fwd = cls.forward
     return f"{fwd.__module__}:{fwd.__qualname__}"
 
