@@ -430,6 +430,24 @@ class _PermissiveCheck(HostSyncCheck):
         return func(*args, **kwargs)
 
 
+def moved_to_device(module: torch.nn.Module, dtype: torch.dtype | None = None):
+    """``module`` (built outside :func:`fake_cuda`, e.g. a timm or transformers model whose
+    construction reads values back) with every parameter and buffer replaced, in place, by a
+    fake CUDA tensor of its shape (floating ones in ``dtype``); call inside :func:`fake_cuda`."""
+    for mod in module.modules():
+        for table in (mod._parameters, mod._buffers):
+            for name, t in list(table.items()):
+                if t is None:
+                    continue
+                new = torch.empty(t.shape, device="cuda",
+                                  dtype=dtype if dtype is not None and t.is_floating_point()
+                                  else t.dtype)
+                if isinstance(t, torch.nn.Parameter):
+                    new = torch.nn.Parameter(new, requires_grad=t.requires_grad)
+                table[name] = new
+    return module
+
+
 def on_device(build, dtype: torch.dtype | None = None):
     """``build()`` with its parameters and buffers on the fake CUDA device (inside
     :func:`fake_cuda`). Built on "meta" (random initialization would need a CUDA generator),

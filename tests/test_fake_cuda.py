@@ -14,7 +14,16 @@ import json
 
 import pytest
 import torch
-from fake_cuda import ARCHS, HostSync, HostSyncCheck, available, backward, fake_cuda, on_device
+from fake_cuda import (
+    ARCHS,
+    HostSync,
+    HostSyncCheck,
+    available,
+    backward,
+    fake_cuda,
+    moved_to_device,
+    on_device,
+)
 
 from dtop_kernels import TokenSet, gather_tokens
 from dtop_kernels.backends import dispatcher
@@ -234,3 +243,53 @@ def test_dynamo_traces_the_packed_forward_in_one_graph(arch, measured, tmp_path,
         assert {"triton", "cuda"} <= backends <= {"triton", "cuda", "torch"}, backends
     else:
         assert backends == {"torch"}
+
+
+# ---------------------------------------------------------------------- your own ViT
+def _own_backbone(kind: str):
+    """A tiny ViT-DToP around a timm / transformers backbone (test_backbones' sizes), built on
+    the CPU: their constructors read values back, which fake tensors cannot."""
+    from test_backbones import _hf, _timm_vit
+
+    from dtop_kernels.models import ViTDToP
+
+    kw = {"num_classes": 4, "threshold": 0.5, "head_attn_drop": 0.0}  # as _model
+    if kind == "timm":
+        return ViTDToP.from_timm(_timm_vit(reg_tokens=2, init_values=0.5), **kw)
+    return ViTDToP.from_transformers(_hf(kind), **kw)
+
+
+OWN = [pytest.param("timm", marks=pytest.mark.timm, id="timm"),
+       pytest.param("dinov2_with_registers", marks=pytest.mark.transformers,
+                    id="Dinov2WithRegisters"),
+       pytest.param("dinov3", marks=pytest.mark.transformers, id="DINOv3ViT")]
+
+
+@pytest.mark.parametrize("kind", OWN)
+@pytest.mark.parametrize("backend, dtype", [BACKENDS[0], BACKENDS[1]])
+def test_own_backbone_packed_forward_backward_and_capture(kind, backend, dtype, monkeypatch):
+    """A model around a timm or transformers backbone: the packed forward and backward at
+    fixed capacity make no host sync (prefix tokens, rotary positions of the kept tokens
+    included) and capture_forward captures it, a replay only copying the input in."""
+    monkeypatch.setattr(graphs, "graph_reason", lambda device: None)
+    cpu_model = _own_backbone(kind)
+    with fake_cuda(check=False) as launches:
+        model = moved_to_device(cpu_model, dtype).train()
+        img = torch.empty(2, 3, 64, 80, device="cuda", dtype=dtype)
+        with HostSyncCheck():
+            out = model(img, mode="packed", backend=backend, tighten=False)
+            loss = out.pred.float().sum() + sum(c.float().sum() for c in out.class_logits)
+            backward(loss)
+        # transformers' mask token only serves masked-image pre-training
+        missing = [n for n, p in model.named_parameters()
+                   if p.grad is None and not n.endswith("mask_token")]
+        model.eval()
+        fwd = graphs.capture_forward(model, 2, (64, 80), backend=backend)
+        n = len(launches)
+        with HostSyncCheck():
+            again = fwd(img)
+    assert out.pred.shape == (2, 4, 64, 80) and again.pred.shape == (2, 4, 64, 80)
+    assert not missing, missing
+    assert fwd.graphed and fwd.graph.replays == 1 and len(launches) == n
+    if backend in KERNELS:
+        assert launches.names(backend) & {"_fwd_kernel", "_linear_kernel"}
