@@ -186,18 +186,49 @@ def nvcc_command(src: Path, arch: int, out: Path) -> list[str]:
             f"-I{CSRC}", "-o", str(out), str(src)]
 
 
-def cuda_usages(archs: list[int], jobs: int) -> list[Usage]:
-    """Every CUDA kernel of csrc/*.cu compiled for each arch (``jobs`` nvcc at a time)."""
+def built_cubins(archs: list[int], tmp: Path) -> tuple[Path, list[Path]] | None:
+    """The cubins of the built extension (dtop_kernels/_C*.so of the imported package) for
+    every csrc/*.cu and arch, extracted into ``tmp`` (cuobjdump -xelf names them
+    ``SOURCE.sm_ARCH.cubin``); None when there is no built module, one older than a file of
+    csrc/ (stale), or one that lacks a source or an arch."""
+    import dtop_kernels
+
+    built = sorted(Path(dtop_kernels.__file__).resolve().parent.glob("_C*.so"))
+    if not built:
+        return None
+    newest_source = max(f.stat().st_mtime for f in CSRC.rglob("*") if f.is_file())
+    if built[0].stat().st_mtime < newest_source:
+        return None
+    subprocess.run([_tool("cuobjdump"), "-xelf", "all", str(built[0])], cwd=tmp, check=True,
+                   capture_output=True)
+    want = [Path(tmp) / f"{src.stem}.sm_{arch}.cubin"
+            for arch in archs for src in sorted(CSRC.glob("*.cu"))]
+    return (built[0], want) if all(c.is_file() for c in want) else None
+
+
+def cuda_usages(archs: list[int], jobs: int, built: bool = False) -> list[Usage]:
+    """Every CUDA kernel of csrc/*.cu for each arch: with ``built``, read from the built
+    extension when it is there, current and complete (:func:`built_cubins`), else compiled
+    with nvcc (``jobs`` at a time)."""
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         todo = [(src, arch, Path(tmp) / f"{src.stem}.sm_{arch}.cubin")
                 for arch in archs for src in sorted(CSRC.glob("*.cu"))]
+        found = built_cubins(archs, Path(tmp)) if built else None
+        if found is not None:
+            print(f"CUDA kernels: read from the built module {found[0]}")
+            todo_compile = []
+        else:
+            if built:
+                print("CUDA kernels: no built module here that is current and complete: "
+                      "compiling csrc/ with nvcc")
+            todo_compile = todo
         running: list = []
-        for i, (src, arch, cubin) in enumerate(todo):
+        for i, (src, arch, cubin) in enumerate(todo_compile):
             running.append(subprocess.Popen(nvcc_command(src, arch, cubin),
                                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                             text=True))
-            if len(running) < jobs and i + 1 < len(todo):
+            if len(running) < jobs and i + 1 < len(todo_compile):
                 continue
             for proc in running:
                 log, _ = proc.communicate()
@@ -384,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
                         "shared memory above the architecture's limit")
     p.add_argument("--markdown", type=Path, help="write the resource table to this file")
     p.add_argument("--jobs", type=int, default=os.cpu_count(), help="nvcc processes at once")
+    p.add_argument("--built", action="store_true",
+                   help="read the CUDA kernels from the built extension (dtop_kernels/_C) when "
+                        "it is there and newer than csrc/, instead of compiling them")
     args = p.parse_args(argv)
     archs = args.arch or [90]
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -423,13 +457,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"{len(kernels)} kernels ({', '.join(kernels)}) in "
                   f"{time.perf_counter() - t0:.0f} s")
     if "cuda" in args.kernels:
-        cuda = cuda_usages(archs, max(1, args.jobs))
+        cuda = cuda_usages(archs, max(1, args.jobs), built=args.built)
         usages += cuda
         if args.resources:
             for u in cuda:
                 print(f"  sm_{u.arch} {u.case:24s} {u.kernel}: regs {u.regs}, spill stores "
                       f"{u.spill_bytes} B, stack {u.stack} B, static shared {u.smem} B")
-        print(f"compiled {len(cuda)} CUDA kernels of csrc/ for "
+        print(f"checked {len(cuda)} CUDA kernels of csrc/ for "
               f"{', '.join(f'sm_{a}' for a in archs)} in {time.perf_counter() - t0:.0f} s")
     if args.markdown:
         args.markdown.write_text(markdown(usages, _versions()))
