@@ -8,6 +8,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -161,6 +162,18 @@ def stop_on_sigterm() -> None:
                       "far are kept")
 
     signal.signal(signal.SIGTERM, stop)
+
+
+def write_stopped_json(path: str | None, name: str, partial: dict, stop: Stopped,
+                       **extra) -> None:
+    """For a run ended by :class:`Stopped` with ``--json`` (``path``; "" for the default
+    name): the rows measured so far (``partial``: env, rows, notes), marked incomplete."""
+    if path is None or not partial.get("env"):
+        return
+    rows = partial.get("rows", [])
+    out = write_json(path or default_json_path(partial["env"], name), partial["env"], rows,
+                     notes=[*partial.get("notes", []), str(stop)], complete=False, **extra)
+    print(f"wrote {out} ({len(rows)} rows)", file=sys.stderr)
 
 
 def default_json_path(env: dict, name: str) -> Path:

@@ -83,6 +83,7 @@ from common import (
     stop_on_sigterm,
     time_interleaved,
     write_json,
+    write_stopped_json,
 )
 from synth import ExitPlan, image_keeps, plan_exits, target_counts
 
@@ -951,11 +952,7 @@ def main(argv: list[str] | None = None) -> None:
     except CheckError as e:
         sys.exit(f"latency.py: check failed, nothing timed is trustworthy: {e}")
     except Stopped as e:
-        if args.json is not None and partial.get("env"):
-            path = write_json(args.json or default_json_path(partial["env"], "latency"),
-                              partial["env"], partial.get("rows", []), args=vars(args),
-                              notes=[*partial.get("notes", []), str(e)], complete=False)
-            print(f"wrote {path} ({len(partial.get('rows', []))} rows)", file=sys.stderr)
+        write_stopped_json(args.json, "latency", partial, e, args=vars(args))
         sys.exit(f"latency.py: {e}")
     gpu = args.device.startswith("cuda")
     cpu_state = (None, None) if gpu else (torch.get_num_threads(), os.getloadavg())

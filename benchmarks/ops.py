@@ -46,6 +46,7 @@ from common import (
     stop_on_sigterm,
     time_fn,
     write_json,
+    write_stopped_json,
 )
 
 import dtop_kernels as dk
@@ -364,11 +365,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         env, rows = bench(args, partial)
     except Stopped as e:
-        if args.json is not None and partial.get("env"):
-            path = write_json(args.json or default_json_path(partial["env"], "ops"),
-                              partial["env"], partial["rows"], args=vars(args),
-                              notes=[str(e)], complete=False)
-            print(f"wrote {path} ({len(partial['rows'])} rows)", file=sys.stderr)
+        write_stopped_json(args.json, "ops", partial, e, args=vars(args))
         sys.exit(f"ops.py: {e}")
     print(header(env))
     print(format_table(rows, [("shape", "shape", ""), ("op", "op", ""), ("impl", "impl", ""),

@@ -216,8 +216,8 @@ def _model_config(args: argparse.Namespace, num_classes: int, ckpt: dict | None,
              for o in ("arch", "pos-grid", "timm-model") if getattr(args, o.replace("-", "_"))]
     if given:
         raise OptionError(f"{name} holds a model around its own backbone (from_timm / "
-                              f"from_transformers), which sets the model: drop "
-                              f"{' and '.join(given)}")
+                          f"from_transformers), which sets the model: drop "
+                          f"{' and '.join(given)}")
     if source.get("num_classes") != num_classes:
         raise CheckpointError(f"{name} has {source.get('num_classes')} classes, the data set "
                               f"{num_classes}: build the model with num_classes={num_classes} "
@@ -337,7 +337,7 @@ def train(args: argparse.Namespace) -> dict:
         raise CheckpointError(f"{source}: cannot build the model it describes: {e}") from e
     if args.crop % model.patch_size:
         raise OptionError(f"--crop {args.crop} is not a multiple of the model's patch size "
-                              f"{model.patch_size}: pick a crop that is")
+                          f"{model.patch_size}: pick a crop that is")
     start = 0
     if ckpt is not None:
         if ckpt["config"] != config:

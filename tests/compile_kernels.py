@@ -186,10 +186,10 @@ def nvcc_command(src: Path, arch: int, out: Path) -> list[str]:
             f"-I{CSRC}", "-o", str(out), str(src)]
 
 
-def built_cubins(archs: list[int], tmp: Path) -> tuple[Path, list[Path]] | None:
+def built_cubins(archs: list[int], tmp: Path) -> Path | None:
     """The cubins of the built extension (dtop_kernels/_C*.so of the imported package) for
     every csrc/*.cu and arch, extracted into ``tmp`` (cuobjdump -xelf names them
-    ``SOURCE.sm_ARCH.cubin``); None when there is no built module, one older than a file of
+    ``SOURCE.sm_ARCH.cubin``): the module's path; None when there is no built module, one older than a file of
     csrc/ (stale), or one that lacks a source or an arch."""
     import dtop_kernels
 
@@ -203,7 +203,7 @@ def built_cubins(archs: list[int], tmp: Path) -> tuple[Path, list[Path]] | None:
                    capture_output=True)
     want = [Path(tmp) / f"{src.stem}.sm_{arch}.cubin"
             for arch in archs for src in sorted(CSRC.glob("*.cu"))]
-    return (built[0], want) if all(c.is_file() for c in want) else None
+    return built[0] if all(c.is_file() for c in want) else None
 
 
 def cuda_usages(archs: list[int], jobs: int, built: bool = False) -> list[Usage]:
@@ -216,7 +216,7 @@ def cuda_usages(archs: list[int], jobs: int, built: bool = False) -> list[Usage]
                 for arch in archs for src in sorted(CSRC.glob("*.cu"))]
         found = built_cubins(archs, Path(tmp)) if built else None
         if found is not None:
-            print(f"CUDA kernels: read from the built module {found[0]}")
+            print(f"CUDA kernels: read from the built module {found}")
             todo_compile = []
         else:
             if built:
