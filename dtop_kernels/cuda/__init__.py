@@ -5,9 +5,11 @@ Importing this package neither imports ``_C`` nor initializes CUDA.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -43,7 +45,10 @@ def _import_C() -> tuple[ModuleType | None, str | None]:
 
 
 def load_C() -> ModuleType:
-    """The ``dtop_kernels._C`` module; raises RuntimeError saying how to build it if missing."""
+    """The ``dtop_kernels._C`` module; raises RuntimeError saying how to build it if missing.
+    Under :func:`emulated`, the emulated module."""
+    if _emulation.module is not None:
+        return _emulation.module
     module, _ = _import_C()
     if module is None:
         raise RuntimeError(unavailable_reasons()[0])
@@ -62,6 +67,8 @@ def build_info() -> dict:
 
 def unavailable_reasons() -> list[str]:
     """[] when ``_C`` imports, else one line saying why not and how to build it."""
+    if _emulation.module is not None:
+        return []
     module, error = _import_C()
     if module is not None:
         return []
@@ -78,7 +85,7 @@ def unavailable_reasons() -> list[str]:
 def head_dims() -> tuple[int, ...]:
     """The attention head dims the compiled module has kernels for (empty when it is not
     built)."""
-    module, _ = _import_C()
+    module = _emulation.module or _import_C()[0]
     return tuple(module.head_dims()) if module is not None and hasattr(module, "head_dims") \
         else ()
 
@@ -89,10 +96,11 @@ def tensor_reasons(tensors) -> list[str]:
     reasons = list(unavailable_reasons())
     devices = {t.device for t in tensors if isinstance(t, torch.Tensor)}
     types = {d.type for d in devices}
-    if types - {"cuda"}:
-        reasons.append(f"tensors on {sorted(types - {'cuda'})}: the CUDA kernels need CUDA "
-                       "tensors")
-    elif not reasons:  # built, all on CUDA: is there a kernel image for each GPU?
+    want = kernel_device_type()
+    if types - {want}:
+        reasons.append(f"tensors on {sorted(types - {want})}: the CUDA kernels need CUDA "
+                       "tensors" + (" (emulated: CPU tensors)" if want == "cpu" else ""))
+    elif not reasons and want == "cuda":  # built, all on CUDA: is there a kernel image for each GPU?
         for device in sorted(devices, key=str):
             reasons += [r for r in device_reasons(device) if r not in reasons]
     return reasons
@@ -166,3 +174,43 @@ def device_reasons(device: torch.device) -> list[str]:
     index = device.index if device.index is not None else torch.cuda.current_device()
     reason = _device_arch_reason(index)
     return [reason] if reason else []
+
+
+# ---------------------------------------------------------------------- emulation
+class _Emulation:
+    module: ModuleType | None = None
+    sm_count: int = 0
+
+
+_emulation = _Emulation()
+
+
+@contextlib.contextmanager
+def emulated(module: ModuleType, sm_count: int) -> Iterator[None]:
+    """Runs the CUDA backend on CPU tensors through ``module``: a build of ``_C`` whose kernels
+    execute on the CPU (the CUDA emulator of the test suite, tests/cuda_emulator; see
+    docs/testing.md). The launchers, their checks and the backend dispatch are unchanged; only
+    the device they require becomes the CPU, the stream is 0 and the device has ``sm_count``
+    SMs. Not thread-safe; for tests."""
+    if _emulation.module is not None:
+        raise RuntimeError("dtop_kernels.cuda.emulated is already active")
+    _emulation.module, _emulation.sm_count = module, sm_count
+    try:
+        yield
+    finally:
+        _emulation.module, _emulation.sm_count = None, 0
+
+
+def kernel_device_type() -> str:
+    """The device type the CUDA kernels take: "cuda", or "cpu" under :func:`emulated`."""
+    return "cpu" if _emulation.module is not None else "cuda"
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of the kernels' ``device`` (the emulated count under
+    :func:`emulated`)."""
+    if _emulation.module is not None:
+        return _emulation.sm_count
+    from dtop_kernels import _gpu
+
+    return _gpu.sm_count(device)

@@ -7,11 +7,12 @@ exercised with CPU tensors.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 import torch
 
-from dtop_kernels.cuda import DTYPE_CODES
+from dtop_kernels.cuda import DTYPE_CODES, kernel_device_type
 from dtop_kernels.tokens import TokenSet
 
 FLOAT_DTYPES = tuple(DTYPE_CODES)  # float32, float16, bfloat16
@@ -46,12 +47,15 @@ def same_dtype(op: str, **tensors: torch.Tensor) -> None:
 
 
 def on_cuda(op: str, **tensors: torch.Tensor | None) -> torch.device:
-    """All given tensors are on one CUDA device; returns it."""
+    """All given tensors are on one CUDA device (one CPU device under
+    ``dtop_kernels.cuda.emulated``); returns it."""
     given = {n: t for n, t in tensors.items() if t is not None}
+    want = kernel_device_type()
     for n, t in given.items():
-        if t.device.type != "cuda":
+        if t.device.type != want:
             raise ValueError(f"{op}: the CUDA kernels need CUDA tensors; got {n} on {t.device} "
-                             "(use backend='torch' on the CPU)")
+                             + ("(use backend='torch' on the CPU)" if want == "cuda"
+                                else "(emulated: CPU tensors)"))
     devices = {t.device for t in given.values()}
     if len(devices) > 1:
         listed = ", ".join(f"{n} on {t.device}" for n, t in given.items())
@@ -99,6 +103,14 @@ def aligned16(t: torch.Tensor) -> torch.Tensor:
 
 
 def stream(device: torch.device) -> int:
-    """The current CUDA stream of ``device``, as the int the compiled module takes."""
+    """The current CUDA stream of ``device``, as the int the compiled module takes (0 when
+    emulated)."""
+    if device.type != "cuda":
+        return 0
     return torch.cuda.current_stream(device).cuda_stream
+
+
+def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """Makes ``device`` current for a launch (nothing to do when emulated)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 

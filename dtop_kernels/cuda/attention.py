@@ -107,7 +107,7 @@ def attention_fwd(
     if b == 0 or tq == 0 or max_seqlen_q == 0:
         return out, lse
     q, k, v = _args.aligned16(q), _args.aligned16(k), _args.aligned16(v)
-    with torch.cuda.device(dev):
+    with _args.device_guard(dev):
         load_C().attention_fwd(
             q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
             cu_seqlens_q.data_ptr(), cu_seqlens_k.data_ptr(), b, h, d, tq, k.shape[0],
@@ -160,7 +160,7 @@ def attention_bwd(
     do, q, k, v, out = (_args.aligned16(t) for t in (do, q, k, v, out))
     lse = lse.contiguous()
     delta = torch.empty(h, tq, device=dev, dtype=torch.float32)
-    with torch.cuda.device(dev):
+    with _args.device_guard(dev):
         load_C().attention_bwd(
             do.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
             lse.data_ptr(), delta.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
@@ -205,7 +205,7 @@ def head_mean_logits(
     if b == 0 or num_q == 0 or tk == 0 or max_seqlen_k == 0:
         return out
     q, k = _args.aligned16(q), _args.aligned16(k)
-    with torch.cuda.device(dev):
+    with _args.device_guard(dev):
         load_C().attention_head_mean_logits(
             q.data_ptr(), k.data_ptr(), out.data_ptr(), cu_seqlens_k.data_ptr(), b, h, d, num_q,
             tk, max_seqlen_k, *_strides(q), *_strides(k), out.stride(0), float(scale),

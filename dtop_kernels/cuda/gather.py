@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from dtop_kernels.cuda import DTYPE_CODES, load_C
+from dtop_kernels.cuda import DTYPE_CODES, _args, kernel_device_type, load_C
 
 
 def _check_layout(x: torch.Tensor, indices: torch.Tensor, cu_seqlens: torch.Tensor, op: str,
@@ -20,7 +20,7 @@ def _check_layout(x: torch.Tensor, indices: torch.Tensor, cu_seqlens: torch.Tens
     """x: [B, N, C] CUDA float; indices: int32 [capacity]; cu_seqlens: int32 [B + 1]."""
     if x.dim() != 3:
         raise ValueError(f"{op}: {x_name} must be [B, N, C]; got shape {tuple(x.shape)}")
-    if not x.is_cuda:
+    if x.device.type != kernel_device_type():
         raise ValueError(f"{op}: tensors must be on a CUDA device; got {x_name} on {x.device}")
     if x.dtype not in DTYPE_CODES:
         raise ValueError(f"{op}: dtype must be float32, float16 or bfloat16; got {x.dtype}")
@@ -67,11 +67,11 @@ def gather_rows(x: torch.Tensor, indices: torch.Tensor, cu_seqlens: torch.Tensor
     if x.numel() == 0:  # no rows to gather: T = 0, everything is padding
         return out.zero_()
     x, indices, cu_seqlens = x.contiguous(), indices.contiguous(), cu_seqlens.contiguous()
-    with torch.cuda.device(x.device):
+    with _args.device_guard(x.device):
         load_C().gather_rows(
             x.data_ptr(), indices.data_ptr(), cu_seqlens.data_ptr(), out.data_ptr(),
             x.shape[0], x.shape[0] * x.shape[1], capacity, num_cols, DTYPE_CODES[x.dtype],
-            torch.cuda.current_stream(x.device).cuda_stream,
+            _args.stream(x.device),
         )
     return out
 
@@ -91,11 +91,11 @@ def scatter_rows(packed: torch.Tensor, indices: torch.Tensor, cu_seqlens: torch.
     if packed.numel() == 0 or out.numel() == 0:  # nothing to move (T = 0 when out is empty)
         return out
     packed, indices, cu_seqlens = packed.contiguous(), indices.contiguous(), cu_seqlens.contiguous()
-    with torch.cuda.device(out.device):
+    with _args.device_guard(out.device):
         load_C().scatter_rows(
             packed.data_ptr(), indices.data_ptr(), cu_seqlens.data_ptr(), out.data_ptr(),
             out.shape[0], out.shape[0] * out.shape[1], capacity, num_cols, DTYPE_CODES[out.dtype],
             bool(add),
-            torch.cuda.current_stream(out.device).cuda_stream,
+            _args.stream(out.device),
         )
     return out

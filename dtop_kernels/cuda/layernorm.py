@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from dtop_kernels import _gpu
-from dtop_kernels.cuda import DTYPE_CODES, _args, load_C
+from dtop_kernels.cuda import DTYPE_CODES, _args, load_C, sm_count
 from dtop_kernels.tokens import TokenSet
 
 
@@ -98,7 +97,7 @@ def layer_norm_fwd(
     if cap == 0 or c == 0:
         return y, xp, mean, rstd
     weight, bias = weight.contiguous(), bias.contiguous()
-    with torch.cuda.device(dev):
+    with _args.device_guard(dev):
         load_C().layernorm_fwd(
             x2d.data_ptr(), tokens.indices.data_ptr(), tokens.cu_seqlens.data_ptr(),
             weight.data_ptr(), bias.data_ptr(), y.data_ptr(), 0 if xp is None else xp.data_ptr(),
@@ -112,7 +111,7 @@ def layer_norm_fwd(
 
 def num_partials(capacity: int, device: torch.device) -> int:
     """Partial rows of dweight / dbias the backward writes (= its blocks): 4 per SM at most."""
-    return max(1, min(-(-capacity // 4), 4 * _gpu.sm_count(device)))
+    return max(1, min(-(-capacity // 4), 4 * sm_count(device)))
 
 
 def layer_norm_bwd(
@@ -165,7 +164,7 @@ def layer_norm_bwd(
     parts = num_partials(cap, dev)
     partials = torch.empty(2, parts, c, device=dev, dtype=torch.float32)
     weight, mean, rstd = weight.contiguous(), mean.contiguous(), rstd.contiguous()
-    with torch.cuda.device(dev):
+    with _args.device_guard(dev):
         load_C().layernorm_bwd(
             dy.data_ptr(), x2d.data_ptr(), tokens.indices.data_ptr(),
             tokens.cu_seqlens.data_ptr(), weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(),

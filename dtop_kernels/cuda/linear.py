@@ -85,7 +85,7 @@ def linear_fwd(
     if cap == 0 or n == 0:
         return y, pre
     idx = tokens.indices.data_ptr()
-    with torch.cuda.device(dev):
+    with _args.device_guard(dev):
         load_C().linear_fwd(
             x.data_ptr(), idx if gather else 0, weight.data_ptr(),
             0 if bias is None else bias.data_ptr(),
@@ -116,7 +116,7 @@ def linear_bwd_input(dz: torch.Tensor, weight: torch.Tensor, tokens: TokenSet) -
     dx = torch.empty(cap, k, device=dev, dtype=dz.dtype)
     if cap == 0 or k == 0:
         return dx
-    with torch.cuda.device(dev):
+    with _args.device_guard(dev):
         load_C().linear_bwd_input(
             dz.data_ptr(), weight.data_ptr(), dx.data_ptr(), tokens.cu_seqlens.data_ptr(),
             tokens.batch_size, cap, n, k, dz.stride(0), weight.stride(0), dx.stride(0),

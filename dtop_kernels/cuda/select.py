@@ -68,7 +68,7 @@ def dtop_select(
     next_indices = torch.empty(cap, device=dev, dtype=torch.int32)
     next_cu = torch.empty(b + 1, device=dev, dtype=torch.int32)
     exited = torch.empty(b, tokens.seq_len, device=dev, dtype=torch.bool)
-    with torch.cuda.device(dev):
+    with _args.device_guard(dev):
         mod = load_C()
         workspace = torch.empty(mod.select_workspace_bytes(cap), device=dev, dtype=torch.uint8)
         mod.dtop_select(

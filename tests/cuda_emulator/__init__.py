@@ -1,0 +1,158 @@
+"""The CUDA emulator: the kernels of csrc/ executed on the CPU, through the package's own launch
+code, under a memory checker and a race checker (docs/testing.md).
+
+    module = cuda_emulator.load("race")          # or "memcheck" (needs libasan preloaded)
+    with cuda_emulator.active(module):
+        out = dtop_kernels.cuda.gather.gather_rows(x, indices, cu)   # CPU tensors
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import importlib.machinery
+import importlib.util
+import os
+import re
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+from .build import VARIANTS, BuildError, build  # noqa: F401
+
+
+@dataclass(frozen=True)
+class Device:
+    """The emulated GPU's limits that the kernels' host code and the launches see."""
+    sm: int
+    sm_count: int
+    smem_default: int  # bytes of shared memory per block without the opt-in
+    smem_optin: int    # ... with cudaFuncAttributeMaxDynamicSharedMemorySize
+
+
+# sm_86 allows 99 KB per block, the least of the GPUs the sm_80 build serves: the default.
+DEVICES = {
+    "sm_80": Device(80, 108, 48 * 1024, 163 * 1024),
+    "sm_86": Device(86, 84, 48 * 1024, 99 * 1024),
+    "sm_90": Device(90, 132, 48 * 1024, 227 * 1024),
+}
+
+
+class KernelFault(AssertionError):
+    """A kernel broke a rule of the execution model (race, uninitialized or out-of-bounds shared
+    memory, deadlock, divergent barrier, a PTX misuse): the emulator's message, with source
+    lines."""
+
+
+def asan_loaded() -> bool:
+    """AddressSanitizer's runtime is in this process (preloaded: the memcheck build needs it)."""
+    try:
+        return "libasan" in Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+
+
+def asan_library() -> str:
+    """Path of g++'s AddressSanitizer runtime (for LD_PRELOAD)."""
+    out = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True)
+    path = out.stdout.strip()
+    if not os.path.isabs(path):
+        raise BuildError("g++ has no libasan.so (install libasan for the memcheck build)")
+    return path
+
+
+@functools.cache
+def load(variant: str, path: str | None = None) -> ModuleType:
+    """The emulated ``_C`` of ``variant`` ("memcheck" or "race"), built if needed; ``path``:
+    a module built already (an injected-bug build)."""
+    if variant == "memcheck" and not asan_loaded():
+        raise BuildError("the memcheck build needs AddressSanitizer's runtime loaded first: run "
+                         f"with LD_PRELOAD={asan_library()} (pytest -m emulated does)")
+    file = Path(path) if path else build(variant)
+    name = f"dtop_emu_{variant}_{abs(hash(str(file)))}._C"
+    loader = importlib.machinery.ExtensionFileLoader(name, str(file))
+    spec = importlib.util.spec_from_file_location(name, str(file), loader=loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    module.__emu_file__ = str(file)
+    module.__emu_variant__ = variant
+    module.__emu_lib__ = ctypes.CDLL(str(file))
+    lib = module.__emu_lib__
+    lib.emu_executed.restype = ctypes.c_void_p
+    lib.emu_configure.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong,
+                                  ctypes.c_longlong]
+    return module
+
+
+def configure(module: ModuleType, device: Device) -> None:
+    module.__emu_lib__.emu_configure(device.sm, device.sm_count, device.smem_default,
+                                     device.smem_optin)
+
+
+@contextlib.contextmanager
+def active(module: ModuleType, device: str = "sm_86") -> Iterator[ModuleType]:
+    """Within: the CUDA backend of dtop_kernels takes CPU tensors and runs ``module``'s kernels
+    on an emulated ``device``; a kernel fault raises :class:`KernelFault` with source lines."""
+    from dtop_kernels import cuda
+
+    dev = DEVICES[device]
+    configure(module, dev)
+    with cuda.emulated(_Faults(module), dev.sm_count):
+        yield module
+
+
+class _Faults:
+    """``module`` whose functions turn the emulator's faults into :class:`KernelFault` with the
+    program counters resolved to source lines."""
+
+    def __init__(self, module: ModuleType):
+        self._module = module
+
+    def __getattr__(self, name: str):
+        fn = getattr(self._module, name)
+        if not callable(fn):
+            return fn
+
+        def call(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except RuntimeError as e:
+                if str(e).startswith("emulator:"):
+                    raise KernelFault(symbolize(str(e))) from None
+                raise
+
+        return call
+
+
+def symbolize(message: str) -> str:
+    """``pc <library>+0x<offset>`` in an emulator message, followed by file:line (addr2line)."""
+    def one(m: re.Match) -> str:
+        lib, off = m.group(1), m.group(2)
+        try:
+            out = subprocess.run(["addr2line", "-C", "-f", "-i", "-e", lib, off],
+                                 capture_output=True, text=True, timeout=30).stdout.split("\n")
+        except (OSError, subprocess.SubprocessError):
+            return m.group(0)
+        frames = [f"{out[i + 1].strip()} ({out[i].strip()})" for i in range(0, len(out) - 1, 2)
+                  if out[i + 1].strip() and not out[i + 1].startswith("??")]
+        return " <- ".join(frames) if frames else m.group(0)
+
+    return re.sub(r"pc (\S+)\+(0x[0-9a-f]+)", one, message)
+
+
+def executed(module: ModuleType) -> dict[str, int]:
+    """{instantiation (its __PRETTY_FUNCTION__): launches} since the module was loaded."""
+    lib = module.__emu_lib__
+    ptr = lib.emu_executed()
+    try:
+        text = ctypes.string_at(ptr).decode()
+    finally:
+        lib.emu_free(ctypes.c_void_p(ptr))
+    out = {}
+    for line in text.splitlines():
+        count, name = line.split("\t", 1)
+        out[name] = int(count)
+    return out
