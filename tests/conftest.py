@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import time
 
 
@@ -25,7 +26,34 @@ import pytest
 import torch
 
 
+def _selects_emulated(config: pytest.Config) -> bool:
+    """The run was asked for the emulated CUDA kernels (``-m emulated``, or a marker expression
+    naming them)."""
+    return "emulated" in (config.option.markexpr or "")
+
+
+def _reexec_with_asan(config: pytest.Config) -> None:
+    """The emulator's memcheck build needs AddressSanitizer's runtime loaded before anything
+    else: restart this pytest with it preloaded (once; xdist workers inherit it)."""
+    if hasattr(config, "workerinput") or os.environ.get("DTOP_EMU_REEXEC"):
+        return
+    import cuda_emulator
+
+    if cuda_emulator.asan_loaded():
+        return
+    env = dict(os.environ, DTOP_EMU_REEXEC="1", LD_PRELOAD=cuda_emulator.asan_preload(),
+               ASAN_OPTIONS=os.environ.get("ASAN_OPTIONS", "detect_leaks=0"),
+               UBSAN_OPTIONS=os.environ.get("UBSAN_OPTIONS", "print_stacktrace=1"))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "emulated(variant): a CUDA kernel executed on the CPU "
+                            "by the emulator's memcheck or race build (pytest -m emulated)")
+    if _selects_emulated(config):
+        _reexec_with_asan(config)
     # Explicitly requested kernels that have not passed their GPU tests warn on every call.
     config.addinivalue_line("filterwarnings", "ignore:.*has not yet passed its tests:UserWarning")
     # torch.compile's import of torch.jit warns about torch's own deprecated API (torch 2.13)
@@ -51,6 +79,11 @@ def gpu_value(item: pytest.Item) -> int:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not _selects_emulated(config):  # the emulator runs on request only: pytest -m emulated
+        emulated = [i for i in items if i.get_closest_marker("emulated")]
+        if emulated:
+            config.hook.pytest_deselected(items=emulated)
+            items[:] = [i for i in items if not i.get_closest_marker("emulated")]
     if DEADLINE:
         items.sort(key=gpu_value)  # stable: file order within a rank
     if torch.cuda.is_available():
@@ -78,11 +111,74 @@ def skip_reasons(reports: list) -> list[tuple[int, str]]:
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
-    """One line naming why tests skipped (no GPU, no timm, ...), even under -q and xdist."""
+    """One line naming why tests skipped (no GPU, no timm, ...), even under -q and xdist; after
+    emulated tests, the count of CUDA kernel instantiations they ran."""
     reports = [r for r in terminalreporter.stats.get("skipped", []) if r.when in ("setup", "call")]
     if reports:
         terminalreporter.write_line(f"skipped {len(reports)}: " + "; ".join(
             f"{n} {reason}" for n, reason in skip_reasons(reports)))
+    if _EMULATED_RUNS:
+        import emulated_coverage
+
+        for line in emulated_coverage.report(_EMULATED_RUNS)[0]:
+            terminalreporter.write_line(line)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """After emulated tests, the last line: ``emulated kernels: X of Y instantiations run``."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if _EMULATED_RUNS and reporter is not None:
+        import emulated_coverage
+
+        reporter.write_line(emulated_coverage.report(_EMULATED_RUNS)[1])
+
+
+# ---------------------------------------------------------------------- the CUDA emulator
+# {build variant: {"file": module path, "executed": {symbol value: name}}}, merged from the
+# xdist workers: what the emulated tests ran.
+_EMULATED_RUNS: dict[str, dict] = {}
+
+
+def _merge_runs(runs: dict) -> None:
+    for variant, run in runs.items():
+        mine = _EMULATED_RUNS.setdefault(variant, {"file": run["file"], "executed": {}})
+        mine["executed"].update({int(k): v for k, v in run["executed"].items()})
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    import cuda_emulator
+
+    runs = {}
+    for variant, module in cuda_emulator.loaded().items():
+        runs[variant] = {"file": module.__emu_file__, "executed": {
+            str(k): name for k, (name, _) in cuda_emulator.executed(module).items()}}
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["emulated_runs"] = runs
+    else:
+        _merge_runs(runs)
+
+
+def pytest_testnodedown(node, error) -> None:  # xdist controller: a worker's results
+    _merge_runs(getattr(node, "workeroutput", {}).get("emulated_runs", {}))
+
+
+@pytest.fixture(autouse=True)
+def _emulation(request: pytest.FixtureRequest):
+    """Tests marked ``emulated(variant)`` run with the CUDA backend on that emulator build."""
+    mark = request.node.get_closest_marker("emulated")
+    if mark is None:
+        yield
+        return
+    import cuda_emulator
+
+    with cuda_emulator.active(cuda_emulator.load(mark.args[0])):
+        yield
+
+
+@pytest.fixture
+def kernel_device(request: pytest.FixtureRequest) -> torch.device:
+    """The device of a ``cuda_kernel_test``: the GPU, or the CPU for the emulator's builds."""
+    return torch.device("cuda" if request.param == "cuda" else "cpu")
 
 
 @pytest.fixture(autouse=True)

@@ -45,12 +45,39 @@ def backend_params(*names: str) -> list:
     return [pytest.param(name, id=name, marks=backend_marks(name)) for name in names]
 
 
+EMULATOR_VARIANTS = ("memcheck", "race")
+
+
 def cuda_kernel_test(fn):
-    """Marks a test ``gpu`` and skips it (with the reason) where the compiled CUDA kernels cannot
-    run: for tests that call the launchers of ``dtop_kernels/cuda/`` directly."""
-    for mark in backend_marks("cuda"):
-        fn = mark(fn)
-    return pytest.mark.gpu(fn)
+    """For tests that call the launchers of ``dtop_kernels/cuda/`` directly: runs the test on
+    the GPU (marked ``gpu``, skipped with the reason where the compiled kernels cannot run), and
+    on the CUDA emulator's memcheck and race builds (marked ``emulated``: ``pytest -m emulated``).
+    The test takes the ``kernel_device`` fixture: the device to put its tensors on."""
+    params = [pytest.param("cuda", id="gpu", marks=[pytest.mark.gpu, *backend_marks("cuda")])]
+    params += [pytest.param(v, id=f"emulated-{v}", marks=pytest.mark.emulated(v))
+               for v in EMULATOR_VARIANTS]
+    return pytest.mark.parametrize("kernel_device", params, indirect=True)(fn)
+
+
+class EmulatedCuda(str):
+    """The backend name "cuda", for a test run by the CUDA emulator's ``variant`` build (on CPU
+    tensors): equal to "cuda" wherever a test or the dispatch compares it."""
+
+    variant: str
+
+    def __new__(cls, variant: str) -> EmulatedCuda:
+        s = super().__new__(cls, "cuda")
+        s.variant = variant
+        return s
+
+
+def emulated_cuda_params() -> list:
+    """The "cuda" backend on each emulator build, for tests of the public ops on CPU tensors
+    (``pytest -m emulated``; skipped where a GPU runs the real kernels)."""
+    marks = [pytest.mark.skip(reason="a GPU runs the real kernels here")] \
+        if DEVICE.type == "cuda" else []
+    return [pytest.param(EmulatedCuda(v), id=f"cuda-emulated-{v}",
+                         marks=[pytest.mark.emulated(v), *marks]) for v in EMULATOR_VARIANTS]
 
 
 def run_or_skip(fn, backend: str):
@@ -66,6 +93,16 @@ def skip_interpreter_bf16_dot(backend: str, dtype: torch.dtype) -> None:
     order 1e10 on a plain 16x16 product): bf16 matmul kernels are checked on a GPU only."""
     if backend == "triton" and dtype == torch.bfloat16 and DEVICE.type == "cpu":
         pytest.skip("the Triton CPU interpreter's tl.dot is wrong for bf16 operands")
+
+
+def triton_cross_check(name: str, device: torch.device):
+    """The Triton backend's module ``name`` (e.g. "attention") to cross-check a CUDA kernel's
+    results against on a GPU; None for the emulated kernels (CPU tensors): the Triton kernels
+    are checked against the same references under the interpreter, and the interpreter's tl.dot
+    is wrong for bf16 (see skip_interpreter_bf16_dot)."""
+    if device.type != "cuda":
+        return None
+    return importlib.import_module(f"dtop_kernels.triton.{name}")
 
 
 def mixed_tokens(padded: bool) -> TokenSet:
@@ -97,15 +134,16 @@ def make_tokens(keep: torch.Tensor, layout: str) -> TokenSet:
     return TokenSet.from_mask(keep, capacity=cap)
 
 
-def ragged_tokens(counts: list[int], n: int, extra_capacity: int = 0, seed: int = 0) -> TokenSet:
-    """TokenSet on DEVICE: ``counts[b]`` random active tokens in image b of N (drawn from its own
-    generator seeded ``seed``); capacity T + extra_capacity (at most B * N)."""
+def ragged_tokens(counts: list[int], n: int, extra_capacity: int = 0, seed: int = 0,
+                  device: torch.device = DEVICE) -> TokenSet:
+    """TokenSet on ``device``: ``counts[b]`` random active tokens in image b of N (drawn from its
+    own generator seeded ``seed``); capacity T + extra_capacity (at most B * N)."""
     g = torch.Generator().manual_seed(seed)
     keep = torch.zeros(len(counts), n, dtype=torch.bool)
     for b, c in enumerate(counts):
         keep[b, torch.randperm(n, generator=g)[:c]] = True
     cap = min(sum(counts) + extra_capacity, len(counts) * n)
-    return TokenSet.from_mask(keep.to(DEVICE), capacity=cap)
+    return TokenSet.from_mask(keep.to(device), capacity=cap)
 
 
 def cu_from_counts(counts: list[int]) -> torch.Tensor:

@@ -21,6 +21,7 @@ from helpers import (
     mixed_tokens,
     run_or_skip,
     skip_interpreter_bf16_dot,
+    triton_cross_check,
 )
 from naive import naive_attention, naive_logits
 
@@ -621,16 +622,16 @@ HALF = [pytest.param(d, id=str(d).removeprefix("torch.")) for d in
         (torch.float16, torch.bfloat16)]
 
 
-def _cuda_qkv(counts, pad, h, d, dtype, n_tensors=3, seed=3):
+def _cuda_qkv(counts, pad, h, d, dtype, dev, n_tensors=3, seed=3):
     g = torch.Generator().manual_seed(seed)
     t = sum(counts)
     out = []
     for _ in range(n_tensors):
         x = torch.randn(t + pad, h, d, generator=g, dtype=torch.float64)
         x[t:] = NAN  # padding rows must never be read
-        out.append(x.to("cuda", dtype))
+        out.append(x.to(dev, dtype))
     cu = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32,
-                      device="cuda")
+                      device=dev)
     return out, cu, t
 
 
@@ -643,12 +644,12 @@ def _ref_attention(q, k, v, cu, m, scale, t, prec):
 @pytest.mark.parametrize("d", CUDA_HEAD_DIMS)
 @pytest.mark.parametrize("dtype", HALF)
 @cuda_kernel_test
-def test_cuda_attention_fwd(counts, pad, d, dtype):
+def test_cuda_attention_fwd(counts, pad, d, dtype, kernel_device):
     h = 3
-    (q, k, v), cu, t = _cuda_qkv(counts, pad, h, d, dtype)
+    (q, k, v), cu, t = _cuda_qkv(counts, pad, h, d, dtype, kernel_device)
     m, scale = max(counts), d ** -0.5
     out = torch.full_like(q, NAN)
-    lse = torch.full((h, t + pad), NAN, device="cuda")
+    lse = torch.full((h, t + pad), NAN, device=kernel_device)
     got, got_lse = cuda_attn.attention_fwd(q, k, v, cu, cu, m, scale, out=out, lse=lse)
     assert got is out and got_lse is lse
     exact = _ref_attention(q, k, v, cu, m, scale, t, torch.float64)
@@ -664,20 +665,22 @@ def test_cuda_attention_fwd(counts, pad, d, dtype):
             s = torch.einsum("ihd,jhd->hij", q[lo:hi].double(), k[lo:hi].double()) * scale
             want = torch.logsumexp(s, dim=-1) / math.log(2)
             torch.testing.assert_close(got_lse[:, lo:hi].double(), want, rtol=0, atol=2e-2)
-    triton_attn = pytest.importorskip("dtop_kernels.triton.attention")
+    triton_attn = triton_cross_check("attention", kernel_device)
+    if triton_attn is None:
+        return
     out_tr, lse_tr = triton_attn.attention_fwd(q, k, v, cu, cu, m, scale)
     assert_err_rule(got[:t], out_tr[:t], exact, 1e-3, "out vs triton")
     torch.testing.assert_close(got_lse[:, :t], lse_tr[:, :t], rtol=0, atol=2e-2)
 
 
 @cuda_kernel_test
-def test_cuda_attention_fwd_no_keys_and_cross():
+def test_cuda_attention_fwd_no_keys_and_cross(kernel_device):
     """Cross attention with different query / key counts, one image without keys."""
-    h, d, dtype = 2, 64, torch.float16
-    cq = torch.tensor([0, 5, 9, 30], dtype=torch.int32, device="cuda")
-    ck = torch.tensor([0, 0, 66, 70], dtype=torch.int32, device="cuda")
-    q = torch.randn(30, h, d, device="cuda", dtype=dtype)
-    k, v = (torch.randn(70, h, d, device="cuda", dtype=dtype) for _ in range(2))
+    h, d, dtype, dev = 2, 64, torch.float16, kernel_device
+    cq = torch.tensor([0, 5, 9, 30], dtype=torch.int32, device=dev)
+    ck = torch.tensor([0, 0, 66, 70], dtype=torch.int32, device=dev)
+    q = torch.randn(30, h, d, device=dev, dtype=dtype)
+    k, v = (torch.randn(70, h, d, device=dev, dtype=dtype) for _ in range(2))
     out, lse = cuda_attn.attention_fwd(q, k, v, cq, ck, 21, 0.125)
     want = ref_attn.varlen_attention(q.double(), k.double(), v.double(), cq, ck, 21, 66, 0.125)
     same = ref_attn.varlen_attention(q, k, v, cq, ck, 21, 66, 0.125)
@@ -689,9 +692,9 @@ def test_cuda_attention_fwd_no_keys_and_cross():
 @pytest.mark.parametrize("d", CUDA_HEAD_DIMS)
 @pytest.mark.parametrize("dtype", HALF)
 @cuda_kernel_test
-def test_cuda_attention_bwd(counts, pad, d, dtype):
+def test_cuda_attention_bwd(counts, pad, d, dtype, kernel_device):
     h = 2
-    (q, k, v, do), cu, t = _cuda_qkv(counts, pad, h, d, dtype, n_tensors=4)
+    (q, k, v, do), cu, t = _cuda_qkv(counts, pad, h, d, dtype, kernel_device, n_tensors=4)
     m, scale = max(counts), d ** -0.5
     out, lse = cuda_attn.attention_fwd(q, k, v, cu, cu, m, scale)
     dq, dk, dv = cuda_attn.attention_bwd(do, q, k, v, out, lse, cu, cu, m, m, scale)
@@ -706,7 +709,9 @@ def test_cuda_attention_bwd(counts, pad, d, dtype):
         assert_err_rule(got[:t], s, e, 2e-3, name)
         assert torch.all(got[t:] == 0), f"{name}: padding rows must be zero"
     # Shared backward: the CUDA backward on the Triton forward's outputs, and the reverse.
-    triton_attn = pytest.importorskip("dtop_kernels.triton.attention")
+    triton_attn = triton_cross_check("attention", kernel_device)
+    if triton_attn is None:
+        return
     out_tr, lse_tr = triton_attn.attention_fwd(q, k, v, cu, cu, m, scale)
     mixed = cuda_attn.attention_bwd(do, q, k, v, out_tr, lse_tr, cu, cu, m, m, scale)
     tr = triton_attn.attention_bwd(do, q, k, v, out, lse, cu, cu, m, m, scale)
@@ -725,16 +730,16 @@ LOGIT_CASES = [
 @pytest.mark.parametrize("d", CUDA_HEAD_DIMS)
 @pytest.mark.parametrize("dtype", HALF)
 @cuda_kernel_test
-def test_cuda_head_mean_logits(counts, num_q, d, dtype):
+def test_cuda_head_mean_logits(counts, num_q, d, dtype, kernel_device):
     h, pad, b = 3, 4, len(counts)
     g = torch.Generator().manual_seed(4)
-    q = torch.randn(b * num_q, h, d, generator=g).to("cuda", dtype)
-    (k,), cu, t = _cuda_qkv(counts, pad, h, d, dtype, n_tensors=1)
+    q = torch.randn(b * num_q, h, d, generator=g).to(kernel_device, dtype)
+    (k,), cu, t = _cuda_qkv(counts, pad, h, d, dtype, kernel_device, n_tensors=1)
     scale = d ** -0.5
-    out = torch.full((num_q, t + pad), NAN, device="cuda", dtype=dtype)
+    out = torch.full((num_q, t + pad), NAN, device=kernel_device, dtype=dtype)
     got = cuda_attn.head_mean_logits(q, k, cu, num_q, max(counts), scale, out=out)
     assert got is out
-    cq = torch.arange(b + 1, dtype=torch.int32, device="cuda") * num_q
+    cq = torch.arange(b + 1, dtype=torch.int32, device=kernel_device) * num_q
 
     def logits(prec):
         kk = torch.cat([k[:t], torch.zeros_like(k[t:])]).to(prec)
@@ -744,15 +749,17 @@ def test_cuda_head_mean_logits(counts, num_q, d, dtype):
     assert_err_rule(got[:, :t], logits(dtype)[:, :t], logits(torch.float64)[:, :t], 1e-3,
                     "logits")
     assert torch.isnan(got[:, t:]).all(), "padding columns must be left untouched"
-    triton_attn = pytest.importorskip("dtop_kernels.triton.attention")
+    triton_attn = triton_cross_check("attention", kernel_device)
+    if triton_attn is None:
+        return
     tr = triton_attn.head_mean_logits(q, k, cu, num_q, max(counts), scale)
     assert_err_rule(got[:, :t], tr[:, :t], logits(torch.float64)[:, :t], 1e-3,
                     "logits vs triton")
 
 
 @cuda_kernel_test
-def test_cuda_attention_rejects_float32_on_gpu():
-    q = torch.randn(4, 1, 64, device="cuda")
-    cu = torch.tensor([0, 4], dtype=torch.int32, device="cuda")
+def test_cuda_attention_rejects_float32_on_gpu(kernel_device):
+    q = torch.randn(4, 1, 64, device=kernel_device)
+    cu = torch.tensor([0, 4], dtype=torch.int32, device=kernel_device)
     with pytest.raises(ValueError, match="backend='triton'"):
         cuda_attn.attention_fwd(q, q, q, cu, cu, 4, 0.125)

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-from .build import VARIANTS, BuildError, build  # noqa: F401
+from .build import VARIANTS, BuildError  # noqa: F401
+from .build import build as build_module  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -55,23 +56,46 @@ def asan_loaded() -> bool:
         return False
 
 
-def asan_library() -> str:
-    """Path of g++'s AddressSanitizer runtime (for LD_PRELOAD)."""
-    out = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True)
-    path = out.stdout.strip()
-    if not os.path.isabs(path):
-        raise BuildError("g++ has no libasan.so (install libasan for the memcheck build)")
-    return path
+def asan_preload() -> str:
+    """LD_PRELOAD for the memcheck build: g++'s AddressSanitizer runtime, then libstdc++ (the
+    runtime finds the C++ functions it intercepts, such as __cxa_throw, only if libstdc++ is
+    loaded when it starts, which python alone does not do)."""
+    paths = []
+    for lib in ("libasan.so", "libstdc++.so"):
+        out = subprocess.run(["g++", f"-print-file-name={lib}"], capture_output=True, text=True)
+        path = os.path.realpath(out.stdout.strip())
+        if not os.path.isabs(out.stdout.strip()):
+            raise BuildError(f"g++ has no {lib} (install it for the emulator's memcheck build)")
+        paths.append(path)
+    return " ".join(paths)
 
 
-@functools.cache
+_LOADED: dict[str, ModuleType] = {}
+
+
+def loaded() -> dict[str, ModuleType]:
+    """{variant: module} of the default builds loaded in this process."""
+    return dict(_LOADED)
+
+
 def load(variant: str, path: str | None = None) -> ModuleType:
+    """The emulated ``_C`` of ``variant`` ("memcheck" or "race"), built if needed (once per
+    process); ``path``: a module built already (an injected-bug build), loaded anew."""
+    if path is None and variant in _LOADED:
+        return _LOADED[variant]
+    module = _load(variant, path)
+    if path is None:
+        _LOADED[variant] = module
+    return module
+
+
+def _load(variant: str, path: str | None = None) -> ModuleType:
     """The emulated ``_C`` of ``variant`` ("memcheck" or "race"), built if needed; ``path``:
     a module built already (an injected-bug build)."""
     if variant == "memcheck" and not asan_loaded():
         raise BuildError("the memcheck build needs AddressSanitizer's runtime loaded first: run "
-                         f"with LD_PRELOAD={asan_library()} (pytest -m emulated does)")
-    file = Path(path) if path else build(variant)
+                         f"with LD_PRELOAD='{asan_preload()}' (pytest -m emulated does)")
+    file = Path(path) if path else build_module(variant)
     name = f"dtop_emu_{variant}_{abs(hash(str(file)))}._C"
     loader = importlib.machinery.ExtensionFileLoader(name, str(file))
     spec = importlib.util.spec_from_file_location(name, str(file), loader=loader)
@@ -143,8 +167,8 @@ def symbolize(message: str) -> str:
     return re.sub(r"pc (\S+)\+(0x[0-9a-f]+)", one, message)
 
 
-def executed(module: ModuleType) -> dict[str, int]:
-    """{instantiation (its __PRETTY_FUNCTION__): launches} since the module was loaded."""
+def executed(module: ModuleType) -> dict[int, tuple[str, int]]:
+    """{kernel symbol value: (its __PRETTY_FUNCTION__, launches)} since the module was loaded."""
     lib = module.__emu_lib__
     ptr = lib.emu_executed()
     try:
@@ -153,6 +177,23 @@ def executed(module: ModuleType) -> dict[str, int]:
         lib.emu_free(ctypes.c_void_p(ptr))
     out = {}
     for line in text.splitlines():
-        count, name = line.split("\t", 1)
-        out[name] = int(count)
+        offset, count, name = line.split("\t", 2)
+        out[int(offset)] = (name, int(count))
     return out
+
+
+@functools.cache
+def instantiations(file: str) -> dict[int, str]:
+    """{symbol value: demangled name} of every kernel instantiation in an emulator build: the
+    functions of the build (nm) named after a ``__global__`` function of csrc/ (the rewriter
+    lists them in kernels.txt beside the module)."""
+    kernels = set(Path(file).with_name("kernels.txt").read_text().split())
+    out = subprocess.run(["nm", "-C", "--defined-only", file], capture_output=True, text=True,
+                         check=True).stdout
+    pattern = re.compile(r"^([0-9a-f]+) [tTW] (?:void )?dtop::\(anonymous namespace\)::(\w+)[<(](.*)$")
+    found = {}
+    for line in out.splitlines():
+        m = pattern.match(line)
+        if m and m.group(2) in kernels and "[clone" not in line and "{lambda" not in line:
+            found[int(m.group(1), 16)] = line.split(" ", 2)[2]
+    return found

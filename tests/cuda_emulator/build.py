@@ -84,7 +84,8 @@ def _digest(*parts: bytes | str) -> str:
 
 
 def _run(cmd: list[str], what: str) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}  # no ASan for g++ itself
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
         raise BuildError(f"{what} failed:\n{' '.join(cmd)}\n{proc.stderr[-6000:]}")
 

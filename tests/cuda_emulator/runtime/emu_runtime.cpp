@@ -20,6 +20,7 @@
 
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
+#include <dlfcn.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -156,9 +157,10 @@ size_t main_stack_size = 0;
 
 std::map<const void*, int> optin;  // kernel -> cudaFuncAttributeMaxDynamicSharedMemorySize
 
-// Kernels entered, by instantiation (for "X of Y instantiations run").
-std::map<std::string, long long>& executed() {
-  static std::map<std::string, long long> m;
+// Kernels run, by instantiation (for "X of Y instantiations run"): the kernel's offset in its
+// library (its symbol's value) -> (__PRETTY_FUNCTION__, launches).
+std::map<uintptr_t, std::pair<std::string, long long>>& executed() {
+  static std::map<uintptr_t, std::pair<std::string, long long>> m;
   return m;
 }
 
@@ -316,10 +318,7 @@ EMU_NO_CHECK const dim3& block_dim() { return block_dim_; }
 EMU_NO_CHECK const dim3& grid_dim() { return grid_dim_; }
 
 EMU_NO_CHECK void kernel_entry(const char* pretty) {
-  if (launch_->kernel == nullptr) {
-    launch_->kernel = pretty;
-    ++executed()[pretty];
-  }
+  if (launch_->kernel == nullptr) launch_->kernel = pretty;
 }
 
 // ---------------------------------------------------------------------------- barriers
@@ -1056,8 +1055,12 @@ cudaError_t check_config(const LaunchConfig& c, const void* kernel, std::string&
     why = "a grid dimension above its limit";
     return cudaErrorInvalidConfiguration;
   }
+  // Attributes stay set (csrc/ sets each once per kernel and device); a device with less shared
+  // memory than one was set for caps it.
   auto it = optin.find(kernel);
-  const size_t limit = it == optin.end() ? device.smem_default : static_cast<size_t>(it->second);
+  const size_t limit = it == optin.end()
+                           ? device.smem_default
+                           : std::min(static_cast<size_t>(it->second), device.smem_optin);
   if (c.smem > limit) {
     why = std::to_string(c.smem) + " bytes of dynamic shared memory above the kernel's " +
           std::to_string(limit) +
@@ -1092,7 +1095,9 @@ bool launch(const void* kernel, const char* text, const char* file, int line,
   l.dynamic_bytes = config.smem;
   auto it = optin.find(kernel);
   l.smem_limit = std::max(device.smem_default,
-                          it == optin.end() ? size_t(0) : static_cast<size_t>(it->second));
+                          it == optin.end() ? size_t(0)
+                                            : std::min(static_cast<size_t>(it->second),
+                                                       device.smem_optin));
   launch_ = &l;
   block_dim_ = config.block;
   grid_dim_ = config.grid;
@@ -1116,6 +1121,13 @@ bool launch(const void* kernel, const char* text, const char* file, int line,
   }
   view.in_kernel = false;
   if (emu_race_launch) emu_race_launch(false);
+  Dl_info info;
+  if (l.kernel != nullptr && dladdr(kernel, &info) && info.dli_fbase != nullptr) {
+    auto& e = executed()[reinterpret_cast<uintptr_t>(kernel) -
+                         reinterpret_cast<uintptr_t>(info.dli_fbase)];
+    e.first = l.kernel;
+    ++e.second;
+  }
   launch_ = nullptr;
   return true;
 }
@@ -1179,13 +1191,15 @@ void emu_configure(int sm, int sm_count, long long smem_default, long long smem_
   emu::device.sm_count = sm_count;
   emu::device.smem_default = static_cast<size_t>(smem_default);
   emu::device.smem_optin = static_cast<size_t>(smem_optin);
-  emu::optin.clear();
 }
 
-// The instantiations entered since the last reset, one "count\tname" per line; the caller frees.
+// The instantiations run since the last reset, one "offset\tlaunches\tname" line each (offset:
+// the kernel's symbol value in its library); the caller frees with emu_free.
 char* emu_executed() {
   std::string s;
-  for (auto& [name, count] : emu::executed()) s += std::to_string(count) + "\t" + name + "\n";
+  for (auto& [offset, e] : emu::executed()) {
+    s += std::to_string(offset) + "\t" + std::to_string(e.second) + "\t" + e.first + "\n";
+  }
   char* out = static_cast<char*>(std::malloc(s.size() + 1));
   std::memcpy(out, s.c_str(), s.size() + 1);
   return out;
