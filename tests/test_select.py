@@ -15,6 +15,7 @@ from helpers import (
     backend_params,
     compiled_asm,
     cuda_kernel_test,
+    triton_cross_check,
     make_tokens,
     ragged_tokens,
     random_keep,
@@ -449,10 +450,10 @@ def _check_selection(got, want, tokens):
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
 @pytest.mark.parametrize("top_k", [0, 1, 5])
 @cuda_kernel_test
-def test_cuda_select_matches_reference(counts, n, k, extra, dtype, top_k):
+def test_cuda_select_matches_reference(counts, n, k, extra, dtype, top_k, kernel_device):
     g = torch.Generator().manual_seed(2)
-    dev = "cuda"
-    tokens = ragged_tokens(counts, n, extra)
+    dev = kernel_device
+    tokens = ragged_tokens(counts, n, extra, device=dev)
     # Logits on two disjoint grids (class: odd quarters, mask: halves; exact in every dtype):
     # distinct scores differ by >= 1.4e-4 relative and sit >= 3e-3 from the threshold, so the
     # comparison is exact whatever the sigmoid / softmax rounding; equal scores (many) are ties.
@@ -464,14 +465,16 @@ def test_cuda_select_matches_reference(counts, n, k, extra, dtype, top_k):
     mask[:, t:] = float("nan")  # padding columns must never be read
     got = cuda_select.dtop_select(cls, mask, tokens, 0.5, top_k)
     _check_selection(got, ref_select.dtop_select(cls, mask, tokens, 0.5, top_k), tokens)
-    triton_select = pytest.importorskip("dtop_kernels.triton.select")
+    triton_select = triton_cross_check("select", dev)
+    if triton_select is None:
+        return
     _check_selection(got, triton_select.dtop_select(cls, mask, tokens, 0.5, top_k), tokens)
 
 
 @cuda_kernel_test
-def test_cuda_select_ties_and_all_exit():
-    dev = "cuda"
-    tokens = ragged_tokens([12, 9], 16, 2)
+def test_cuda_select_ties_and_all_exit(kernel_device):
+    dev = kernel_device
+    tokens = ragged_tokens([12, 9], 16, 2, device=dev)
     cls = torch.tensor([[[4.0, -4.0]] * 3] * 2, device=dev)
     # Every class and token has the same score: label 0 (lowest class), rank = slot order.
     mask = torch.full((3, tokens.capacity), 6.0, device=dev)

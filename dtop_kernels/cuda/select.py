@@ -18,6 +18,14 @@ from dtop_kernels.tokens import TokenSet
 MAX_CLASSES = 12288  # csrc/select.cu: one image's class probabilities in 48 KB of shared memory
 
 
+def _workspace(nbytes: int, device: torch.device) -> torch.Tensor:
+    """``nbytes`` of uint8 starting on a 256-byte boundary (the kernel's contract), whatever the
+    allocator's own alignment."""
+    raw = torch.empty(nbytes + 255, device=device, dtype=torch.uint8)
+    start = -raw.data_ptr() % 256
+    return raw[start:start + nbytes]
+
+
 def dtop_select(
     class_logits: torch.Tensor,
     mask_logits: torch.Tensor,
@@ -70,7 +78,7 @@ def dtop_select(
     exited = torch.empty(b, tokens.seq_len, device=dev, dtype=torch.bool)
     with _args.device_guard(dev):
         mod = load_C()
-        workspace = torch.empty(mod.select_workspace_bytes(cap), device=dev, dtype=torch.uint8)
+        workspace = _workspace(mod.select_workspace_bytes(cap), dev)
         mod.dtop_select(
             class_logits.data_ptr(), mask_logits.data_ptr(), tokens.indices.data_ptr(),
             tokens.cu_seqlens.data_ptr(), next_indices.data_ptr(), next_cu.data_ptr(),

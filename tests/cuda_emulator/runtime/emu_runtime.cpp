@@ -122,6 +122,9 @@ struct Block {
   std::vector<SharedBuffer> shared;
   std::vector<unsigned char*> allocations;
   uint16_t warp_sync[kMaxThreads / kWarpSize] = {};
+  uint8_t arrived[kMaxThreads / kWarpSize] = {};  // lanes waiting at a warp collective
+  int at_barrier = 0;                              // threads waiting at a block barrier
+  size_t static_bytes = 0;                         // of the __shared__ variables met so far
   std::string fault;
   bool faulted = false;
   int done = 0;
@@ -135,7 +138,7 @@ struct Launch {
   LaunchConfig config{};
   BlockBody body = nullptr;
   void* state = nullptr;
-  size_t dynamic_bytes = 0, static_bytes = 0, smem_limit = 0;
+  size_t dynamic_bytes = 0, smem_limit = 0;
 };
 
 Launch* launch_ = nullptr;
@@ -345,6 +348,7 @@ std::string thread_list(const std::vector<int>& ids) {
 // at a barrier or finishes.
 void try_release_barrier() {
   Block& b = *block_;
+  if (b.at_barrier == 0 || b.at_barrier + b.done != static_cast<int>(b.threads.size())) return;
   int waiting = 0;
   Thread* first = nullptr;
   for (Thread& t : b.threads) {
@@ -387,6 +391,7 @@ void try_release_barrier() {
     t.wait = Wait::kReady;
     t.bar_result = result;
   }
+  b.at_barrier = 0;
 }
 
 int barrier(int op, int pred, const char* file, int line) {
@@ -396,6 +401,7 @@ int barrier(int op, int pred, const char* file, int line) {
   self->line = line;
   self->bar_op = op;
   self->bar_pred = pred;
+  ++block_->at_barrier;
   try_release_barrier();
   while (self->wait != Wait::kReady) yield_to_scheduler();
   return self->bar_result;
@@ -469,7 +475,10 @@ void try_release_warp(int warp) {
   run_collective(*first, lanes, mask);
   if (first->kind == 0) ++block_->warp_sync[warp];
   for (int l = 0; l < kWarpSize; ++l) {
-    if (mask >> l & 1u) lanes[l]->wait = Wait::kReady;
+    if (mask >> l & 1u) {
+      lanes[l]->wait = Wait::kReady;
+      --block_->arrived[warp];
+    }
   }
 }
 
@@ -479,7 +488,11 @@ void warp_wait(Collective& c, const char* file, int line) {
   self->file = file;
   self->line = line;
   self->wait = Wait::kWarp;
-  try_release_warp(self->warp);
+  // Only once as many lanes wait as the mask names can the collective be complete.
+  const int arrived = ++block_->arrived[self->warp];
+  if (arrived >= __builtin_popcount(c.mask & live_lanes(self->warp))) {
+    try_release_warp(self->warp);
+  }
   while (self->wait != Wait::kReady) yield_to_scheduler();
   self->coll = nullptr;
 }
@@ -550,14 +563,14 @@ EMU_NO_CHECK void* static_smem(const void* tag, size_t bytes, size_t align) {
   for (SharedBuffer& s : block_->shared) {
     if (s.tag == tag) return s.host;
   }
-  launch_->static_bytes += bytes;
-  if (launch_->static_bytes > 48 * 1024) {
-    fault("static shared memory above 48 KB (" + std::to_string(launch_->static_bytes) +
+  block_->static_bytes += bytes;
+  if (block_->static_bytes > 48 * 1024) {
+    fault("static shared memory above 48 KB (" + std::to_string(block_->static_bytes) +
           " bytes)");
   }
-  if (launch_->static_bytes + launch_->dynamic_bytes > launch_->smem_limit) {
+  if (block_->static_bytes + launch_->dynamic_bytes > launch_->smem_limit) {
     fault("static + dynamic shared memory of " +
-          std::to_string(launch_->static_bytes + launch_->dynamic_bytes) +
+          std::to_string(block_->static_bytes + launch_->dynamic_bytes) +
           " bytes exceeds the block's limit of " + std::to_string(launch_->smem_limit) +
           " bytes (cudaFuncAttributeMaxDynamicSharedMemorySize / the device)");
   }

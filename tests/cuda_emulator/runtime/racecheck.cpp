@@ -18,7 +18,9 @@
 #include <dlfcn.h>
 
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
+#include <memory>
 #include <sstream>
 #include <string>
 #include <unordered_map>
@@ -47,14 +49,39 @@ struct SharedByte {
   bool read_by_warp = false;  // every read since the last write was an ldmatrix
 };
 
+// Global memory: per byte, the last write and the reads since, by (block, thread); in pages of
+// 4 KB created on first touch and dropped after each launch.
+struct GlobalAccess {
+  uint32_t epoch = 0;  // 0: none
+  int32_t block = kNone;  // kMany: several blocks
+  int16_t thread = kNone;  // kMany: several threads
+  uint16_t warp_sync = 0;
+};
+
 struct GlobalByte {
-  Access write, read;
-  long long write_block = -1, read_block = -1;  // kMany: read by several blocks
+  GlobalAccess write, read;
+};
+
+constexpr int kPageBits = 12;
+struct GlobalPage {
+  GlobalByte bytes[size_t(1) << kPageBits];
 };
 
 std::vector<std::vector<SharedByte>> shared_shadow;
-std::unordered_map<uintptr_t, GlobalByte> global_shadow;
-uint32_t launch_epoch = 0;
+std::unordered_map<uintptr_t, std::unique_ptr<GlobalPage>> global_pages;
+uintptr_t last_page_key = ~uintptr_t(0);
+GlobalPage* last_page = nullptr;
+
+GlobalByte& global_byte(uintptr_t a) {
+  const uintptr_t key = a >> kPageBits;
+  if (key != last_page_key) {
+    auto& p = global_pages[key];
+    if (!p) p = std::make_unique<GlobalPage>();
+    last_page_key = key;
+    last_page = p.get();
+  }
+  return last_page->bytes[a & ((uintptr_t(1) << kPageBits) - 1)];
+}
 
 std::string pc_str(const void* pc) {
   if (pc == nullptr) return "(emulator)";
@@ -174,49 +201,66 @@ void shared_access(size_t buffer, size_t offset, size_t n, bool write, int kind,
   }
 }
 
+Access as_access(const GlobalAccess& g, const void* pc) {
+  Access a;
+  a.epoch = g.epoch;
+  a.thread = g.thread;
+  a.warp = g.thread >= 0 ? static_cast<int16_t>(g.thread / 32) : kMany;
+  a.warp_sync = g.warp_sync;
+  a.pc = pc;
+  return a;
+}
+
+// Is the earlier access `g` (of this launch) ordered before the running thread's?
+bool global_ordered(const GlobalAccess& g, const Access& cur) {
+  if (g.block != view.block) return false;  // blocks of a launch are never ordered
+  if (g.epoch != cur.epoch) return true;
+  if (g.thread == cur.thread) return true;
+  return g.thread >= 0 && g.thread / 32 == cur.warp && g.warp_sync != cur.warp_sync;
+}
+
 void global_access(uintptr_t a, size_t n, bool write, const void* pc, const char* file,
                    int line) {
   const Access cur = now(pc);
-  const long long blk = view.block;
   for (size_t i = 0; i < n; ++i) {
-    GlobalByte& g = global_shadow[a + i];
-    const bool written = g.write.epoch > launch_epoch;
-    const bool read = g.read.epoch > launch_epoch;
-    if (written && (g.write_block != blk || !ordered(g.write, cur))) {
+    GlobalByte& g = global_byte(a + i);
+    if (g.write.epoch != 0 && !global_ordered(g.write, cur)) {
       std::ostringstream m;
       m << "race on global memory at " << reinterpret_cast<const void*>(a + i) << ": "
-        << (write ? "write" : "read") << " of a byte that " << (g.write_block != blk ? "block #"
-        + std::to_string(g.write_block) + " (linear index)" : std::string("another thread"))
-        << " wrote in this launch (no order between them)";
-      race(m.str(), g.write, cur, file, line);
+        << (write ? "write" : "read") << " of a byte that "
+        << (g.write.block != view.block ? "block #" + std::to_string(g.write.block) +
+                                              " (linear index in the grid)"
+                                        : std::string("another thread of the block"))
+        << " wrote in this launch, with nothing ordering the two";
+      race(m.str(), as_access(g.write, nullptr), cur, file, line);
     }
-    if (write && read) {
-      const bool other_block = g.read_block != blk;
-      if (other_block || (g.read.thread != cur.thread && g.read.epoch == cur.epoch &&
-                          !(g.read.warp == cur.warp && g.read.warp_sync != cur.warp_sync))) {
+    if (write && g.read.epoch != 0) {
+      // Reads of several threads of this block count as ordered only across a barrier.
+      const bool ordered_read =
+          g.read.block == view.block &&
+          (g.read.epoch != cur.epoch || g.read.thread == cur.thread ||
+           (g.read.thread >= 0 && global_ordered(g.read, cur)));
+      if (!ordered_read) {
         std::ostringstream m;
         m << "race on global memory at " << reinterpret_cast<const void*>(a + i)
-          << ": write of a byte that " << (other_block ? "another block" : "another thread")
-          << " read in this launch (no order between them)";
-        race(m.str(), g.read, cur, file, line);
+          << ": write of a byte that "
+          << (g.read.block != view.block ? "another block" : "another thread of the block")
+          << " read in this launch, with nothing ordering the two";
+        race(m.str(), as_access(g.read, nullptr), cur, file, line);
       }
     }
+    const GlobalAccess now_g{cur.epoch, static_cast<int32_t>(view.block), cur.thread,
+                             cur.warp_sync};
     if (write) {
-      g.write = cur;
-      g.write_block = blk;
-      g.read = Access{};
-      g.read_block = -1;
+      g.write = now_g;
+      g.read = GlobalAccess{};
+    } else if (g.read.epoch == 0) {
+      g.read = now_g;
     } else {
-      if (!read) {
-        g.read = cur;
-        g.read_block = blk;
-      } else {
-        if (g.read_block != blk) g.read_block = kMany;
-        if (g.read.thread != cur.thread) g.read.thread = kMany;
-        if (g.read.warp != cur.warp) g.read.warp = kMany;
-        if (cur.epoch > g.read.epoch) g.read.epoch = cur.epoch;
-        g.read.warp_sync = cur.warp_sync;
-      }
+      if (g.read.block != now_g.block) g.read.block = kMany;
+      if (g.read.thread != now_g.thread) g.read.thread = kMany;
+      g.read.epoch = std::max(g.read.epoch, now_g.epoch);
+      g.read.warp_sync = now_g.warp_sync;
     }
   }
 }
@@ -256,8 +300,9 @@ extern "C" {
 void emu_race_block_start() { shared_shadow.clear(); }
 
 void emu_race_launch(bool begin) {
-  global_shadow.clear();
-  if (begin) launch_epoch = view.epoch;
+  global_pages.clear();
+  last_page_key = ~uintptr_t(0);
+  last_page = nullptr;
 }
 
 void emu_race_access(const void* addr, size_t bytes, bool write, int kind, const char* file,
