@@ -16,6 +16,11 @@ import cuda_emulator
 LEFT_OUT: dict[str, str] = {}
 
 
+def _template(name: str) -> str:
+    """The kernel (template) of a demangled instantiation name."""
+    return re.search(r"\(anonymous namespace\)::(\w+)[<(]", name).group(1)
+
+
 def report(runs: dict[str, dict]) -> tuple[list[str], str]:
     """(the instantiations not run, one line each; the closing line) for ``runs``:
     {variant: {"file", "executed"}} (tests/conftest.py)."""
@@ -30,13 +35,20 @@ def report(runs: dict[str, dict]) -> tuple[list[str], str]:
         both = set()  # "run" means run under both checkers
     closing = (f"emulated kernels: {len(both)} of {len(every)} instantiations run ("
                + ", ".join(f"{v} {len(s)}" for v, s in sorted(per_variant.items())) + ")")
+    # Per kernel template: a line when none of its instantiations ran, else one per missing.
+    by_template: dict[str, list[str]] = {}
+    for name in every:
+        by_template.setdefault(_template(name), []).append(name)
     lines = []
-    for name in sorted(every - both):
-        reason = next((r for pattern, r in LEFT_OUT.items() if re.search(pattern, name)),
-                      None)
-        where = [v for v in cuda_emulator.VARIANTS if name not in per_variant.get(v, set())]
-        lines.append(f"  not run on {'/'.join(where)}: {name}"
-                     + (f" ({reason})" if reason else ""))
-    if len(lines) > 60:
-        lines = lines[:59] + [f"  ... and {len(lines) - 59} more"]
+    for template, names in sorted(by_template.items()):
+        missing = sorted(n for n in names if n not in both)
+        if len(missing) == len(names) and len(names) > 1:
+            lines.append(f"  not run: {template} (none of its {len(names)} instantiations)")
+            continue
+        for name in missing:
+            reason = next((r for pattern, r in LEFT_OUT.items() if re.search(pattern, name)),
+                          None)
+            where = [v for v in cuda_emulator.VARIANTS if name not in per_variant.get(v, set())]
+            lines.append(f"  not run on {'/'.join(where)}: {name}"
+                         + (f" ({reason})" if reason else ""))
     return lines, closing

@@ -9,14 +9,17 @@ import torch
 from helpers import (
     DEVICE,
     backend_params,
+    cuda_kernel_test,
     make_tokens,
     mixed_tokens,
+    ragged_tokens,
     random_keep,
     run_or_skip,
 )
 from naive import naive_gather, naive_scatter
 
 from dtop_kernels import BackendError, TokenSet, gather_tokens, scatter_tokens
+from dtop_kernels.cuda import gather as cuda_gather
 
 BACKENDS = backend_params("torch", "triton", "cuda")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -387,3 +390,79 @@ def test_scatter_errors(packed, out, err):
 def test_scatter_needs_tokenset():
     with pytest.raises(TypeError, match="TokenSet"):
         scatter_tokens(torch.zeros(3, 3), "tokens")
+
+
+# ---------------------------------------------------------------------- the compiled kernels
+# csrc/gather.cu through its launcher, on the GPU or the CUDA emulator: every word width the row
+# size selects (16, 8, 4, 2 bytes; 1 byte through the binding with an odd address), scatter and
+# scatter-add (16-byte packs and single elements) in every dtype, against the naive loop.
+WORD_CASES = [
+    pytest.param(torch.float32, 4, id="fp32-16B-words"),
+    pytest.param(torch.float32, 2, id="fp32-8B-words"),
+    pytest.param(torch.float32, 3, id="fp32-4B-words"),
+    pytest.param(torch.float16, 8, id="fp16-16B-words"),
+    pytest.param(torch.float16, 4, id="fp16-8B-words"),
+    pytest.param(torch.float16, 2, id="fp16-4B-words"),
+    pytest.param(torch.float16, 3, id="fp16-2B-words"),
+    pytest.param(torch.bfloat16, 24, id="bf16-16B-words"),
+    pytest.param(torch.bfloat16, 5, id="bf16-2B-words"),
+]
+
+
+def _kernel_rows(dtype, cols, dev, counts=(0, 5, 13), n=16, extra=3):
+    """tokens (capacity T + extra), their keep mask on the CPU, and dense x [B, N, cols]."""
+    ts = ragged_tokens(list(counts), n, extra, device=dev)
+    keep = ts.keep_mask().cpu()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(len(counts), n, cols, generator=g).to(dtype)
+    return ts, keep, x
+
+
+@pytest.mark.parametrize("dtype,cols", WORD_CASES)
+@cuda_kernel_test
+def test_cuda_gather_scatter_rows(dtype, cols, kernel_device):
+    dev = kernel_device
+    ts, keep, x = _kernel_rows(dtype, cols, dev)
+    t = int(keep.sum())
+    out = torch.full((ts.capacity, cols), float("nan"), dtype=dtype, device=dev)
+    got = cuda_gather.gather_rows(x.to(dev), ts.indices, ts.cu_seqlens, out=out)
+    assert got is out
+    assert torch.equal(got[:t].cpu(), naive_gather(x, keep)), "gathered rows"
+    assert torch.all(got[t:] == 0), "padding rows are zero"
+    packed = torch.randn(ts.capacity, cols).to(dtype)
+    packed[t:] = float("nan")  # rows past T are never read
+    for add in (False, True):
+        base = torch.randn(x.shape).to(dtype)
+        y = cuda_gather.scatter_rows(packed.to(dev), ts.indices, ts.cu_seqlens,
+                                     base.to(dev, copy=True), add=add)
+        # the kernel adds in float32 and rounds once, as PyTorch's half / bfloat16 add does
+        assert torch.equal(y.cpu(), naive_scatter(packed[:t], keep, base, add=add)), \
+            f"scatter (add={add})"
+
+
+@cuda_kernel_test
+def test_cuda_gather_scatter_odd_address(kernel_device):
+    """Rows at an odd byte address move as single bytes (the narrowest word): through the
+    binding, which takes any address."""
+    from dtop_kernels.cuda import DTYPE_CODES, _args, load_C
+
+    dev = kernel_device
+    ts, keep, x = _kernel_rows(torch.float16, 3, dev)
+    t, cols = int(keep.sum()), 3
+    nbytes = x.numel() * 2
+    src = torch.zeros(nbytes + 1, dtype=torch.uint8, device=dev)
+    src[1:] = x.reshape(-1).view(torch.uint8).to(dev)
+    dst = torch.full((ts.capacity * cols * 2 + 1,), 0xFF, dtype=torch.uint8, device=dev)
+    load_C().gather_rows(src.data_ptr() + 1, ts.indices.data_ptr(), ts.cu_seqlens.data_ptr(),
+                         dst.data_ptr() + 1, 3, 3 * 16, ts.capacity, cols,
+                         DTYPE_CODES[torch.float16], _args.stream(dev))
+    got = dst[1:].cpu().clone().view(torch.float16).view(ts.capacity, cols)
+    assert torch.equal(got[:t], naive_gather(x, keep)) and torch.all(got[t:] == 0)
+    assert int(dst[0]) == 0xFF, "the byte before the output is untouched"
+    # ... and back: the packed rows scattered into zeros at an odd address
+    dense = torch.zeros(nbytes + 1, dtype=torch.uint8, device=dev)
+    load_C().scatter_rows(dst.data_ptr() + 1, ts.indices.data_ptr(), ts.cu_seqlens.data_ptr(),
+                          dense.data_ptr() + 1, 3, 3 * 16, ts.capacity, cols,
+                          DTYPE_CODES[torch.float16], False, _args.stream(dev))
+    back = dense[1:].cpu().clone().view(torch.float16).view(x.shape)
+    assert torch.equal(back, naive_scatter(got[:t], keep, torch.zeros_like(x)))

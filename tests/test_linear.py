@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from helpers import (
     DEVICE,
     backend_params,
+    emulated_cuda_params,
     make_tokens,
     max_err,
     random_keep,
@@ -134,6 +135,33 @@ def test_packed_linear(b, n, counts, layout, gather, scatter, activation, residu
              if z is not None]
     for name, a, s, e in zip(names, got_grads, same_grads, exact_grads):
         _check(a, s, e, dtype, name)
+
+
+# The CUDA kernel (csrc/linear.cu) on the emulator, through the op, its dispatch and autograd:
+# both tile shapes (outputs of at most 1024 columns, and wider; for dx: inputs), every epilogue,
+# a ragged batch with an empty image and a row tail that does not fill a tile.
+def _emulated_linear_params() -> list:
+    sizes = [pytest.param(40, 48, VARIANTS, id="K40-N48-narrow"),
+             pytest.param(40, 1040, [VARIANTS[0], VARIANTS[5]], id="K40-N1040-wide"),
+             pytest.param(1032, 48, [VARIANTS[0], VARIANTS[5]], id="K1032-N48-wide-dx")]
+    out = []
+    for size in sizes:
+        k, m, variants = size.values
+        for v in variants:
+            for case in (CASES[0], CASES[3]):
+                out.append(pytest.param(*case.values, *v.values, k, m,
+                                        id=f"{case.id}-{v.id}-{size.id}"))
+    return out
+
+
+@pytest.mark.parametrize("backend", emulated_cuda_params())
+@pytest.mark.parametrize("dtype", DTYPES[1:])
+@pytest.mark.parametrize("b,n,counts,layout,gather,scatter,activation,residual,bias,k,m",
+                         _emulated_linear_params())
+def test_packed_linear_emulated(b, n, counts, layout, gather, scatter, activation, residual,
+                                bias, k, m, dtype, backend, gen):
+    test_packed_linear(b, n, counts, layout, gather, scatter, activation, residual, bias, k, m,
+                       dtype, backend, gen)
 
 
 @pytest.mark.gpu
