@@ -311,6 +311,7 @@ LN_CASES = [
     pytest.param([0, 5, 17], 19, 13, 4, id="C13-zero-count-padded"),
     pytest.param([1], 7, 77, 0, id="C77-one-token"),
     pytest.param([30, 2, 11], 31, 768, 6, id="C768"),
+    pytest.param([4, 9], 12, 512, 2, id="C512"),
     pytest.param([9, 16], 16, 1024, 3, id="C1024-full-image"),
     pytest.param([5, 3], 8, 1280, 2, id="C1280-looped"),
     pytest.param([0, 0], 6, 64, 4, id="all-empty"),
@@ -401,17 +402,21 @@ def test_cuda_layer_norm_strided_rows(dtype, offset, kernel_device):
 @pytest.mark.parametrize("counts,n,c,extra", LN_CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("gather", [True, False], ids=["gather", "packed"])
-@pytest.mark.parametrize("with_add", [False, True], ids=["plain", "dx_add"])
+@pytest.mark.parametrize("with_add,fp32_params", [
+    pytest.param(False, False, id="plain"), pytest.param(True, False, id="dx_add"),
+    pytest.param(False, True, id="params-fp32")])
 @cuda_kernel_test
-def test_cuda_layer_norm_bwd(counts, n, c, extra, dtype, gather, with_add, kernel_device):
+def test_cuda_layer_norm_bwd(counts, n, c, extra, dtype, gather, with_add, fp32_params,
+                             kernel_device):
     torch.manual_seed(1)
     dev = kernel_device
     tokens = ragged_tokens(counts, n, extra, device=dev)
     cap = tokens.capacity
     rows = len(counts) * n if gather else cap
     x2d = torch.randn(rows, c, device=dev).to(dtype)
-    w = (1 + 0.1 * torch.randn(c, device=dev)).to(dtype)
-    b = (0.1 * torch.randn(c, device=dev)).to(dtype)
+    pdt = torch.float32 if fp32_params else dtype
+    w = (1 + 0.1 * torch.randn(c, device=dev)).to(pdt)
+    b = (0.1 * torch.randn(c, device=dev)).to(pdt)
     dy = torch.randn(cap, c, device=dev).to(dtype)
     add = torch.randn(cap, c, device=dev).to(dtype) if with_add else None
     _, _, mean, rstd = cuda_ln.layer_norm_fwd(x2d, w, b, tokens, 1e-6, gather)
@@ -430,7 +435,7 @@ def test_cuda_layer_norm_bwd(counts, n, c, extra, dtype, gather, with_add, kerne
 
     exact, same = grads(torch.float64), grads(dtype)
     for name, got, s, e in zip(("dx", "dweight", "dbias"), (dx[:t], dw, db), same, exact):
-        assert got.dtype == dtype
+        assert got.dtype == (dtype if name == "dx" else pdt)
         assert_err_rule(got, s, e, 1e-4 * max(1, t) ** 0.5, name)
     pad = add[t:] if add is not None else torch.zeros_like(dx[t:])
     assert torch.equal(dx[t:], pad), "padding rows of dx must be dx_add (or zero)"
