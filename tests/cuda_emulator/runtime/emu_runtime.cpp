@@ -192,6 +192,18 @@ std::string where() {
   return s.str();
 }
 
+#if EMU_ASAN
+namespace {
+// AddressSanitizer / UBSan report an error, then call this before the process ends: it says
+// which kernel, block and thread of the emulator made the access.
+void on_sanitizer_death() {
+  if (launch_ != nullptr) std::fprintf(stderr, "emulator: the error above happened in %s\n",
+                                       where().c_str());
+}
+const int death_callback_set = (__sanitizer_set_death_callback(on_sanitizer_death), 0);
+}  // namespace
+#endif
+
 // ---------------------------------------------------------------------------- fibers
 #if defined(__x86_64__)
 // emu_switch(save, load): saves the callee-saved registers, MXCSR and the x87 control word on
