@@ -143,7 +143,8 @@ __global__ void __launch_bounds__(kThreads, min_blocks_128<kD>())
     __syncthreads();
     const T* kt = s_k + buf * kBlockN * kPitch;
     const T* vt = s_v + buf * kBlockN * kPitch;
-    const int kv_rows = static_cast<int>(ks.len - j * kBlockN);
+    const int kv_rows = static_cast<int>(ks.len - j * kBlockN < kBlockN ? ks.len - j * kBlockN
+                                                                          : kBlockN);
 
     float s[kNTiles][4] = {}, dp[kNTiles][4] = {};
     gemm_a_smem_b_nk<T, kD, kD / 16, kNTiles>(s, s_q, warp * 16, kt, lane);

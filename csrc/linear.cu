@@ -185,8 +185,9 @@ __global__ void __launch_bounds__(C::kThreads, 2) linear_kernel(const LinearPara
     const int64_t row = m0 + tid / (kBK / 8) + i * (kThreads / (kBK / 8));
     int64_t src_row = row < total ? row : -1;
     if (src_row >= 0 && p.a_index != nullptr) src_row = checked_row(p.a_index, row, p.dense_rows);
-    a_ok[i] = src_row >= 0;
-    a_src[i] = static_cast<const T*>(p.a) + (a_ok[i] ? src_row : 0) * p.a_stride + a_chunk * 8;
+    // With K = 0 nothing is read and `a` may be null: no offset is applied to it then.
+    a_ok[i] = src_row >= 0 && p.k > 0;
+    a_src[i] = static_cast<const T*>(p.a) + (a_ok[i] ? src_row * p.a_stride + a_chunk * 8 : 0);
   }
   const T* b = static_cast<const T*>(p.b);
 

@@ -49,11 +49,25 @@ def _reexec_with_asan(config: pytest.Config) -> None:
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
+def _build_emulator(config: pytest.Config) -> None:
+    """Builds the emulator's modules once, before xdist starts its workers (which would each
+    compile them)."""
+    if hasattr(config, "workerinput"):
+        return
+    import cuda_emulator
+
+    start = time.time()
+    for variant in cuda_emulator.VARIANTS:
+        cuda_emulator.build_module(variant)
+    config.emulator_build_s = time.time() - start
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "emulated(variant): a CUDA kernel executed on the CPU "
                             "by the emulator's memcheck or race build (pytest -m emulated)")
     if _selects_emulated(config):
         _reexec_with_asan(config)
+        _build_emulator(config)
     # Explicitly requested kernels that have not passed their GPU tests warn on every call.
     config.addinivalue_line("filterwarnings", "ignore:.*has not yet passed its tests:UserWarning")
     # torch.compile's import of torch.jit warns about torch's own deprecated API (torch 2.13)
@@ -130,7 +144,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if _EMULATED_RUNS and reporter is not None:
         import emulated_coverage
 
-        reporter.write_line(emulated_coverage.report(_EMULATED_RUNS)[1])
+        built = getattr(config, "emulator_build_s", None)
+        line = emulated_coverage.report(_EMULATED_RUNS)[1]
+        reporter.write_line(line if built is None else f"{line}; built in {built:.0f} s")
 
 
 # ---------------------------------------------------------------------- the CUDA emulator

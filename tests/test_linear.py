@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from helpers import (
     DEVICE,
     backend_params,
+    cuda_kernel_test,
     emulated_cuda_params,
     make_tokens,
     max_err,
@@ -22,7 +23,7 @@ from helpers import (
     skip_interpreter_bf16_dot,
 )
 
-from dtop_kernels import BackendError, packed_linear
+from dtop_kernels import BackendError, TokenSet, packed_linear
 from dtop_kernels.cuda import linear as cuda_linear
 
 BACKENDS = backend_params("torch", "triton", "cuda")
@@ -357,3 +358,27 @@ def test_cuda_launcher_checks_cpu():
         cuda_linear.linear_fwd(x, w, None, ts)
     with pytest.raises(ValueError, match="dz must have shape"):
         cuda_linear.linear_bwd_input(torch.zeros(8, 16, dtype=h), w, ts)
+
+
+@pytest.mark.parametrize("dtype", DTYPES[1:])
+@cuda_kernel_test
+def test_cuda_linear_without_inputs(dtype, kernel_device):
+    """in_features 0: y = GELU(bias) + residual on the token rows, read from nothing else (the
+    empty x and weight have no storage: null pointers)."""
+    dev = kernel_device
+    keep = torch.zeros(3, 8, dtype=torch.bool)
+    keep[0, :3] = keep[2, 2:7] = True
+    ts = TokenSet.from_mask(keep.to(dev), capacity=10)
+    t, n = 8, 16
+    x = torch.empty(ts.capacity, 0, dtype=dtype, device=dev)
+    w = torch.empty(n, 0, dtype=dtype, device=dev)
+    bias = torch.randn(n).to(dev, dtype)
+    residual = torch.randn(ts.capacity, n).to(dev, dtype)
+    y, pre = cuda_linear.linear_fwd(x, w, bias, ts, act=cuda_linear.ACT_GELU, residual=residual,
+                                    save_pre=True)
+    want = F.gelu(bias.double()) + residual[:t].double()
+    assert torch.allclose(y[:t].double(), want, rtol=1e-2, atol=1e-2)
+    assert torch.equal(pre[:t], bias.expand(t, n)) and torch.all(pre[t:] == 0)
+    assert torch.all(y[t:] == 0)
+    dx = cuda_linear.linear_bwd_input(torch.randn(ts.capacity, n).to(dev, dtype), w, ts)
+    assert dx.shape == (ts.capacity, 0)
