@@ -24,7 +24,9 @@ void gather_rows(const void* src, const int32_t* indices, const int32_t* cu_seql
                  int dtype, void* stream);
 
 // For i < T: dst[indices[i]] = src[i] (add = false) or dst[indices[i]] += src[i] (add = true,
-// summed in float32). Rows i >= T are ignored. Indices must be unique (no atomics).
+// summed in float32). Rows i >= T are ignored. indices[0..T) must be distinct: each row is read,
+// added to and written back without atomics, so two rows with one destination race (the public
+// ops guarantee it: a TokenSet's valid indices strictly increase, TokenSet.validate checks it).
 // src: [capacity, num_cols], dst: [B * N, num_cols], both row-major and contiguous.
 void scatter_rows(const void* src, const int32_t* indices, const int32_t* cu_seqlens, void* dst,
                   int64_t batch, int64_t dense_rows, int64_t capacity, int64_t num_cols,

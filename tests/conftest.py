@@ -63,8 +63,6 @@ def _build_emulator(config: pytest.Config) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "emulated(variant): a CUDA kernel executed on the CPU "
-                            "by the emulator's memcheck or race build (pytest -m emulated)")
     if _selects_emulated(config):
         _reexec_with_asan(config)
         _build_emulator(config)
@@ -162,8 +160,9 @@ def _merge_runs(runs: dict) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    import cuda_emulator
-
+    cuda_emulator = sys.modules.get("cuda_emulator")  # imported only where emulated tests ran
+    if cuda_emulator is None:
+        return
     runs = {}
     for variant, module in cuda_emulator.loaded().items():
         runs[variant] = {"file": module.__emu_file__, "executed": {
@@ -174,6 +173,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         _merge_runs(runs)
 
 
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: unknown without xdist
 def pytest_testnodedown(node, error) -> None:  # xdist controller: a worker's results
     _merge_runs(getattr(node, "workeroutput", {}).get("emulated_runs", {}))
 

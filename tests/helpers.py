@@ -65,7 +65,7 @@ class EmulatedCuda(str):
 
     variant: str
 
-    def __new__(cls, variant: str) -> EmulatedCuda:
+    def __new__(cls, variant: str) -> EmulatedCuda:  # noqa: PYI034
         s = super().__new__(cls, "cuda")
         s.variant = variant
         return s

@@ -130,13 +130,30 @@ def test_a_missing_tail_guard_is_an_out_of_bounds_write():
     env = dict(os.environ, LD_PRELOAD=cuda_emulator.asan_preload(),
                ASAN_OPTIONS="detect_leaks=0", PYTHONPATH=str(TESTS))
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=TESTS)
+                          timeout=600, cwd=TESTS, check=False)
     assert proc.returncode != 0, "the out-of-bounds write went unnoticed"
     err = proc.stderr
     assert "heap-buffer-overflow" in err and "WRITE" in err, err[-3000:]
     assert "linear.cu:" in err, err[-3000:]  # the kernel's source line in the stack
     assert "emulator: the error above happened in kernel" in err and "linear_kernel" in err, \
         err[-3000:]
+
+
+def test_shared_memory_above_48_kb_needs_the_opt_in():
+    """The linear kernel's narrow tiles take 81 KB of shared memory: without the
+    cudaFuncSetAttribute opt-in the launch fails, as on a GPU."""
+    path = _mutated("race", "linear.cu", "  attn::allow_smem(kernel, C::kSmemBytes);\n", "\n",
+                    "no-smem-opt-in")
+    with pytest.raises(RuntimeError, match="cudaErrorInvalidValue"):
+        _run_race(path, linear_case)
+
+
+def test_shared_memory_above_the_device_limit_fails():
+    small = cuda_emulator.Device(sm=86, sm_count=84, smem_default=48 * 1024,
+                                 smem_optin=64 * 1024)
+    with cuda_emulator.active(cuda_emulator.load("race"), device=small), \
+            pytest.raises(RuntimeError, match="cudaErrorInvalidValue"):
+        linear_case()
 
 
 # ---------------------------------------------------------------------- contracts

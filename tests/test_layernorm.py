@@ -18,10 +18,10 @@ from helpers import (
     assert_err_rule,
     backend_params,
     cuda_kernel_test,
-    triton_cross_check,
     make_tokens,
     ragged_tokens,
     random_keep,
+    triton_cross_check,
 )
 from naive import naive_gather
 

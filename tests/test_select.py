@@ -15,11 +15,11 @@ from helpers import (
     backend_params,
     compiled_asm,
     cuda_kernel_test,
-    triton_cross_check,
     make_tokens,
     ragged_tokens,
     random_keep,
     run_or_skip,
+    triton_cross_check,
 )
 from naive import exits_allowed, naive_select
 

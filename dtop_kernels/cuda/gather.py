@@ -80,7 +80,9 @@ def scatter_rows(packed: torch.Tensor, indices: torch.Tensor, cu_seqlens: torch.
                  out: torch.Tensor, add: bool = False) -> torch.Tensor:
     """Unpacks rows in place: out.view(B * N, C)[indices[i]] = packed[i] (or += if add), i < T.
 
-    packed: [capacity, C]; indices: int32 [capacity]; cu_seqlens: int32 [B + 1];
+    packed: [capacity, C]; indices: int32 [capacity], distinct on the first T slots (rows are
+    added without atomics: two rows with one destination race; a TokenSet's indices are distinct
+    by construction, ``TokenSet.validate`` checks it); cu_seqlens: int32 [B + 1];
     out: [B, N, C], contiguous, same dtype and device as packed. Returns out.
     """
     _check_layout(out, indices, cu_seqlens, "scatter_rows", x_name="out")

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import ModuleType
 
 from .build import VARIANTS, BuildError  # noqa: F401
-from .build import build as build_module  # noqa: F401
+from .build import build as build_module
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,8 @@ def asan_preload() -> str:
     loaded when it starts, which python alone does not do)."""
     paths = []
     for lib in ("libasan.so", "libstdc++.so"):
-        out = subprocess.run(["g++", f"-print-file-name={lib}"], capture_output=True, text=True)
+        out = subprocess.run(["g++", f"-print-file-name={lib}"], capture_output=True, text=True,
+                             check=False)
         path = os.path.realpath(out.stdout.strip())
         if not os.path.isabs(out.stdout.strip()):
             raise BuildError(f"g++ has no {lib} (install it for the emulator's memcheck build)")
@@ -117,12 +118,13 @@ def configure(module: ModuleType, device: Device) -> None:
 
 
 @contextlib.contextmanager
-def active(module: ModuleType, device: str = "sm_86") -> Iterator[ModuleType]:
+def active(module: ModuleType, device: str | Device = "sm_86") -> Iterator[ModuleType]:
     """Within: the CUDA backend of dtop_kernels takes CPU tensors and runs ``module``'s kernels
-    on an emulated ``device``; a kernel fault raises :class:`KernelFault` with source lines."""
+    on an emulated ``device`` (a name of DEVICES, or a Device); a kernel fault raises
+    :class:`KernelFault` with source lines."""
     from dtop_kernels import cuda
 
-    dev = DEVICES[device]
+    dev = DEVICES[device] if isinstance(device, str) else device
     configure(module, dev)
     with cuda.emulated(_Faults(module), dev.sm_count):
         yield module
@@ -157,7 +159,8 @@ def symbolize(message: str) -> str:
         lib, off = m.group(1), m.group(2)
         try:
             out = subprocess.run(["addr2line", "-C", "-f", "-i", "-e", lib, off],
-                                 capture_output=True, text=True, timeout=30).stdout.split("\n")
+                                 capture_output=True, text=True, timeout=30,
+                                 check=False).stdout.split("\n")
         except (OSError, subprocess.SubprocessError):
             return m.group(0)
         frames = [f"{out[i + 1].strip()} ({out[i].strip()})" for i in range(0, len(out) - 1, 2)

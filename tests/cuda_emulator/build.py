@@ -106,7 +106,8 @@ def build(variant: str, mutate=None, tag: str = "") -> Path:
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}; got {variant!r}")
     cxx = compiler()
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True,
+                             check=True).stdout
     root = build_dir()
     # The rewritten sources, in a folder named by their content.
     staging = root / f"staging-{os.getpid()}"

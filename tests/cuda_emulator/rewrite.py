@@ -84,7 +84,7 @@ def _split_top(text: str, sep: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- asm
-_OPERAND = re.compile(r'\s*"([^"]*)"\s*\((.*)\)\s*$', re.S)
+_OPERAND = re.compile(r'\s*"([^"]*)"\s*\((.*)\)\s*$', re.DOTALL)
 
 
 def _asm_call(body: str, where: str) -> str:
