@@ -100,7 +100,7 @@ def tensor_reasons(tensors) -> list[str]:
     if types - {want}:
         reasons.append(f"tensors on {sorted(types - {want})}: the CUDA kernels need CUDA "
                        "tensors" + (" (emulated: CPU tensors)" if want == "cpu" else ""))
-    elif not reasons and want == "cuda":  # built, all on CUDA: is there a kernel image for each GPU?
+    elif not reasons and want == "cuda":  # built, all on CUDA: a kernel image for each GPU?
         for device in sorted(devices, key=str):
             reasons += [r for r in device_reasons(device) if r not in reasons]
     return reasons
