@@ -11,9 +11,11 @@ import torch
 from blocks import Block, randomize_, timm_block_class
 from helpers import (
     DEVICE,
+    EmulatedCuda,
     assert_err_rule,
     backend_marks,
     backend_params,
+    emulated_cuda_params,
     make_tokens,
     random_keep,
     run_or_skip,
@@ -231,14 +233,29 @@ def test_gradcheck_torch(gen):
 def test_stage_gpu_shapes(layer_scale, dtype, floor, backend, gen):
     """Two ViT-Ti-wide blocks over 256 tokens per image, forward and backward (input and every
     parameter), every backend the dispatcher allows."""
-    c, h = 192, 3
+    _check_stage(192, 3, 256, [0, 256, 101], layer_scale, dtype, floor, backend, gen)
+
+
+@pytest.mark.parametrize("backend", emulated_cuda_params())
+@pytest.mark.parametrize("dtype,floor", [pytest.param(torch.float16, 1e-3, id="fp16"),
+                                         pytest.param(torch.bfloat16, 1e-2, id="bf16")])
+@pytest.mark.parametrize("layer_scale", [pytest.param(False, id="plain"),
+                                         pytest.param(True, id="layerscale")])
+def test_stage_emulated(layer_scale, dtype, floor, backend, gen):
+    """The CUDA backend's fused blocks (gather-LayerNorm, attention, the linears with their
+    epilogues, scatter) on the CUDA emulator, forward and backward: test_stage_gpu_shapes at a
+    size the emulator runs in seconds (head dim 32, a row tail, an empty image)."""
+    _check_stage(64, 2, 48, [0, 48, 17], layer_scale, dtype, floor, backend, gen)
+
+
+def _check_stage(c, h, n, counts, layer_scale, dtype, floor, backend, gen):
     blocks = [randomize_(Block(c, h, layer_scale=layer_scale), gen).to(DEVICE).eval()
               for _ in range(2)]
-    keep = random_keep(3, 256, [0, 256, 101], gen)
+    keep = random_keep(len(counts), n, counts, gen)
     ts = make_tokens(keep, "full")
     keep = keep.to(DEVICE)
-    x = torch.randn(3, 256, c, generator=gen).to(DEVICE)
-    g = torch.randn(3, 256, c, generator=gen).to(DEVICE)
+    x = torch.randn(len(counts), n, c, generator=gen).to(DEVICE)
+    g = torch.randn(len(counts), n, c, generator=gen).to(DEVICE)
 
     def grads(fn, mods, dt):
         mods = [copy.deepcopy(m).to(dt) for m in mods]
@@ -247,8 +264,9 @@ def test_stage_gpu_shapes(layer_scale, dtype, floor, backend, gen):
         params = [p for m in mods for p in m.parameters()]
         return y, torch.autograd.grad((y * g.to(dt)).sum(), [xx] + params)
 
-    y, got = run_or_skip(lambda: grads(lambda v, m: pruned_stage(v, ts, m, backend=backend),
-                                       blocks, dtype), backend)
+    packed = lambda: grads(lambda v, m: pruned_stage(v, ts, m, backend=backend), blocks, dtype)
+    # the emulated kernels must run: a backend error fails the test instead of skipping it
+    y, got = packed() if isinstance(backend, EmulatedCuda) else run_or_skip(packed, backend)
     same_y, same = grads(lambda v, m: naive_block(v, keep, m), blocks, dtype)
     exact_y, exact = grads(lambda v, m: naive_block(v, keep, m), blocks, torch.float64)
     assert torch.equal(y[~keep], x.to(dtype)[~keep])

@@ -169,3 +169,24 @@ def test_scatter_add_into_one_row_twice_is_a_race():
         load_C().scatter_rows(packed.data_ptr(), indices.data_ptr(), cu.data_ptr(),
                               x.data_ptr(), 1, 8, 8, 8, DTYPE_CODES[torch.float32], True,
                               _args.stream(x.device))
+
+
+# ---------------------------------------------------------------------- the count
+def test_the_emulated_build_has_the_kernels_of_the_gpu_build(tmp_path):
+    """The Y of ``emulated kernels: X of Y`` is what a GPU build has: the emulator's module
+    instantiates exactly the kernels of the installed nvcc build (its sm_80 cubins), by
+    demangled name."""
+    import compile_kernels
+
+    pytest.importorskip("triton")  # its NVIDIA backend ships cuobjdump
+    if compile_kernels.built_cubins([80], tmp_path) is None:
+        pytest.skip("no current nvcc build of the extension here (pip install . builds it)")
+    mangled = []
+    for cubin in sorted(tmp_path.glob("*.sm_80.cubin")):
+        mangled += list(compile_kernels.cubin_usage(cubin.read_bytes()))
+    demangled = subprocess.run(["c++filt"], input="\n".join(mangled), capture_output=True,
+                               text=True, check=True).stdout.split("\n")
+    gpu = {name for name in demangled if name}
+    emulated = set(cuda_emulator.instantiations(str(build_module("race"))).values())
+    assert emulated == gpu, (f"only in the emulator: {sorted(emulated - gpu)[:5]}; "
+                             f"only in the GPU build: {sorted(gpu - emulated)[:5]}")
