@@ -72,12 +72,12 @@ def linear_case(rows=(80, 61), k=64, n=64, dtype=torch.float16) -> None:
     assert err < 5e-2, f"linear error {err:.3g}"
 
 
-def select_case() -> None:
+def select_case(threshold: float = 0.5) -> None:
     ts = TokenSet.from_mask(torch.ones(2, 40, dtype=torch.bool))
     g = torch.Generator().manual_seed(2)
     cls = torch.randn(2, 5, 2, generator=g)
     mask = torch.randn(5, ts.capacity, generator=g)
-    cuda_select.dtop_select(cls, mask, ts, 0.5, 1)
+    cuda_select.dtop_select(cls, mask, ts, threshold, 1)
 
 
 # ---------------------------------------------------------------------- injected bugs
@@ -118,6 +118,22 @@ def test_a_read_of_uninitialized_shared_memory_is_reported():
     with pytest.raises(KernelFault, match="read of uninitialized shared address") as e:
         _run_race(path, select_case)
     assert "select_score_kernel" in str(e.value)
+
+
+def test_a_barrier_in_divergent_code_is_reported_with_both_sites():
+    path = _mutated("race", "select.cu", "    if (cand && better < top_k) {\n",
+                    "    if (cand && better < top_k) {\n      __syncthreads();\n", "divergent")
+    with pytest.raises(KernelFault, match="divergent __syncthreads") as e:
+        _run_race(path, lambda: select_case(threshold=0.0))
+    msg = str(e.value)
+    assert msg.count("select.cu:") >= 2 and "select_rank_kernel" in msg, msg
+
+
+def test_a_lane_that_leaves_before_a_warp_collective_is_reported():
+    path = _mutated("race", "attention_fwd.cu", "  uint32_t qf[kD / 16][4];\n",
+                    "  if (lane == 5) return;\n  uint32_t qf[kD / 16][4];\n", "lane-exits")
+    with pytest.raises(KernelFault, match="lane 5 of warp 0 exited before joining ldmatrix"):
+        _run_race(path, attention_case)
 
 
 def test_a_missing_tail_guard_is_an_out_of_bounds_write():

@@ -37,10 +37,13 @@ constexpr size_t kGuard = 256;  // bytes on each side of a shared buffer (emu_ru
 
 struct Access {
   uint32_t epoch = 0;
-  int16_t thread = kNone;
-  int16_t warp = kNone;
+  int16_t thread = kNone;  // kMany: several threads (reads)
+  int16_t warp = kNone;    // kMany: several warps
   uint16_t warp_sync = 0;
-  const void* pc = nullptr;
+  int16_t last = kNone;    // the thread of the latest of them (for messages)
+  const void* pc = nullptr;  // where (instrumented code), or
+  const char* file = nullptr;  // ... the source position the emulator was given
+  int line = 0;
 };
 
 struct SharedByte {
@@ -97,18 +100,33 @@ std::string pc_str(const void* pc) {
   return s.str();
 }
 
-std::string who(const Access& a) {
-  return "thread " + std::to_string(a.thread) + " (warp " + std::to_string(a.warp) + ", lane " +
-         std::to_string(a.thread % 32) + ")";
+std::string one_thread(int t) {
+  return "thread " + std::to_string(t) + " (warp " + std::to_string(t / 32) + ", lane " +
+         std::to_string(t % 32) + ")";
 }
 
-Access now(const void* pc) {
+std::string who(const Access& a) {
+  if (a.thread >= 0) return one_thread(a.thread);
+  return std::string("several threads") + (a.warp >= 0 ? " of warp " + std::to_string(a.warp)
+                                                        : std::string(" of several warps")) +
+         ", the latest " + one_thread(a.last);
+}
+
+std::string place(const Access& a) {
+  if (a.file != nullptr) return std::string(a.file) + ":" + std::to_string(a.line);
+  return pc_str(a.pc);
+}
+
+Access now(const void* pc, const char* file = nullptr, int line = 0) {
   Access a;
   a.epoch = view.epoch;
   a.thread = static_cast<int16_t>(view.thread);
   a.warp = static_cast<int16_t>(view.warp);
   a.warp_sync = view.warp_sync[view.warp];
+  a.last = a.thread;
   a.pc = pc;
+  a.file = file;
+  a.line = line;
   return a;
 }
 
@@ -129,17 +147,15 @@ std::string shared_at(size_t buffer, size_t offset) {
 }
 
 [[noreturn]] void race(const std::string& what, const Access& other, const Access& cur,
-                       const char* file, int line) {
-  std::string msg = what + "\n    this access: " + who(cur) + " at " +
-                    (file ? std::string(file) + ":" + std::to_string(line) : pc_str(cur.pc)) +
-                    "\n    the other:   " + who(other) + " at " + pc_str(other.pc);
-  emu::fault(msg);
+                       const char*, int) {
+  emu::fault(what + "\n    this access: " + who(cur) + " at " + place(cur) +
+             "\n    the other:   " + who(other) + " at " + place(other));
 }
 
 void shared_access(size_t buffer, size_t offset, size_t n, bool write, int kind, const void* pc,
                    const char* file, int line) {
   auto& shadow = shared_shadow[buffer];
-  const Access cur = now(pc);
+  const Access cur = now(pc, file, line);
   for (size_t i = offset; i < offset + n; ++i) {
     SharedByte& s = shadow[i];
     const bool fresh = s.write.epoch >= view.block_start;  // written in this block
@@ -151,16 +167,14 @@ void shared_access(size_t buffer, size_t offset, size_t n, bool write, int kind,
     }
     if (s.pending) {
       emu::fault(std::string(write ? "write to " : "read of ") + shared_at(buffer, i) +
-                 " while a cp.async issued by " + who(s.write) + " at " + pc_str(s.write.pc) +
-                 " has not landed (no cp.async.wait_group for it yet)" +
-                 (file ? "\n    at " + std::string(file) + ":" + std::to_string(line) : ""));
+                 " while a cp.async issued by " + who(s.write) + " at " + place(s.write) +
+                 " has not landed (no cp.async.wait_group for it yet)\n    this access: " +
+                 who(cur) + " at " + place(cur));
     }
     if (!write) {
       if (!fresh) {
         emu::fault("read of uninitialized " + shared_at(buffer, i) +
-                   ": nothing in this block wrote it" +
-                   (file ? "\n    at " + std::string(file) + ":" + std::to_string(line)
-                         : "\n    at " + pc_str(pc)));
+                   ": nothing in this block wrote it\n    at " + place(cur));
       }
       if (!ordered(s.write, cur)) {
         race("race on " + shared_at(buffer, i) + ": read of a byte another thread wrote "
@@ -177,7 +191,10 @@ void shared_access(size_t buffer, size_t offset, size_t n, bool write, int kind,
           s.read.warp_sync = cur.warp_sync;
         }
         s.read_by_warp = s.read_by_warp && coll;
+        s.read.last = cur.thread;
         s.read.pc = pc;
+        s.read.file = file;
+        s.read.line = line;
       }
       continue;
     }
@@ -221,7 +238,7 @@ bool global_ordered(const GlobalAccess& g, const Access& cur) {
 
 void global_access(uintptr_t a, size_t n, bool write, const void* pc, const char* file,
                    int line) {
-  const Access cur = now(pc);
+  const Access cur = now(pc, file, line);
   for (size_t i = 0; i < n; ++i) {
     GlobalByte& g = global_byte(a + i);
     if (g.write.epoch != 0 && !global_ordered(g.write, cur)) {
