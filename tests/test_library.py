@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICE, backend_params, random_keep
+from helpers import DEVICE, backend_params, emulated_cuda_params, random_keep
 
 from dtop_kernels import TokenSet
 from dtop_kernels.ops import library as L
@@ -19,8 +19,9 @@ def _gpu_marked(params: list) -> list:
             for p in params]
 
 
-BACKENDS = _gpu_marked(backend_params("torch", "triton", "cuda"))
-KERNEL_BACKENDS = _gpu_marked(backend_params("triton", "cuda"))
+# ... and the CUDA ops on the emulator (pytest -m emulated)
+BACKENDS = _gpu_marked(backend_params("torch", "triton", "cuda")) + emulated_cuda_params()
+KERNEL_BACKENDS = _gpu_marked(backend_params("triton", "cuda")) + emulated_cuda_params()
 
 
 def _dtype(backend: str) -> torch.dtype:

@@ -296,7 +296,16 @@ void yield_to_scheduler(bool dying = false) {
 
 void ensure_stacks(size_t n) {
   if (n <= stack_slots) return;
-  if (stacks != nullptr) munmap(stacks, stack_slots * (kStackBytes + kPage));
+  if (stacks != nullptr) {
+#if EMU_ASAN
+    // The fibers' frames left redzones in the shadow: clear them, or whatever is mapped here
+    // next inherits them (a false stack-buffer-underflow in other code).
+    for (size_t i = 0; i < stack_slots; ++i) {
+      ASAN_UNPOISON_MEMORY_REGION(stacks + i * (kStackBytes + kPage) + kPage, kStackBytes);
+    }
+#endif
+    munmap(stacks, stack_slots * (kStackBytes + kPage));
+  }
   const size_t bytes = n * (kStackBytes + kPage);
   void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (p == MAP_FAILED) throw std::runtime_error("emulator: cannot map fiber stacks");
