@@ -63,11 +63,10 @@ def asan_preload() -> str:
     paths = []
     for lib in ("libasan.so", "libstdc++.so"):
         out = subprocess.run(["g++", f"-print-file-name={lib}"], capture_output=True, text=True,
-                             check=False)
-        path = os.path.realpath(out.stdout.strip())
-        if not os.path.isabs(out.stdout.strip()):
+                             check=False).stdout.strip()
+        if not os.path.isabs(out):  # g++ prints the bare name when it has no such file
             raise BuildError(f"g++ has no {lib} (install it for the emulator's memcheck build)")
-        paths.append(path)
+        paths.append(os.path.realpath(out))
     return " ".join(paths)
 
 
@@ -90,9 +89,9 @@ def load(variant: str, path: str | None = None) -> ModuleType:
     return module
 
 
-def _load(variant: str, path: str | None = None) -> ModuleType:
-    """The emulated ``_C`` of ``variant`` ("memcheck" or "race"), built if needed; ``path``:
-    a module built already (an injected-bug build)."""
+def _load(variant: str, path: str | None) -> ModuleType:
+    """Imports a module of ``variant`` (built now unless ``path`` names one) with its ctypes
+    handle for the emulator's own controls."""
     if variant == "memcheck" and not asan_loaded():
         raise BuildError("the memcheck build needs AddressSanitizer's runtime loaded first: run "
                          f"with LD_PRELOAD='{asan_preload()}' (pytest -m emulated does)")
