@@ -190,8 +190,8 @@ def test_scatter_add_into_one_row_twice_is_a_race():
 # ---------------------------------------------------------------------- the count
 def test_the_emulated_build_has_the_kernels_of_the_gpu_build(tmp_path):
     """The Y of ``emulated kernels: X of Y`` is what a GPU build has: the emulator's module
-    instantiates exactly the kernels of the installed nvcc build (its sm_80 cubins), by
-    demangled name."""
+    instantiates exactly the kernels of csrc/ that the installed nvcc build has (its sm_80
+    cubins, by demangled name; CUB's own scan kernels aside, which the emulator replaces)."""
     import compile_kernels
 
     pytest.importorskip("triton")  # its NVIDIA backend ships cuobjdump
@@ -202,7 +202,7 @@ def test_the_emulated_build_has_the_kernels_of_the_gpu_build(tmp_path):
         mangled += list(compile_kernels.cubin_usage(cubin.read_bytes()))
     demangled = subprocess.run(["c++filt"], input="\n".join(mangled), capture_output=True,
                                text=True, check=True).stdout.split("\n")
-    gpu = {name for name in demangled if name}
+    gpu = {name for name in demangled if "dtop::" in name}  # CUB's scan kernels: a stand-in
     emulated = set(cuda_emulator.instantiations(str(build_module("race"))).values())
     assert emulated == gpu, (f"only in the emulator: {sorted(emulated - gpu)[:5]}; "
                              f"only in the GPU build: {sorted(gpu - emulated)[:5]}")
