@@ -27,9 +27,14 @@ import torch
 
 
 def _selects_emulated(config: pytest.Config) -> bool:
-    """The run was asked for the emulated CUDA kernels (``-m emulated``, or a marker expression
-    naming them)."""
-    return "emulated" in (config.option.markexpr or "")
+    """The run's marker expression selects the emulated CUDA kernels (``-m emulated``, ``-m
+    "gpu or emulated"``; not ``-m "not emulated"``)."""
+    expr = config.option.markexpr or ""
+    if "emulated" not in expr:
+        return False
+    from _pytest.mark.expression import Expression
+
+    return Expression.compile(expr).evaluate(lambda name, **kwargs: name == "emulated")
 
 
 def _reexec_with_asan(config: pytest.Config) -> None:

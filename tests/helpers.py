@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cuda_emulator import VARIANTS as EMULATOR_VARIANTS
 
 from dtop_kernels import BackendError, TokenSet
 
@@ -45,9 +46,6 @@ def backend_params(*names: str) -> list:
     return [pytest.param(name, id=name, marks=backend_marks(name)) for name in names]
 
 
-EMULATOR_VARIANTS = ("memcheck", "race")
-
-
 def cuda_kernel_test(fn):
     """For tests that call the launchers of ``dtop_kernels/cuda/`` directly: runs the test on
     the GPU (marked ``gpu``, skipped with the reason where the compiled kernels cannot run), and
@@ -60,15 +58,11 @@ def cuda_kernel_test(fn):
 
 
 class EmulatedCuda(str):
-    """The backend name "cuda", for a test run by the CUDA emulator's ``variant`` build (on CPU
-    tensors): equal to "cuda" wherever a test or the dispatch compares it."""
+    """The backend name "cuda" of a test run by the CUDA emulator (on CPU tensors; its marker
+    names the build): equal to "cuda" wherever a test or the dispatch compares it."""
 
-    variant: str
-
-    def __new__(cls, variant: str) -> EmulatedCuda:  # noqa: PYI034
-        s = super().__new__(cls, "cuda")
-        s.variant = variant
-        return s
+    def __new__(cls) -> EmulatedCuda:  # noqa: PYI034
+        return super().__new__(cls, "cuda")
 
 
 def emulated_cuda_params() -> list:
@@ -76,7 +70,7 @@ def emulated_cuda_params() -> list:
     (``pytest -m emulated``; skipped where a GPU runs the real kernels)."""
     marks = [pytest.mark.skip(reason="a GPU runs the real kernels here")] \
         if DEVICE.type == "cuda" else []
-    return [pytest.param(EmulatedCuda(v), id=f"cuda-emulated-{v}",
+    return [pytest.param(EmulatedCuda(), id=f"cuda-emulated-{v}",
                          marks=[pytest.mark.emulated(v), *marks]) for v in EMULATOR_VARIANTS]
 
 
