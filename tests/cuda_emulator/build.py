@@ -145,7 +145,10 @@ def build(variant: str, mutate=None, tag: str = "") -> Path:
     objdir.mkdir(parents=True, exist_ok=True)
     objs = []
     for source, flags in jobs:
-        key = _digest(version, " ".join(flags), headers, source.read_text())
+        # the rewritten sources' folder is named by their hash: keep it out of the key, so that
+        # a change to one source (an injected bug) recompiles that translation unit only
+        key = _digest(version, " ".join(flags).replace(str(src), "<src>"), headers,
+                      source.read_text())
         objs.append((source, objdir / f"{source.stem}-{key}.o", flags))
     workers = max(1, int(os.environ.get("MAX_JOBS", os.cpu_count() or 1)))
     with ThreadPoolExecutor(workers) as pool:

@@ -444,13 +444,10 @@ int syncthreads_reduce(int op, int pred, const char* file, int line) {
 namespace {
 void run_collective(Collective& first, Thread* const* lanes, unsigned mask);
 
+// The lanes warp `warp` has (all 32 but in a last, partial warp).
 unsigned live_lanes(int warp) {
-  unsigned m = 0;
-  for (int l = 0; l < kWarpSize; ++l) {
-    const size_t i = static_cast<size_t>(warp) * kWarpSize + l;
-    if (i < block_->threads.size()) m |= 1u << l;
-  }
-  return m;
+  const size_t first = static_cast<size_t>(warp) * kWarpSize, n = block_->threads.size();
+  return n - first >= kWarpSize ? 0xffffffffu : (1u << (n - first)) - 1u;
 }
 
 const char* coll_name(int kind) {
