@@ -168,7 +168,6 @@ def build(variant: str, mutate=None, tag: str = "") -> Path:
         tmp.replace(module)
         (out_dir / "kernels.txt").write_text(
             "".join(f"{k}\n" for names in info.kernels.values() for k in names))
-        (out_dir / "objects.txt").write_text("".join(f"{s}\t{o}\n" for s, o, _ in objs))
     return module
 
 

@@ -1176,8 +1176,6 @@ cudaError_t cudaGetLastError(void) {
   return e;
 }
 
-cudaError_t cudaPeekAtLastError(void) { return emu::last_error; }
-
 const char* cudaGetErrorName(cudaError_t error) {
   switch (error) {
     case cudaSuccess: return "cudaSuccess";
@@ -1224,7 +1222,7 @@ void emu_configure(int sm, int sm_count, long long smem_default, long long smem_
   emu::device.smem_optin = static_cast<size_t>(smem_optin);
 }
 
-// The instantiations run since the last reset, one "offset\tlaunches\tname" line each (offset:
+// The instantiations run since the library was loaded, one "offset\tlaunches\tname" line each (offset:
 // the kernel's symbol value in its library); the caller frees with emu_free.
 char* emu_executed() {
   std::string s;
@@ -1237,11 +1235,5 @@ char* emu_executed() {
 }
 
 void emu_free(char* p) { std::free(p); }
-
-void emu_reset_executed() { emu::executed().clear(); }
-
-int emu_build_flags() {
-  return (EMU_ASAN ? 1 : 0) | (emu_race_access != nullptr ? 2 : 0);
-}
 
 }  // extern "C"
