@@ -23,6 +23,8 @@ the archs change, the folder is rebuilt from scratch. A skipped or failed build 
 
 Environment:
   DTOP_SKIP_CUDA_BUILD=1           do not build the extension
+  DTOP_SKIP_OPS_LIBRARY=1          do not build the op library (csrc/oplib, needed by export)
+  CXX                              the C++ compiler of the op library (default: c++)
   DTOP_FORCE_CUDA_BUILD=1          build it even for a CPU build of torch (CI: compile checks)
   DTOP_ALLOW_CUDA_BUILD_FAILURE=1  install without the extension if its compilation fails
   DTOP_CUDA_ARCHS                  CUDA architectures in CMake syntax (default "80;90")
@@ -96,7 +98,7 @@ if spec and spec.submodule_search_locations:
     ns = {}
     path = pathlib.Path(list(spec.submodule_search_locations)[0]) / "version.py"
     exec(compile(path.read_text(), str(path), "exec"), ns)
-    found = {"version": ns.get("__version__"), "cuda": ns.get("cuda")}
+    found = {"version": ns.get("__version__"), "cuda": ns.get("cuda"), "dir": str(path.parent)}
 print(json.dumps(found))
 """
 
@@ -206,6 +208,68 @@ def prepare_build_dir(build_dir: Path, key: dict[str, str]) -> None:
     build_dir.mkdir(parents=True, exist_ok=True)
 
 
+OPS_LIBRARY = "libdtop_ops.so"
+# The stable ABI the op library targets (TORCH_TARGET_VERSION): it loads into this PyTorch and
+# every later one that keeps the ABI.
+OPS_TARGET = (2, 10)
+
+
+def ops_library_skip_reason(env: Mapping[str, str], torch_info: dict | None,
+                            cxx: str | None) -> str | None:
+    """Why the op library is not built (None: build it)."""
+    if _env_flag("DTOP_SKIP_OPS_LIBRARY", env):
+        return "DTOP_SKIP_OPS_LIBRARY=1"
+    if torch_info is None or not torch_info.get("dir"):
+        return "torch was not found when the package was built (install torch first)"
+    header = Path(torch_info["dir"]) / "include" / "torch" / "csrc" / "stable" / "library.h"
+    if not header.is_file():
+        return (f"torch {torch_info.get('version')} has no stable-ABI headers ({header}); "
+                f"PyTorch >= {OPS_TARGET[0]}.{OPS_TARGET[1]} is needed")
+    if cxx is None:
+        return "no C++ compiler found ($CXX, c++, g++)"
+    return None
+
+
+def ops_library_command(src: Path, out: Path, torch_dir: Path, cxx: str, version: str,
+                        version_script: Path) -> list[str]:
+    """The one compile-and-link command of the op library: stable ABI headers only, hidden
+    symbols (the version script exports the C function ``dtop_ops_*`` alone), linked to
+    libtorch_cpu for the C shim's functions (no rpath: torch has loaded it already wherever the
+    library is loaded)."""
+    major, minor = OPS_TARGET
+    return [cxx, "-std=c++17", "-O2", "-fPIC", "-shared", "-fvisibility=hidden",
+            "-fvisibility-inlines-hidden", f"-Wl,--version-script={version_script}",
+            f"-DTORCH_TARGET_VERSION=(((0ULL+{major})<<56)|((0ULL+{minor})<<48))",
+            f'-DDTOP_OPS_VERSION="{version}"', "-I", str(torch_dir / "include"), str(src),
+            "-L", str(torch_dir / "lib"), "-Wl,--no-as-needed", "-ltorch_cpu", "-o", str(out)]
+
+
+def _package_version() -> str:
+    text = (ROOT / PACKAGE / "__init__.py").read_text()
+    match = re.search(r'^__version__ = "([^"]+)"', text, re.MULTILINE)
+    return match.group(1) if match else "0"
+
+
+def build_ops_library(build_temp: Path, torch_info: dict | None) -> tuple[Path | None, str]:
+    """Compile csrc/oplib into ``build_temp``; returns (the library, "") or (None, why not)."""
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    reason = ops_library_skip_reason(os.environ, torch_info, cxx)
+    if reason:
+        return None, reason
+    build_temp.mkdir(parents=True, exist_ok=True)
+    script = build_temp / "dtop_ops.map"
+    script.write_text("{ global: dtop_ops_*; local: *; };\n")
+    out = build_temp / OPS_LIBRARY
+    cmd = ops_library_command(ROOT / "csrc" / "oplib" / "dtop_ops.cpp", out,
+                              Path(torch_info["dir"]), cxx,
+                              f"{_package_version()} torch {torch_info.get('version')}", script)
+    rc, tail = _run_logged(cmd)
+    if rc != 0:
+        errors = [ln for ln in tail if "error" in ln.lower()]
+        return None, f"compiling it failed: {(errors or tail or ['?'])[0][:300]}"
+    return out, ""
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str) -> None:
         super().__init__(name, sources=[])
@@ -257,8 +321,16 @@ class CMakeBuild(build_ext):
         else:
             _say(f"CUDA kernels not built: {info['reason']}; the torch (and Triton) backends "
                  "work without them")
+        lib, why = build_ops_library(Path(self.build_temp).resolve() / "dtop_ops", self.torch)
+        info["ops_library"], info["ops_library_reason"] = lib is not None, why
+        _say("op library built (export and deployment)" if lib else
+             f"op library not built: {why}; export is unavailable, everything else works")
         for folder in self._package_dirs():
             folder.mkdir(parents=True, exist_ok=True)
+            (folder / "lib").mkdir(exist_ok=True)
+            (folder / "lib" / OPS_LIBRARY).unlink(missing_ok=True)  # never a stale one
+            if lib is not None:
+                shutil.copy2(lib, folder / "lib" / OPS_LIBRARY)
             if not info["cuda_built"]:  # never ship a module left by an earlier build
                 for stale in folder.glob("_C.*"):
                     if stale.suffix in (".so", ".pyd") and stale.is_file():

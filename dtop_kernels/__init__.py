@@ -4,10 +4,12 @@ Importing this package neither initializes CUDA nor compiles anything.
 """
 
 from dtop_kernels.backends import BackendError
+from dtop_kernels.deploy import ExportError, export
 from dtop_kernels.ops.attention import varlen_attention
 from dtop_kernels.ops.block import pruned_block, pruned_stage
 from dtop_kernels.ops.gather import gather_tokens, scatter_tokens
 from dtop_kernels.ops.linear import packed_linear
+from dtop_kernels.ops.native import OpsLibraryError, ops_library_path
 from dtop_kernels.ops.select import Selection, dtop_select
 from dtop_kernels.status import (
     BACKENDS,
@@ -27,6 +29,8 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "BackendError",
+    "ExportError",
+    "OpsLibraryError",
     "Selection",
     "TokenSet",
     "auto_backend",
@@ -34,7 +38,9 @@ __all__ = [
     "cuda_build_info",
     "cuda_kernel_problems",
     "dtop_select",
+    "export",
     "gather_tokens",
+    "ops_library_path",
     "packed_linear",
     "pruned_block",
     "pruned_stage",

@@ -381,10 +381,15 @@ def _describe(t: object) -> str:
     return type(t).__name__
 
 
+def _is_int(v: object) -> bool:
+    """A host int, or a symbolic one (a dynamic dimension under torch.export / compile)."""
+    return isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool)
+
+
 def _check_sizes(b: int, n: int) -> None:
-    if not isinstance(b, int) or b < 0:
+    if not _is_int(b) or b < 0:
         raise ValueError(f"batch size must be a non-negative int; got {b!r}")
-    if not isinstance(n, int) or n <= 0:
+    if not _is_int(n) or n <= 0:
         raise ValueError(f"seq_len (tokens per image) must be a positive int; got {n!r}")
 
 

@@ -8,7 +8,7 @@ runs on a GPU of a chosen architecture, with only the device itself replaced:
 - ``torch.cuda`` queries answer for that GPU (capability, SM count, current device and stream);
 - the launches of Triton kernels (``kernel[grid](...)``) and of the compiled module's functions
   (``dtop_kernels._C``) are recorded and checked (grid, devices, dtypes), not run;
-- every ``dtop::`` custom op runs its real implementation (the Python around the kernels), not
+- every ``dtop_py::`` custom op runs its real implementation (the Python around the kernels), not
   its fake one;
 - :class:`HostSyncCheck` raises :class:`HostSync` on every op that would make the host wait for
   the device on a real GPU: scalar read-backs (``item``, ``_local_scalar_dense``), outputs whose
@@ -119,7 +119,7 @@ def _is_cuda(t: torch.Tensor) -> bool:
 class HostSyncCheck(TorchDispatchMode):
     """Raises :class:`HostSync` naming the op (and where it was called from) on every op that
     would make the host wait for a CUDA device. Inside :func:`fake_cuda` it also runs the real
-    implementation of the ``dtop::`` custom ops."""
+    implementation of the ``dtop_py::`` custom ops."""
 
     def __init__(self, real_custom_ops: bool = True) -> None:
         super().__init__()
@@ -412,7 +412,7 @@ def _raise_sync(*args, **kwargs):
 
 @contextlib.contextmanager
 def _real_ops_only():
-    """The real ``dtop::`` op implementations without the sync check: a check that lets
+    """The real ``dtop_py::`` op implementations without the sync check: a check that lets
     everything through."""
     mode = _PermissiveCheck()
     with mode:

@@ -238,7 +238,7 @@ def test_dynamo_traces_the_packed_forward_in_one_graph(arch, measured, tmp_path,
             torch._dynamo.reset()
     assert len(graphs_seen) == 1, str(err.value)[:2000]
     backends = {n.args[-1] for n in graphs_seen[0].graph.nodes
-                if n.op == "call_function" and str(n.target).startswith("dtop.")}
+                if n.op == "call_function" and str(n.target).startswith("dtop_py.")}
     if measured:  # the measured kernels (torch where a kernel backend cannot take a call)
         assert {"triton", "cuda"} <= backends <= {"triton", "cuda", "torch"}, backends
     else:

@@ -1,4 +1,4 @@
-"""LayerNorm over packed token rows (``layer_norm_tokens``, ``dtop::layer_norm``), every backend,
+"""LayerNorm over packed token rows (``layer_norm_tokens``, ``dtop_py::layer_norm``), every backend,
 forward and backward, against ``F.layer_norm`` on the rows ``naive_gather`` picks.
 
 The public op is checked per backend (torch: the float32 reference of

@@ -1,4 +1,4 @@
-"""``torch.library.opcheck`` on every ``dtop::`` custom op and backend that runs here: the
+"""``torch.library.opcheck`` on every ``dtop_py::`` custom op and backend that runs here: the
 schema, the fake (meta) kernel against the real one, the autograd registration, and tracing
 through AOTAutograd with dynamic shapes."""
 

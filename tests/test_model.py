@@ -274,7 +274,7 @@ def test_packed_gradients_equal_loop_gradients():
     assert_prunes_differently(out.active_counts)
     for n, g in grads["loop"].items():
         # same math, different arithmetic: the loop differentiates SDPA through autograd, the
-        # packed torch backend runs its own float32 attention backward (dtop::varlen_attention)
+        # packed torch backend runs its own float32 attention backward (dtop_py::varlen_attention)
         torch.testing.assert_close(grads["packed"][n], g, atol=1e-6, rtol=1e-5, msg=n)
 
 

@@ -388,6 +388,10 @@ class ViTDToP(nn.Module):
         b, nt, c = x.shape
         n = nt - p
         last = self.num_stages - 1
+        if tighten not in (None, False) and torch.compiler.is_exporting():
+            raise ValueError(f"tighten={tighten!r} cannot be exported: it reads the token counts "
+                             "back to the host and shrinks the buffers; export at fixed "
+                             "capacity (tighten=False), as dtop_kernels.export does")
         if tighten is None:  # under torch.compile: fixed capacity (a read-back breaks a graph)
             tighten = False if torch.compiler.is_compiling() else \
                 True if x.device.type == "cpu" else self.CUDA_BUCKET

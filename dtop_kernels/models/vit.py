@@ -85,7 +85,10 @@ def resize_pos_embed(
     antialias: mmseg's ``resize_pos_embed``) when the grids differ, unchanged otherwise.
     """
     grid = pos_embed[:, 1:]
-    if tuple(src_grid) == tuple(dst_grid):
+    # a symbolic grid (an image size left dynamic in torch.export) is always resized: comparing
+    # it would bake a guard on the size into the graph. Bicubic resampling to the same size is
+    # the identity (every output sample falls on an input sample).
+    if all(type(d) is int for d in dst_grid) and tuple(src_grid) == tuple(dst_grid):
         return grid
     gh, gw = src_grid
     c = pos_embed.shape[-1]

@@ -45,7 +45,7 @@ def _check_cu(name: str, cu: torch.Tensor, rows: int, max_seqlen: int) -> None:
 
 def _eager_autograd(backend: str, *inputs: torch.Tensor) -> bool:
     """Whether the torch backend runs as plain PyTorch ops under autograd instead of through
-    ``dtop::varlen_attention``: in eager mode with a gradient to compute, where PyTorch's own
+    ``dtop_py::varlen_attention``: in eager mode with a gradient to compute, where PyTorch's own
     backward is the faster one (flash attention's on CUDA through its varlen attention, SDPA's
     on the CPU) than the custom op's float32 reference backward. Inside ``torch.compile``, and
     without gradients, the custom op runs."""
@@ -60,7 +60,7 @@ def attention_on(backend: str):
     def attention(q, k, v, cu_q, cu_k, mq, mk, scale):
         if _eager_autograd(backend, q, k, v):
             return ref.varlen_attention(q, k, v, cu_q, cu_k, mq, mk, scale)
-        return library.varlen_attention(q, k, v, cu_q, cu_k, mq, mk, float(scale), False,
+        return library.call.varlen_attention(q, k, v, cu_q, cu_k, mq, mk, float(scale), False,
                                         backend)[0]
 
     return attention
@@ -162,7 +162,7 @@ def varlen_attention(
         res = ref.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                    max_seqlen_k, scale, return_logits)
     else:  # the custom op: its outputs always have a gradient path to q, k, v
-        out, _, logits = library.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k,
+        out, _, logits = library.call.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k,
                                                   max_seqlen_q, max_seqlen_k, float(scale),
                                                   return_logits, be)
         return (out, logits) if return_logits else out

@@ -219,7 +219,7 @@ def _block_fused(packed, normed1, tokens, parts: LayerParts, attention, norm, li
 def _run_stage(x, tokens, layers: Sequence[LayerParts], plan: dict[str, str],
                rope: Rope | None = None):
     """The stage with a backend per op (``plan``, keys ``STAGE_OPS``), each op called once
-    dispatched (``dtop::`` ops, no per-layer checks): LayerNorms (on a kernel backend the first
+    dispatched (``dtop_py::`` ops, no per-layer checks): LayerNorms (on a kernel backend the first
     fused with the gather), attention and packed linears (fused epilogues on the kernel
     backends, the last layer scattering from its final GEMM); layers that are not standard (see
     ``_fusable``) call their own projection and MLP modules. ``rope``: per-slot (cos, sin) for
@@ -244,7 +244,7 @@ def _run_stage(x, tokens, layers: Sequence[LayerParts], plan: dict[str, str],
         normed1, packed = layer_norm_tokens(x2d, n1.weight, n1.bias, tokens, n1.eps,
                                             gather=True, store_x=True, backend=ln_be)
     elif dense:
-        packed = library.gather(x2d, idx, cu, n, plan["gather_tokens"])
+        packed = library.call.gather(x2d, idx, cu, n, plan["gather_tokens"])
     else:
         packed = x
     for i, parts in enumerate(layers):
@@ -262,7 +262,7 @@ def _run_stage(x, tokens, layers: Sequence[LayerParts], plan: dict[str, str],
         normed1 = None
     if not dense:
         return packed
-    return library.scatter(packed, idx, cu, x2d, n, False, plan["scatter_tokens"]).view(x.shape)
+    return library.call.scatter(packed, idx, cu, x2d, n, False, plan["scatter_tokens"]).view(x.shape)
 
 
 def pruned_block(

@@ -51,7 +51,7 @@ def gather_tokens(x: torch.Tensor, tokens: TokenSet, *, backend: str = "auto",
     _checks.tokens_contract(tokens, _checks.check_flag(check))
     x = _checks.last_dim_contiguous(x)
     be = _gather.select(backend, x, tokens)
-    return library.gather(x.reshape(-1, x.shape[-1]), tokens.indices, tokens.cu_seqlens,
+    return library.call.gather(x.reshape(-1, x.shape[-1]), tokens.indices, tokens.cu_seqlens,
                           tokens.seq_len, be)
 
 
@@ -91,7 +91,7 @@ def scatter_tokens(
     _checks.tokens_contract(tokens, _checks.check_flag(check))
     packed = _checks.last_dim_contiguous(packed)
     be = _scatter.select(backend, packed, tokens, out)
-    res = library.scatter(packed, tokens.indices, tokens.cu_seqlens,
+    res = library.call.scatter(packed, tokens.indices, tokens.cu_seqlens,
                           out.reshape(-1, out.shape[-1]) if given else None, tokens.seq_len, add,
                           be).view(out.shape)
     return out.copy_(res) if given else res

@@ -1,5 +1,5 @@
 """LayerNorm over packed token rows (optionally fused with the gather from dense rows), with
-autograd, on any backend: ``dtop::layer_norm``. Used inside ``pruned_stage``; rows past T are
+autograd, on any backend: ``dtop_py::layer_norm``. Used inside ``pruned_stage``; rows past T are
 zero."""
 
 from __future__ import annotations
@@ -22,6 +22,6 @@ def layer_norm_tokens(
     """
     if store_x and not gather:
         raise ValueError("store_x=True returns the gathered rows: it needs gather=True")
-    y, xp, _, _ = library.layer_norm(x2d, weight, bias, tokens.indices, tokens.cu_seqlens,
+    y, xp, _, _ = library.call.layer_norm(x2d, weight, bias, tokens.indices, tokens.cu_seqlens,
                                      tokens.seq_len, float(eps), gather, backend)
     return y, (xp if store_x else None)

@@ -1,4 +1,4 @@
-"""Every kernel entry point as a ``torch.library`` custom op (namespace ``dtop``).
+"""Every kernel entry point as a Python ``torch.library`` custom op (namespace ``dtop_py``).
 
 The ops take tensors and host scalars only: a :class:`~dtop_kernels.TokenSet` flattens into
 ``indices, cu_seqlens, seq_len`` (and ``max_seqlen`` where a kernel needs the bound), and the
@@ -16,16 +16,24 @@ torch backend on CPU tensors, which loops over images there); that read is invis
 The public functions (``gather_tokens``, ``varlen_attention``, ...) check their arguments,
 dispatch, and call these ops; ``pruned_stage`` dispatches once and calls them directly.
 ``torch.library.opcheck`` is run on every op in the test suite.
+
+These ops run Python (the torch reference, the Triton launchers, the CUDA launchers through
+pybind11), so they can never be part of a model package. The op library (``dtop::`` ops defined
+in C++, :mod:`.native`) is what an exported graph holds: the call sites go through :data:`call`,
+which sends the calls to ``dtop::`` while :func:`native_ops` is active (``dtop_kernels.export``
+traces under it), and to the ops below otherwise.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import Tensor
 
 from dtop_kernels.tokens import TokenSet
 
-NS = "dtop"
+NS = "dtop_py"
 ACT_NONE, ACT_GELU = 0, 1  # activation codes of every linear kernel
 ACTIVATIONS = {"none": ACT_NONE, "gelu": ACT_GELU}
 
@@ -447,3 +455,50 @@ def _(class_logits, mask_logits, indices, cu_seqlens, seq_len, max_seqlen, thres
 OPS = (gather, scatter, layer_norm, layer_norm_backward, varlen_attention,
        varlen_attention_backward, packed_linear, linear_backward_input, linear_backward_weight,
        select)
+
+
+# ---------------------------------------------------------------------- routing to dtop::
+# The backends whose calls the op library's ``dtop::`` ops take over under native_ops(): the
+# torch reference (its CPU implementation in C++) and, on CUDA, the CUDA kernels.
+NATIVE_BACKENDS = ("torch", "cuda")
+_native_depth = 0
+
+
+@contextlib.contextmanager
+def native_ops():
+    """While active, :data:`call` runs the op library's ``dtop::`` ops (loaded on entry) for the
+    torch and CUDA backends: what ``dtop_kernels.export`` traces under. Not thread-safe (export
+    is not either)."""
+    global _native_depth
+    from dtop_kernels.ops import native
+
+    native.load()
+    _native_depth += 1
+    try:
+        yield
+    finally:
+        _native_depth -= 1
+
+
+def _routed(py_op, name: str):
+    def run(*args):
+        if _native_depth and args[-1] in NATIVE_BACKENDS:
+            return getattr(torch.ops.dtop, name)(*args[:-1])
+        return py_op(*args)
+
+    run.__name__ = name
+    run.__doc__ = f"``{NS}::{name}`` (last argument: the backend), or ``dtop::{name}`` " \
+        "(the same arguments without it) under :func:`native_ops`."
+    return run
+
+
+class _Calls:
+    """The ops as the public functions call them: ``call.gather(..., backend)``."""
+
+    def __init__(self) -> None:
+        for op in (gather, scatter, layer_norm, varlen_attention, packed_linear, select):
+            name = op._name.split("::")[-1]
+            setattr(self, name, _routed(op, name))
+
+
+call = _Calls()

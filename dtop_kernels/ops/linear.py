@@ -117,7 +117,7 @@ def linear_tokens(
     base = None if out is None else out.reshape(-1, out.shape[-1])
     idx, cu, n = tokens.indices, tokens.cu_seqlens, tokens.seq_len
     if backend == "torch":
-        rows = library.gather(x2d, idx, cu, n, "torch") if gather else x2d
+        rows = library.call.gather(x2d, idx, cu, n, "torch") if gather else x2d
         y = torch.nn.functional.linear(rows, weight, bias)
         if activation == "gelu":
             y = torch.nn.functional.gelu(y)
@@ -126,12 +126,12 @@ def linear_tokens(
         if zero_padding:
             y = torch.where(tokens.valid_slots()[:, None], y, y.new_zeros(()))
         if base is not None:
-            y = library.scatter(y, idx, cu, base, n, False, "torch")
+            y = library.call.scatter(y, idx, cu, base, n, False, "torch")
     else:
         act = ACTIVATIONS[activation]
         save_pre = act != library.ACT_NONE and torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, weight, bias, residual, out))
-        y, _ = library.packed_linear(x2d, weight, bias, residual, base, idx, cu, n, act, gather,
+        y, _ = library.call.packed_linear(x2d, weight, bias, residual, base, idx, cu, n, act, gather,
                                      save_pre, backend)
     if out is None:
         return y

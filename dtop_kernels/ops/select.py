@@ -95,7 +95,7 @@ def dtop_select(
     if b == 0 or k == 0:
         none = torch.zeros(b, tokens.seq_len, dtype=torch.bool, device=tokens.device)
         return Selection(tokens, none)
-    idx, cu, exited = library.select(class_logits, mask_logits, tokens.indices,
+    idx, cu, exited = library.call.select(class_logits, mask_logits, tokens.indices,
                                      tokens.cu_seqlens, tokens.seq_len, tokens.max_seqlen,
                                      threshold, top_k, be)
     return Selection(TokenSet(idx, cu, b, tokens.seq_len, tokens.max_seqlen), exited)
