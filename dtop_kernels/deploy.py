@@ -27,7 +27,8 @@ from dtop_kernels.ops import library, native
 
 #: The metadata keys every package written by :func:`export` carries (all strings).
 METADATA_KEYS = ("dtop_kernels.version", "dtop_kernels.torch", "dtop_kernels.ops_library",
-                 "dtop_kernels.ops", "dtop_kernels.outputs", "dtop_kernels.batch")
+                 "dtop_kernels.ops", "dtop_kernels.outputs", "dtop_kernels.batch",
+                 "dtop_kernels.image")
 
 
 class ExportError(ValueError):
@@ -130,6 +131,8 @@ def export(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tens
         "dtop_kernels.outputs": "pred,exit_stage" if _is_dtop_model(model) else "",
         "dtop_kernels.batch": f"1..{max_batch}" if dynamic_batch else
                               str(example_inputs[0].shape[0]),
+        # one input's shape without the batch dimension, "3,512,512"
+        "dtop_kernels.image": ",".join(str(d) for d in example_inputs[0].shape[1:]),
     }
     path = Path(path)
     if path.suffix != ".pt2":
@@ -181,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(.pt2) with a dynamic batch dimension, and print the op library to ship beside it.")
     p.add_argument("checkpoint", nargs="?", help="a checkpoint written by dtop-train")
     p.add_argument("--arch", help="no checkpoint: a freshly initialized model of this "
-                   "architecture (vit_dtop_tiny, vit_dtop_small, ...): for trying the path")
+                   "architecture (tiny, small, base, large): for trying the path")
     p.add_argument("--num-classes", type=int, default=None)
     p.add_argument("--res", type=int, nargs="+", required=True, metavar="PIXELS",
                    help="image size: one value (square) or height width")
