@@ -84,6 +84,20 @@ def _compiled_module() -> str:
             f"(nvcc {info.get('nvcc_version', '?')})")
 
 
+def ops_library_line() -> str:
+    """The op library (export, deployment): "op library: <path> (<version>)" or why not."""
+    from dtop_kernels.ops import native
+
+    try:
+        path = native.ops_library_path()
+    except native.OpsLibraryError as e:
+        return f"op library: not built ({e})"
+    try:
+        return f"op library: {path} ({native.library_version(path)}; CPU kernels)"
+    except OSError as e:
+        return f"op library: {path} fails to load: {e}"
+
+
 def backend_lines() -> list[str]:
     """One line per backend: what it runs on this machine, or why not."""
     gpu = torch.cuda.is_available()
@@ -144,6 +158,7 @@ def short_report() -> str:
     lines = [_versions(), "backends:"]
     lines += [f"  {ln}" for ln in backend_lines()]
     lines.append(auto_line())
+    lines.append(ops_library_line())
     lines.append("details (build record, each op's reasons): python -m dtop_kernels.info "
                  "--verbose")
     return "\n".join(lines)
@@ -152,7 +167,7 @@ def short_report() -> str:
 def verbose_report() -> str:
     """Everything: where the package is, the build record, every op's reasons per backend."""
     where = Path(dtop_kernels.__file__).resolve().parent
-    lines = [_versions(), f"imported from {where}", _compiled_module()]
+    lines = [_versions(), f"imported from {where}", _compiled_module(), ops_library_line()]
     info = status.cuda_build_info()
     lines.append("build record: " + ", ".join(
         f"{k}={v}" for k, v in info.items() if k not in ("import_error",) and v not in ("", None)))

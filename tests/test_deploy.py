@@ -5,6 +5,7 @@ way (each test here failed before its fix)."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -17,7 +18,8 @@ import torch
 
 import dtop_kernels
 from dtop_kernels import ExportError, export
-from dtop_kernels.deploy import check_package, main as export_main
+from dtop_kernels.deploy import check_package
+from dtop_kernels.deploy import main as export_main
 from dtop_kernels.models.checkpoint import model_config, save_checkpoint
 from dtop_kernels.models.dtop import vit_dtop_tiny
 from dtop_kernels.models.vit import resize_pos_embed
@@ -60,20 +62,31 @@ def _expected(batch: int) -> tuple[float, list[int]]:
 
 
 def _parse(stdout: str) -> tuple[float, list[int]]:
-    total = float(re.search(r"^pred: shape .* sum (\S+)$", stdout, re.M).group(1))
-    counts = re.search(r"^exit_stage: shape .* counts ([\d ]+)$", stdout, re.M).group(1)
+    total = float(re.search(r"^pred: shape .* sum (\S+)$", stdout, re.MULTILINE).group(1))
+    counts = re.search(r"^exit_stage: shape .* counts ([\d ]+)$", stdout, re.MULTILINE).group(1)
     return total, [int(c) for c in counts.split()]
 
 
 @pytest.fixture(scope="module")
 def package(library, tmp_path_factory) -> str:
-    """One package, written by the dtop-export command from a checkpoint (batch 2 traced)."""
-    tmp = tmp_path_factory.mktemp("deploy")
-    ckpt = save_checkpoint(tmp / "tiny.ckpt", _model(), model_config("tiny", 5,
-                                                                     threshold=THRESHOLD), 0)
-    out = tmp / "tiny.pt2"
-    assert export_main([str(ckpt), "--res", str(RES), "--out", str(out), "--max-batch",
-                        "16"]) == 0
+    """One package, written by the dtop-export command from a checkpoint (batch 2 traced), once
+    per test run: xdist workers share it through a folder beside their own (the first one to take
+    the lock exports, the others wait for it)."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # popen-gwN/ in this run's folder
+        base = base.parent
+    shared = base / "dtop-deploy-package"
+    shared.mkdir(exist_ok=True)
+    out = shared / "tiny.pt2"
+    with open(shared / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not out.exists():
+            ckpt = save_checkpoint(shared / "tiny.ckpt", _model(),
+                                   model_config("tiny", 5, threshold=THRESHOLD), 0)
+            tmp = shared / "partial.pt2"
+            assert export_main([str(ckpt), "--res", str(RES), "--out", str(tmp),
+                                "--max-batch", "16"]) == 0
+            tmp.rename(out)
     return str(out)
 
 
@@ -89,7 +102,7 @@ def test_package_runs_without_dtop_kernels(package, library, batch):
             "sys.exit(rc)")
     proc = subprocess.run([sys.executable, "-c", code, str(ROOT / "examples" / "run_package.py"),
                            package, library, str(batch)], capture_output=True, text=True,
-                          cwd=Path(package).parent, timeout=300)
+                          cwd=Path(package).parent, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "outdated" not in proc.stderr, proc.stderr
     total, counts = _parse(proc.stdout)
@@ -104,7 +117,8 @@ def test_package_needs_the_library(package):
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import run_package as r; "
             "r.load(sys.argv[2], sys.argv[3])")
     proc = subprocess.run([sys.executable, "-c", code, str(ROOT / "examples"), package,
-                           NOT_THE_LIBRARY], capture_output=True, text=True, timeout=300)
+                           NOT_THE_LIBRARY], capture_output=True, text=True, timeout=300,
+                          check=False)
     assert proc.returncode != 0
     assert re.search(r"calls dtop::\w+, which .*libc10.so does not define: load the op library",
                      proc.stderr), proc.stderr[-3000:]
@@ -133,18 +147,18 @@ def test_cpp_example(package, library, tmp_path):
     for cmd in (["cmake", "-S", str(ROOT / "examples" / "cpp"), "-B", str(build), *gen,
                  f"-DCMAKE_PREFIX_PATH={prefix}", "-DCMAKE_BUILD_TYPE=Release"],
                 ["cmake", "--build", str(build)]):
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     exe = build / "run_package"
     proc = subprocess.run([str(exe), package, library, "2"], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     total, counts = _parse(proc.stdout)
     want_total, want_counts = _expected(2)
     assert counts == want_counts
     assert total == pytest.approx(want_total, rel=1e-6)
-    proc = subprocess.run([str(exe), package, NOT_THE_LIBRARY, "2"], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([str(exe), package, NOT_THE_LIBRARY, "2"], capture_output=True,
+                          text=True, timeout=300, check=False)
     assert proc.returncode == 1 and "does not define: load the op library" in proc.stderr
 
 
@@ -224,3 +238,37 @@ def test_export_command_errors(capsys):
     with pytest.raises(SystemExit):
         export_main(["--res", "96", "--out", "x.pt2"])  # neither a checkpoint nor --arch
     assert "give a checkpoint or --arch" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- ONNX (docs/deploy.md)
+def _onnx_error(module, args, tmp_path) -> str:
+    pytest.importorskip("onnxscript", reason="ONNX export needs onnxscript")
+    with pytest.raises(Exception) as err, torch.no_grad():
+        torch.onnx.export(module, args, str(tmp_path / "m.onnx"), dynamo=True)
+    return str(err.value)
+
+
+def test_onnx_stops_at_the_pruning_ops(library, tmp_path):
+    from dtop_kernels.deploy import PackedForward
+    from dtop_kernels.ops import library as ops
+
+    with ops.native_ops():
+        msg = _onnx_error(PackedForward(_model(), None, "torch"),
+                          (torch.randn(2, 3, RES, RES),), tmp_path)
+    assert re.search(r"No ONNX function found for .*op='dtop\.\w+'", msg), msg[-2000:]
+
+
+def test_onnx_stops_at_searchsorted_on_plain_aten_ops(tmp_path):
+    from dtop_kernels import TokenSet
+    from dtop_kernels.reference import select as ref
+
+    class Select(torch.nn.Module):
+        def forward(self, cls, mask, idx, cu):
+            new, exited = ref.dtop_select(cls, mask, TokenSet(idx, cu, 2, 8, 8), 0.5, 1)
+            return new.indices, new.cu_seqlens, exited
+
+    ts = TokenSet.from_mask(torch.rand(2, 8, generator=torch.Generator().manual_seed(0)) < 0.7,
+                            capacity=16)
+    msg = _onnx_error(Select(), (torch.randn(2, 3, 2), torch.randn(3, 16), ts.indices,
+                                 ts.cu_seqlens), tmp_path)
+    assert "No ONNX function found for <OpOverload(op='aten.searchsorted'" in msg, msg[-2000:]

@@ -143,7 +143,7 @@ def test_packed_linear(dtype, gather_rows, scatter, gen):
         z = rows @ w.double().t() + (0 if bias is None else bias.double())
         yy = torch.nn.functional.gelu(z) if act == L.ACT_GELU else z
         yy = yy + (0 if residual is None else residual[:t].double())
-        tol = dict(atol=_tol(dtype) * 20, rtol=_tol(dtype) * 4)
+        tol = {"atol": _tol(dtype) * 20, "rtol": _tol(dtype) * 4}
         torch.testing.assert_close(pre[:t].double(), z, **tol)
         assert (pre[t:] == 0).all()
         if scatter:
