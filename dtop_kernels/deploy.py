@@ -28,7 +28,7 @@ from dtop_kernels.ops import library, native
 #: The metadata keys every package written by :func:`export` carries (all strings).
 METADATA_KEYS = ("dtop_kernels.version", "dtop_kernels.torch", "dtop_kernels.ops_library",
                  "dtop_kernels.ops", "dtop_kernels.outputs", "dtop_kernels.batch",
-                 "dtop_kernels.image")
+                 "dtop_kernels.image", "dtop_kernels.dynamic_image")
 
 
 class ExportError(ValueError):
@@ -86,14 +86,16 @@ def _check(model: nn.Module, example_inputs: tuple, dynamic_batch: bool) -> None
 
 def export(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor,
            path: str | Path, *, dynamic_batch: bool = True, max_batch: int = 1024,
-           threshold: float | None = None, backend: str = "torch") -> str:
+           dynamic_image: bool = False, threshold: float | None = None,
+           backend: str = "torch") -> str:
     """Export ``model`` to an AOTInductor package at ``path`` (a ``.pt2`` file); returns the path.
 
     ``model``: a :class:`~dtop_kernels.models.ViTDToP` in eval mode (its packed forward at fixed
     capacity is exported: ``img -> (pred, exit_stage)``, ``threshold`` overriding the model's),
     or any module built from the public ops, called as ``model(*example_inputs)``.
-    ``dynamic_batch``: dimension 0 of every input is dynamic (1 .. ``max_batch``); the image size
-    is fixed. ``backend``: the op backend traced ("torch": the op library's CPU implementations).
+    ``dynamic_batch``: dimension 0 of every input is dynamic (1 .. ``max_batch``).
+    ``dynamic_image`` (a ViTDToP only): height and width are dynamic too (multiples of the patch
+    size, up to 64 patches each); the capacity is then ``B * N`` of each call. ``backend``: the op backend traced ("torch": the op library's CPU implementations).
 
     Load the package with ``torch._inductor.aoti_load_package(path)`` after
     ``torch.ops.load_library(dtop_kernels.ops_library_path())`` (no ``import dtop_kernels``
@@ -109,9 +111,17 @@ def export(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tens
         module(*example_inputs)
     lib_path = native.load()
     dynamic = None
-    if dynamic_batch:
-        batch = torch.export.Dim("batch", min=1, max=max_batch)
-        dynamic = tuple({0: batch} for _ in example_inputs)
+    if dynamic_image and not _is_dtop_model(model):
+        raise ExportError("dynamic_image needs a ViTDToP (its patch size sets the steps)")
+    if dynamic_batch or dynamic_image:
+        dims: dict[int, object] = {}
+        if dynamic_batch:
+            dims[0] = torch.export.Dim("batch", min=1, max=max_batch)
+        if dynamic_image:
+            p = model.patch_size
+            dims[2] = p * torch.export.Dim("patch_rows", min=2, max=64)
+            dims[3] = p * torch.export.Dim("patch_cols", min=2, max=64)
+        dynamic = tuple(dict(dims) for _ in example_inputs)
     with torch.no_grad(), library.native_ops():
         program = torch.export.export(module, example_inputs, dynamic_shapes=dynamic,
                                       strict=False)
@@ -131,8 +141,9 @@ def export(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tens
         "dtop_kernels.outputs": "pred,exit_stage" if _is_dtop_model(model) else "",
         "dtop_kernels.batch": f"1..{max_batch}" if dynamic_batch else
                               str(example_inputs[0].shape[0]),
-        # one input's shape without the batch dimension, "3,512,512"
+        # one input's shape without the batch dimension, "3,512,512" (as traced)
         "dtop_kernels.image": ",".join(str(d) for d in example_inputs[0].shape[1:]),
+        "dtop_kernels.dynamic_image": str(bool(dynamic_image)),
     }
     path = Path(path)
     if path.suffix != ".pt2":
@@ -191,6 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="the package to write (.pt2)")
     p.add_argument("--threshold", type=float, default=None, help="exit threshold to bake in")
     p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--dynamic-image", action="store_true",
+                   help="leave height and width dynamic too (multiples of the patch size)")
     p.add_argument("--static-batch", type=int, default=None, metavar="B",
                    help="export for batch size B only (no dynamic batch)")
     p.add_argument("--trust-checkpoint", action="store_true",
@@ -212,7 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         out = export(model, (img,), args.out, dynamic_batch=args.static_batch is None,
-                     max_batch=args.max_batch, threshold=args.threshold)
+                     max_batch=args.max_batch, dynamic_image=args.dynamic_image,
+                     threshold=args.threshold)
     except (ExportError, native.OpsLibraryError) as e:
         print(f"dtop-export: {e}", file=sys.stderr)
         return 2

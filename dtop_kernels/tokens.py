@@ -426,5 +426,5 @@ def _check_metadata(ts: TokenSet) -> None:
             f"capacity (len(indices)) = {ts.capacity} exceeds B*N = "
             f"{ts.batch_size * ts.seq_len}"
         )
-    if not isinstance(ts.max_seqlen, int) or not 0 <= ts.max_seqlen <= ts.seq_len:
+    if not _is_int(ts.max_seqlen) or not 0 <= ts.max_seqlen <= ts.seq_len:
         raise ValueError(f"max_seqlen must be an int in [0, N={ts.seq_len}]; got {ts.max_seqlen!r}")

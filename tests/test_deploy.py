@@ -217,6 +217,27 @@ def test_dynamic_batch_traces():
     torch.testing.assert_close(prog.module()(x), Packed()(x))
 
 
+def test_dynamic_image_size_traces(library):
+    """Before: the max_seqlen checks refused a symbolic bound, then the ops' ``int`` sizes
+    specialized the image size (the op library's schemas take SymInt)."""
+    from dtop_kernels.deploy import PackedForward
+    from dtop_kernels.ops import library as ops
+
+    module = PackedForward(_model(), None, "torch")
+    dims = {0: torch.export.Dim("b", min=1, max=8),
+            2: 16 * torch.export.Dim("h", min=2, max=16),
+            3: 16 * torch.export.Dim("w", min=2, max=16)}
+    with torch.no_grad(), ops.native_ops():
+        prog = torch.export.export(module, (torch.randn(2, 3, RES, RES),),
+                                   dynamic_shapes=(dims,), strict=False)
+    for size in ((RES, RES), (128, 64)):
+        img = torch.randn(3, 3, *size)
+        with torch.no_grad():
+            got, want = prog.module()(img), module(img)
+        torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+        assert torch.equal(got[1], want[1])
+
+
 def test_resize_pos_embed_with_a_dynamic_grid():
     """Before: ``src_grid == dst_grid`` on a symbolic grid baked the size into the graph (the
     export of a dynamic image size failed as specialized)."""

@@ -501,19 +501,19 @@ std::tuple<Tensor, Tensor, Tensor> select_cpu(Tensor class_logits, Tensor mask_l
 // One schema per op. The Python package registers each op's fake (meta) implementation and
 // autograd formula on these names; see dtop_kernels/ops/native.py.
 STABLE_TORCH_LIBRARY(dtop, m) {
-  m.def("gather(Tensor x2d, Tensor indices, Tensor cu_seqlens, int seq_len) -> Tensor");
-  m.def("scatter(Tensor packed, Tensor indices, Tensor cu_seqlens, Tensor? base, int seq_len, "
+  m.def("gather(Tensor x2d, Tensor indices, Tensor cu_seqlens, SymInt seq_len) -> Tensor");
+  m.def("scatter(Tensor packed, Tensor indices, Tensor cu_seqlens, Tensor? base, SymInt seq_len, "
         "bool add) -> Tensor");
   m.def("layer_norm(Tensor x2d, Tensor weight, Tensor bias, Tensor indices, Tensor cu_seqlens, "
-        "int seq_len, float eps, bool gather_rows) -> (Tensor, Tensor, Tensor, Tensor)");
+        "SymInt seq_len, float eps, bool gather_rows) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, "
-        "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, "
+        "Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float scale, "
         "bool return_logits) -> (Tensor, Tensor, Tensor)");
   m.def("packed_linear(Tensor x2d, Tensor weight, Tensor? bias, Tensor? residual, Tensor? base, "
-        "Tensor indices, Tensor cu_seqlens, int seq_len, int act, bool gather_rows, "
+        "Tensor indices, Tensor cu_seqlens, SymInt seq_len, int act, bool gather_rows, "
         "bool save_pre) -> (Tensor, Tensor)");
   m.def("select(Tensor class_logits, Tensor mask_logits, Tensor indices, Tensor cu_seqlens, "
-        "int seq_len, int max_seqlen, float threshold, int top_k) -> (Tensor, Tensor, Tensor)");
+        "SymInt seq_len, SymInt max_seqlen, float threshold, int top_k) -> (Tensor, Tensor, Tensor)");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(dtop, CPU, m) {

@@ -39,7 +39,8 @@ def _check_cu(name: str, cu: torch.Tensor, rows: int, max_seqlen: int) -> None:
         raise TypeError(f"{name} must be int32; got {cu.dtype} (use .int())")
     if cu.shape[0] < 1:
         raise ValueError(f"{name} must have B + 1 >= 1 entries")
-    if not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool) or max_seqlen < 0:
+    if not isinstance(max_seqlen, (int, torch.SymInt)) or isinstance(max_seqlen, bool) \
+            or max_seqlen < 0:
         raise ValueError(f"max_seqlen for {name} must be a non-negative int; got {max_seqlen!r}")
 
 
