@@ -113,4 +113,20 @@ def test_installed_torch_is_read_from_the_target_interpreter(setup_py) -> None:
     import torch
 
     found = setup_py.installed_torch(sys.executable)
-    assert found == {"version": torch.__version__, "cuda": torch.version.cuda}
+    assert found == {"version": torch.__version__, "cuda": torch.version.cuda,
+                     "dir": str(Path(torch.__file__).resolve().parent)}
+
+
+def test_ops_library_decision(setup_py, tmp_path) -> None:
+    """The op library needs torch's stable-ABI headers and a C++ compiler; it says which is
+    missing."""
+    import torch
+
+    here = {"version": torch.__version__, "dir": str(Path(torch.__file__).resolve().parent)}
+    assert setup_py.ops_library_skip_reason({}, here, "c++") is None
+    assert "DTOP_SKIP_OPS_LIBRARY=1" in setup_py.ops_library_skip_reason(
+        {"DTOP_SKIP_OPS_LIBRARY": "1"}, here, "c++")
+    assert "install torch first" in setup_py.ops_library_skip_reason({}, None, "c++")
+    old = {"version": "2.8.0", "dir": str(tmp_path)}
+    assert "no stable-ABI headers" in setup_py.ops_library_skip_reason({}, old, "c++")
+    assert "no C++ compiler" in setup_py.ops_library_skip_reason({}, here, None)

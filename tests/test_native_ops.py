@@ -261,3 +261,95 @@ def test_library_version_string():
 
     version = native.library_version()
     assert version.startswith(dtop_kernels.__version__ + " torch "), version
+
+
+# ---------------------------------------------------------------------- the CUDA implementations
+# csrc/oplib/dtop_ops_cuda.cpp over the kernels of csrc/, run by the CUDA emulator on CPU tensors
+# (pytest -m emulated), against the CPU implementations above.
+EMULATED = [pytest.param(v, id=f"emulated-{v}", marks=pytest.mark.emulated)
+            for v in ("memcheck", "race")]
+HALF = [torch.float16, torch.bfloat16]
+
+
+@pytest.fixture
+def cuda_ops(request):
+    import cuda_emulator
+
+    return getattr(torch.ops, cuda_emulator.load_oplib(request.param))
+
+
+def _close(got, want, dtype):
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("cuda_ops", EMULATED, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF])
+def test_cuda_gather_scatter(cuda_ops, dtype, gen):
+    ts = _scrambled(_tokens(gen))
+    x = torch.randn(36, 16, generator=gen).to(dtype)
+    assert torch.equal(cuda_ops.gather(x, ts.indices, ts.cu_seqlens, 12),
+                       D.gather(x, ts.indices, ts.cu_seqlens, 12))
+    p = torch.randn(ts.capacity, 16, generator=gen).to(dtype)
+    for base in (None, torch.randn(36, 16, generator=gen).to(dtype)):
+        for add in (False, True):
+            got = cuda_ops.scatter(p, ts.indices, ts.cu_seqlens, base, 12, add)
+            _close(got, D.scatter(p, ts.indices, ts.cu_seqlens, base, 12, add), dtype)
+
+
+@pytest.mark.parametrize("cuda_ops", EMULATED, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF])
+@pytest.mark.parametrize("gather_rows", [False, True])
+def test_cuda_layer_norm(cuda_ops, dtype, gather_rows, gen):
+    ts = _tokens(gen)
+    x = torch.randn(36 if gather_rows else ts.capacity, 64, generator=gen).mul(3).add(1)
+    x = x.to(dtype)
+    w, b = torch.randn(64, generator=gen).to(dtype), torch.randn(64, generator=gen).to(dtype)
+    args = (x, w, b, ts.indices, ts.cu_seqlens, 12, 1e-6, gather_rows)
+    for g, r in zip(cuda_ops.layer_norm(*args), D.layer_norm(*args)):
+        assert g.dtype == r.dtype and g.shape == r.shape
+        _close(g, r, dtype if g.dtype == dtype else torch.float32)
+
+
+@pytest.mark.parametrize("cuda_ops", EMULATED, indirect=True)
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize(("gather_rows", "scatter"), [(False, False), (True, True)])
+def test_cuda_packed_linear(cuda_ops, dtype, gather_rows, scatter, gen):
+    ts = _scrambled(_tokens(gen))
+    x = torch.randn(36 if gather_rows else ts.capacity, 32, generator=gen).to(dtype)
+    w = torch.randn(24, 32, generator=gen).div(4).to(dtype)
+    b = torch.randn(24, generator=gen).to(dtype)
+    res = torch.randn(ts.capacity, 24, generator=gen).to(dtype)
+    base = torch.randn(36, 24, generator=gen).to(dtype) if scatter else None
+    for act, bias, residual in ((1, b, res), (0, None, None)):
+        args = (x, w, bias, residual, base, ts.indices, ts.cu_seqlens, 12, act, gather_rows, True)
+        for g, r in zip(cuda_ops.packed_linear(*args), D.packed_linear(*args)):
+            _close(g, r, dtype)
+
+
+@pytest.mark.parametrize("cuda_ops", EMULATED, indirect=True)
+@pytest.mark.parametrize("top_k", [0, 2])
+def test_cuda_select(cuda_ops, top_k, gen):
+    ts = _scrambled(_tokens(gen, b=4, n=16, counts=(16, 7, 0, 11), capacity=50))
+    cls = torch.randn(4, 3, 2, generator=gen).mul(4)
+    cls[0, 1] = torch.tensor([60.0, -60.0])
+    mask = torch.randn(3, ts.capacity, generator=gen).mul(6)
+    mask[1, :10] = 80.0
+    mask[2, 3] = float("nan")
+    args = (cls, mask, ts.indices, ts.cu_seqlens, 16, ts.max_seqlen, 0.3, top_k)
+    for g, r in zip(cuda_ops.select(*args), D.select(*args)):
+        assert torch.equal(g, r), (g, r)
+
+
+@pytest.mark.parametrize("cuda_ops", EMULATED[1:], indirect=True)
+def test_cuda_refuses_what_its_kernels_cannot_take(cuda_ops, gen):
+    ts = _tokens(gen)
+    x = torch.randn(36, 12, generator=gen).half()
+    with pytest.raises(RuntimeError, match="multiples of 8"):
+        cuda_ops.packed_linear(x, torch.randn(8, 12).half(), None, None, None, ts.indices,
+                               ts.cu_seqlens, 12, 0, True, False)
+    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
+        cuda_ops.packed_linear(x.float(), torch.randn(8, 12), None, None, None, ts.indices,
+                               ts.cu_seqlens, 12, 0, True, False)
+    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
+        cuda_ops.gather(x.double(), ts.indices, ts.cu_seqlens, 12)

@@ -20,6 +20,8 @@
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/core/ScalarType.h>
 
+#include "schemas.h"
+
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -498,23 +500,9 @@ std::tuple<Tensor, Tensor, Tensor> select_cpu(Tensor class_logits, Tensor mask_l
 
 }  // namespace
 
-// One schema per op. The Python package registers each op's fake (meta) implementation and
-// autograd formula on these names; see dtop_kernels/ops/native.py.
-STABLE_TORCH_LIBRARY(dtop, m) {
-  m.def("gather(Tensor x2d, Tensor indices, Tensor cu_seqlens, SymInt seq_len) -> Tensor");
-  m.def("scatter(Tensor packed, Tensor indices, Tensor cu_seqlens, Tensor? base, SymInt seq_len, "
-        "bool add) -> Tensor");
-  m.def("layer_norm(Tensor x2d, Tensor weight, Tensor bias, Tensor indices, Tensor cu_seqlens, "
-        "SymInt seq_len, float eps, bool gather_rows) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, "
-        "Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float scale, "
-        "bool return_logits) -> (Tensor, Tensor, Tensor)");
-  m.def("packed_linear(Tensor x2d, Tensor weight, Tensor? bias, Tensor? residual, Tensor? base, "
-        "Tensor indices, Tensor cu_seqlens, SymInt seq_len, int act, bool gather_rows, "
-        "bool save_pre) -> (Tensor, Tensor)");
-  m.def("select(Tensor class_logits, Tensor mask_logits, Tensor indices, Tensor cu_seqlens, "
-        "SymInt seq_len, SymInt max_seqlen, float threshold, int top_k) -> (Tensor, Tensor, Tensor)");
-}
+// One schema per op (csrc/oplib/schemas.h). The Python package registers each op's fake (meta)
+// implementation on these names; see dtop_kernels/ops/native.py.
+STABLE_TORCH_LIBRARY(dtop, m) { dtop_oplib::define_schemas(m); }
 
 STABLE_TORCH_LIBRARY_IMPL(dtop, CPU, m) {
   m.impl("gather", TORCH_BOX(&gather_cpu));

@@ -111,6 +111,29 @@ def _load(variant: str, path: str | None) -> ModuleType:
     return module
 
 
+_OPLIBS: dict[str, ctypes.CDLL] = {}
+
+
+def load_oplib(variant: str, device: str | Device = "sm_86") -> str:
+    """The op library's CUDA implementations over the emulated kernels of ``variant``, loaded:
+    the ops ``torch.ops.dtop_emu_<variant>.<op>`` take CPU tensors. Returns the namespace."""
+    import torch
+
+    if variant == "memcheck" and not asan_loaded():
+        raise BuildError("the memcheck build needs AddressSanitizer's runtime loaded first: run "
+                         f"with LD_PRELOAD='{asan_preload()}' (pytest -m emulated does)")
+    if variant not in _OPLIBS:
+        path = build_module(variant, target="oplib")
+        torch.ops.load_library(str(path))
+        lib = ctypes.CDLL(str(path))
+        lib.emu_configure.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong,
+                                      ctypes.c_longlong]
+        _OPLIBS[variant] = lib
+    dev = DEVICES[device] if isinstance(device, str) else device
+    _OPLIBS[variant].emu_configure(dev.sm, dev.sm_count, dev.smem_default, dev.smem_optin)
+    return f"dtop_emu_{variant}"
+
+
 def configure(module: ModuleType, device: Device) -> None:
     module.__emu_lib__.emu_configure(device.sm, device.sm_count, device.smem_default,
                                      device.smem_optin)

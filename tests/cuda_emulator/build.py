@@ -75,6 +75,12 @@ def compiler() -> str:
     return cxx
 
 
+def _torch_dir() -> Path:
+    import torch
+
+    return Path(torch.__file__).resolve().parent
+
+
 def _digest(*parts: bytes | str) -> str:
     h = hashlib.sha256()
     for p in parts:
@@ -98,8 +104,10 @@ def _compile(cxx: str, src: Path, obj: Path, flags: list[str]) -> None:
     tmp.replace(obj)
 
 
-def build(variant: str, mutate=None, tag: str = "") -> Path:
-    """Path of the emulated ``_C`` module of ``variant`` (built if needed).
+def build(variant: str, mutate=None, tag: str = "", target: str = "module") -> Path:
+    """Path of the emulated ``_C`` module of ``variant`` (built if needed); with
+    ``target="oplib"``, of the op library's CUDA implementations (csrc/oplib/dtop_ops_cuda.cpp,
+    registered as ``dtop_emulated::`` ops on CPU tensors) over the same emulated kernels.
 
     ``mutate(name, text) -> text`` changes csrc/ sources before rewriting (injected bugs);
     ``tag`` names such a build's folder."""
@@ -123,7 +131,8 @@ def build(variant: str, mutate=None, tag: str = "") -> Path:
     else:
         staging.replace(src)
     headers = _digest(*[f.read_text() for f in sorted(src.glob("*.h*")) if f.suffix != ".cu"],
-                      *[f.read_text() for f in sorted(RUNTIME.rglob("*.h*"))])
+                      *[f.read_text() for f in sorted(RUNTIME.rglob("*.h*"))],
+                      (CSRC / "oplib" / "schemas.h").read_text())
 
     import pybind11
 
@@ -137,7 +146,15 @@ def build(variant: str, mutate=None, tag: str = "") -> Path:
     for f in files:
         if f.suffix == ".cu":
             jobs.append((src / f.name, kernel_flags))
-    jobs.append((src / "bindings.cpp", [*BASE_FLAGS, *include, *emu_h, *py_include]))
+    link_extra: list[str] = []
+    if target == "oplib":
+        torch_dir = _torch_dir()
+        jobs.append((CSRC / "oplib" / "dtop_ops_cuda.cpp",
+                     [*BASE_FLAGS, *(SANITIZE[variant] if variant == "memcheck" else []),
+                      f"-DDTOP_OPS_EMULATED=dtop_emu_{variant}", "-I", str(torch_dir / "include")]))
+        link_extra = ["-L", str(torch_dir / "lib"), "-Wl,--no-as-needed", "-ltorch_cpu"]
+    else:
+        jobs.append((src / "bindings.cpp", [*BASE_FLAGS, *include, *emu_h, *py_include]))
     jobs.append((RUNTIME / "emu_runtime.cpp", runtime_flags))
     if variant == "race":
         jobs.append((RUNTIME / "racecheck.cpp", [*BASE_FLAGS, *include]))
@@ -157,14 +174,16 @@ def build(variant: str, mutate=None, tag: str = "") -> Path:
         for fut in [pool.submit(_compile, cxx, s, o, f) for s, o, f in order]:
             fut.result()
     link_flags = ["-fsanitize=address,undefined"] if variant == "memcheck" else []
-    name = "_C" + sysconfig.get_config_var("EXT_SUFFIX")
-    out_dir = root / f"{variant}{'-' + tag if tag else ''}-{_digest(*[str(o) for _, o, _ in objs])}"
+    name = "_C" + sysconfig.get_config_var("EXT_SUFFIX") if target == "module" else \
+        "libdtop_ops_emulated.so"
+    prefix = variant if target == "module" else f"oplib-{variant}"
+    out_dir = root / f"{prefix}{'-' + tag if tag else ''}-{_digest(*[str(o) for _, o, _ in objs])}"
     module = out_dir / name
     if not module.exists():
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = out_dir / f"{name}.{os.getpid()}.tmp"
-        _run([cxx, "-shared", "-pthread", *link_flags, *[str(o) for _, o, _ in objs], "-o",
-              str(tmp)], f"linking the {variant} emulator")
+        _run([cxx, "-shared", "-pthread", *link_flags, *[str(o) for _, o, _ in objs],
+              *link_extra, "-o", str(tmp)], f"linking the {variant} emulator")
         tmp.replace(module)
         (out_dir / "kernels.txt").write_text(
             "".join(f"{k}\n" for names in info.kernels.values() for k in names))
