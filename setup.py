@@ -321,7 +321,13 @@ class CMakeBuild(build_ext):
         else:
             _say(f"CUDA kernels not built: {info['reason']}; the torch (and Triton) backends "
                  "work without them")
-        lib, why = build_ops_library(Path(self.build_temp).resolve() / "dtop_ops", self.torch)
+        cuda_lib = Path(self.build_temp).resolve() / f"{PACKAGE}._C" / "oplib" / OPS_LIBRARY
+        if info["cuda_built"] and cuda_lib.is_file():  # CMake built it with the CUDA kernels
+            lib, why = cuda_lib, ""
+            info["ops_library_cuda"] = True
+        else:
+            lib, why = build_ops_library(Path(self.build_temp).resolve() / "dtop_ops",
+                                         self.torch)
         info["ops_library"], info["ops_library_reason"] = lib is not None, why
         _say("op library built (export and deployment)" if lib else
              f"op library not built: {why}; export is unavailable, everything else works")
@@ -380,6 +386,7 @@ class CMakeBuild(build_ext):
         build_dir = Path(self.build_temp).resolve() / ext.name
         key = self._configure_key(archs)
         prepare_build_dir(build_dir, key)
+        (build_dir / "oplib" / OPS_LIBRARY).unlink(missing_ok=True)  # this build makes it anew
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
         n_archs = len(archs.split(";"))
         minutes = FIRST_BUILD_S * n_archs / 2 * 2 / max(1, min(int(jobs), 7)) / 60
@@ -397,6 +404,11 @@ class CMakeBuild(build_ext):
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
         ]
+        if self.torch and self.torch.get("dir") and not ops_library_skip_reason(
+                os.environ, self.torch, "c++"):  # the op library's CUDA implementations
+            configure += [f"-DDTOP_TORCH_DIR={self.torch['dir']}",
+                          f"-DDTOP_OPS_VERSION={_package_version()} torch "
+                          f"{self.torch.get('version')}"]
         build = ["cmake", "--build", str(build_dir), "-j", jobs]
         for step, cmd in (("configure", configure), ("build", build)):
             rc, tail = _run_logged(cmd)

@@ -9,6 +9,8 @@
 // while P_j V_j is. Output rows are divided by the row sum (1 when an image has no keys, so its
 // output is zero) and lse = m + log2(l) (base 2, -inf without keys) is stored as [H, Tq] fp32.
 // Padding query rows (past T) are never written.
+#include <cstring>
+
 #include "attention.cuh"
 #include "ops.h"
 
@@ -182,7 +184,86 @@ void launch_fwd(const FwdParams& p, int64_t batch, int64_t heads, int64_t max_se
   DTOP_CHECK_LAUNCH();
 }
 
+// The non-finite rule of every backend, applied after attention_fwd_kernel (whose online
+// softmax would not propagate a NaN score reliably): block (b, h) scans the key and value rows of
+// image b, head h for a NaN or Inf; then each query row of the image with a non-finite entry, or
+// every row when a key or value row had one, is overwritten with NaN. Images without keys keep
+// their zero rows; padding rows are never touched.
+constexpr int kNonfiniteThreads = 128;
+
+// NaN or +-Inf: the exponent bits all set (a bit test: immune to fast-math assumptions).
+__device__ __forceinline__ bool non_finite(float x) {
+  uint32_t u;
+  memcpy(&u, &x, sizeof(u));
+  return (u & 0x7f800000u) == 0x7f800000u;
+}
+
+__device__ __forceinline__ float quiet_nan() {
+  const uint32_t u = 0x7fc00000u;
+  float x;
+  memcpy(&x, &u, sizeof(x));
+  return x;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kNonfiniteThreads)
+    attention_nonfinite_kernel(const T* __restrict__ q, const T* __restrict__ k,
+                               const T* __restrict__ v, T* __restrict__ out,
+                               const int32_t* __restrict__ cu_q, const int32_t* __restrict__ cu_k,
+                               int64_t capacity_q, int64_t capacity_k, int64_t head_dim,
+                               Strides sq, Strides sk, Strides sv, Strides so) {
+  const int64_t b = blockIdx.x, h = blockIdx.y;
+  const Segment ks = image_segment(cu_k, b, capacity_k);
+  if (ks.len == 0) return;  // the same for every thread of the block: no barrier skipped
+  int bad = 0;
+  for (int64_t j = ks.start + threadIdx.x; j < ks.start + ks.len; j += blockDim.x) {
+    const T* kr = k + j * sk.token + h * sk.head;
+    const T* vr = v + j * sv.token + h * sv.head;
+    for (int64_t d = 0; d < head_dim; ++d)
+      bad |= non_finite(to_float(kr[d])) | non_finite(to_float(vr[d]));
+  }
+  const bool image_bad = __syncthreads_or(bad) != 0;
+  const Segment qs = image_segment(cu_q, b, capacity_q);
+  const T nan = from_float<T>(quiet_nan());
+  for (int64_t r = qs.start + threadIdx.x; r < qs.start + qs.len; r += blockDim.x) {
+    const T* qr = q + r * sq.token + h * sq.head;
+    bool row_bad = image_bad;
+    for (int64_t d = 0; d < head_dim && !row_bad; ++d) row_bad = non_finite(to_float(qr[d]));
+    if (!row_bad) continue;
+    T* orow = out + r * so.token + h * so.head;
+    for (int64_t d = 0; d < head_dim; ++d) orow[d] = nan;
+  }
+}
+
 }  // namespace
+
+void attention_nonfinite_rows(const void* q, const void* k, const void* v, void* out,
+                              const int32_t* cu_seqlens_q, const int32_t* cu_seqlens_k,
+                              int64_t batch, int64_t heads, int64_t head_dim, int64_t capacity_q,
+                              int64_t capacity_k, int64_t q_stride_t, int64_t q_stride_h,
+                              int64_t k_stride_t, int64_t k_stride_h, int64_t v_stride_t,
+                              int64_t v_stride_h, int64_t out_stride_t, int64_t out_stride_h,
+                              int dtype, void* stream) {
+  const char* op = "attention_nonfinite_rows";
+  check_half_dtype(op, dtype);
+  check_batch_heads(op, batch, heads);
+  require(capacity_q >= 0 && capacity_k >= 0 && head_dim > 0, op,
+          "capacities must be >= 0 and head_dim > 0");
+  if (batch == 0 || capacity_q == 0 || capacity_k == 0) return;
+  require(cu_seqlens_q != nullptr && cu_seqlens_k != nullptr, op,
+          "cu_seqlens_q and cu_seqlens_k must be non-null");
+  const Strides sq{q_stride_t, q_stride_h}, sk{k_stride_t, k_stride_h},
+      sv{v_stride_t, v_stride_h}, so{out_stride_t, out_stride_h};
+  const dim3 grid(static_cast<unsigned>(batch), static_cast<unsigned>(heads));
+  const auto s = static_cast<cudaStream_t>(stream);
+  DTOP_DISPATCH_HALF(dtype, T, {
+    attention_nonfinite_kernel<T><<<grid, kNonfiniteThreads, 0, s>>>(
+        static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
+        static_cast<T*>(out), cu_seqlens_q, cu_seqlens_k, capacity_q, capacity_k, head_dim, sq,
+        sk, sv, so);
+  });
+  DTOP_CHECK_LAUNCH();
+}
 
 void attention_fwd(const void* q, const void* k, const void* v, void* out, float* lse,
                    const int32_t* cu_seqlens_q, const int32_t* cu_seqlens_k, int64_t batch,

@@ -154,6 +154,27 @@ PYBIND11_MODULE(_C, m) {
       py::arg("stream"), "Varlen attention forward: out and base-2 lse. See csrc/ops.h.");
 
   m.def(
+      "attention_nonfinite_rows",
+      [](std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t out,
+         std::uintptr_t cu_seqlens_q, std::uintptr_t cu_seqlens_k, int64_t batch, int64_t heads,
+         int64_t head_dim, int64_t capacity_q, int64_t capacity_k, int64_t q_stride_t,
+         int64_t q_stride_h, int64_t k_stride_t, int64_t k_stride_h, int64_t v_stride_t,
+         int64_t v_stride_h, int64_t out_stride_t, int64_t out_stride_h, int dtype,
+         std::uintptr_t stream) {
+        dtop::attention_nonfinite_rows(
+            ptr<const void>(q), ptr<const void>(k), ptr<const void>(v), ptr<void>(out),
+            ptr<const int32_t>(cu_seqlens_q), ptr<const int32_t>(cu_seqlens_k), batch, heads,
+            head_dim, capacity_q, capacity_k, q_stride_t, q_stride_h, k_stride_t, k_stride_h,
+            v_stride_t, v_stride_h, out_stride_t, out_stride_h, dtype, ptr<void>(stream));
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("cu_seqlens_q"),
+      py::arg("cu_seqlens_k"), py::arg("batch"), py::arg("heads"), py::arg("head_dim"),
+      py::arg("capacity_q"), py::arg("capacity_k"), py::arg("q_stride_t"), py::arg("q_stride_h"),
+      py::arg("k_stride_t"), py::arg("k_stride_h"), py::arg("v_stride_t"), py::arg("v_stride_h"),
+      py::arg("out_stride_t"), py::arg("out_stride_h"), py::arg("dtype"), py::arg("stream"),
+      "The non-finite rule on attention_fwd's out, in place. See csrc/ops.h.");
+
+  m.def(
       "attention_bwd",
       [](std::uintptr_t dout, std::uintptr_t q, std::uintptr_t k, std::uintptr_t v,
          std::uintptr_t out, std::uintptr_t lse, std::uintptr_t delta, std::uintptr_t dq,

@@ -105,6 +105,18 @@ void attention_fwd(const void* q, const void* k, const void* v, void* out, float
                    int64_t v_stride_h, int64_t out_stride_t, int64_t out_stride_h, double scale,
                    int dtype, void* stream);
 
+// The non-finite rule, applied to attention_fwd's out in place (v's head dim equal to q's): every
+// row of image b and head h becomes NaN when a key or value row of that image and head holds a
+// NaN or Inf, and so does each query row that holds one; images without keys keep their rows.
+// batch <= 65535 (the grid's x), heads <= 65535.
+void attention_nonfinite_rows(const void* q, const void* k, const void* v, void* out,
+                              const int32_t* cu_seqlens_q, const int32_t* cu_seqlens_k,
+                              int64_t batch, int64_t heads, int64_t head_dim, int64_t capacity_q,
+                              int64_t capacity_k, int64_t q_stride_t, int64_t q_stride_h,
+                              int64_t k_stride_t, int64_t k_stride_h, int64_t v_stride_t,
+                              int64_t v_stride_h, int64_t out_stride_t, int64_t out_stride_h,
+                              int dtype, void* stream);
+
 // Gradients of attention_fwd given dout and the forward's out and lse. Writes delta
 // (= rowsum(dout * out), float32 [H, cap_q], 0 on padding rows) as a workspace, then dk / dv
 // (one kernel, looping over query tiles) and dq (one kernel, looping over key tiles). Rows of

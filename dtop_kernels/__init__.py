@@ -4,7 +4,6 @@ Importing this package neither initializes CUDA nor compiles anything.
 """
 
 from dtop_kernels.backends import BackendError
-from dtop_kernels.deploy import ExportError, export
 from dtop_kernels.ops.attention import varlen_attention
 from dtop_kernels.ops.block import pruned_block, pruned_stage
 from dtop_kernels.ops.gather import gather_tokens, scatter_tokens
@@ -25,6 +24,17 @@ from dtop_kernels.status import (
 from dtop_kernels.tokens import TokenSet
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``export`` and ``ExportError`` (dtop_kernels.deploy), imported on first use: the module is
+    also the ``dtop-export`` command (``python -m dtop_kernels.deploy``)."""
+    if name in ("export", "ExportError"):
+        from dtop_kernels import deploy
+
+        return getattr(deploy, name)
+    raise AttributeError(f"module 'dtop_kernels' has no attribute {name!r}")
+
 
 __all__ = [
     "BACKENDS",

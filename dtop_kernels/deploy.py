@@ -196,12 +196,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("checkpoint", nargs="?", help="a checkpoint written by dtop-train")
     p.add_argument("--arch", help="no checkpoint: a freshly initialized model of this "
                    "architecture (tiny, small, base, large): for trying the path")
-    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="with --arch: the number of classes (default 5)")
     p.add_argument("--res", type=int, nargs="+", required=True, metavar="PIXELS",
                    help="image size: one value (square) or height width")
     p.add_argument("--out", required=True, help="the package to write (.pt2)")
     p.add_argument("--threshold", type=float, default=None, help="exit threshold to bake in")
-    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--max-batch", type=int, default=64,
+                   help="the largest batch the package takes (default 64)")
     p.add_argument("--dynamic-image", action="store_true",
                    help="leave height and width dynamic too (multiples of the patch size)")
     p.add_argument("--static-batch", type=int, default=None, metavar="B",

@@ -222,6 +222,7 @@ def test_cli_optional_dependency_fails_before_the_work() -> None:
     pytest.param([str(ROOT / "examples" / "dtop_model_tour.py")], id="tour"),
     pytest.param(["-m", "dtop_kernels.train"], id="train"),
     pytest.param(["-m", "dtop_kernels.evaluate"], id="evaluate"),
+    pytest.param(["-m", "dtop_kernels.deploy"], id="export"),
     pytest.param(["-m", "dtop_kernels.data.synthetic"], id="synthetic_data"),
     pytest.param([str(ROOT / "examples" / "train_synthetic.py")], id="train_synthetic"),
 ])
@@ -248,6 +249,7 @@ def test_console_scripts_name_the_entry_points() -> None:
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts == {"dtop-train": "dtop_kernels.train:main",
                        "dtop-evaluate": "dtop_kernels.evaluate:main",
+                       "dtop-export": "dtop_kernels.deploy:main",
                        "dtop-synthetic-data": "dtop_kernels.data.synthetic:main"}
     for target in scripts.values():
         module, func = target.split(":")

@@ -353,3 +353,37 @@ def test_cuda_refuses_what_its_kernels_cannot_take(cuda_ops, gen):
                                ts.cu_seqlens, 12, 0, True, False)
     with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
         cuda_ops.gather(x.double(), ts.indices, ts.cu_seqlens, 12)
+
+
+@pytest.mark.parametrize("cuda_ops", EMULATED, indirect=True)
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("logits", [False, True])
+def test_cuda_varlen_attention(cuda_ops, dtype, logits, gen):
+    q, k, v, cu_q, cu_k, mq = _attention_case(gen, dtype, logits)
+    v = v[..., :32].contiguous()  # the CUDA kernels take v's head dim equal to q's
+    args = (q, k, v, cu_q, cu_k, mq, 11, 32 ** -0.5, logits)
+    got, want = cuda_ops.varlen_attention(*args), D.varlen_attention(*args)
+    _close(got[0], want[0], dtype)
+    assert got[1].numel() == 0
+    if logits:
+        _close(got[2], want[2], dtype)
+
+
+@pytest.mark.parametrize("cuda_ops", EMULATED, indirect=True)
+@pytest.mark.parametrize("dtype", HALF)
+def test_cuda_varlen_attention_nonfinite_rule(cuda_ops, dtype, gen):
+    """The rule's kernel (csrc/attention_fwd.cu) against the CPU implementation's."""
+    q, k, v, cu_q, cu_k, mq = _attention_case(gen, dtype, False)
+    v = v[..., :32].contiguous()
+    q = torch.cat([q, torch.randn(4, 2, 32, generator=gen).to(dtype)])  # 4 padding rows
+    q[2, 0, 5] = float("nan")
+    k[12, 1, 0] = float("inf")  # image 1, head 1
+    v[3, 0, 7] = float("-inf")  # image 0, head 0
+    q[15, 0, 0] = float("inf")  # image 2 has no keys: stays zero
+    args = (q, k, v, cu_q, cu_k, mq, 11, 32 ** -0.5, False)
+    got, want = cuda_ops.varlen_attention(*args)[0], D.varlen_attention(*args)[0]
+    assert torch.equal(got.isnan(), want.isnan())
+    assert got[:9, 0].isnan().all() and got[9:14, 1].isnan().all() and got[2, 0].isnan().all()
+    ok = ~want.isnan()
+    _close(got[ok], want[ok], dtype)
+    assert (got[14:] == 0).all()

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 from blocks import Block, randomize_
-from helpers import DEVICE, backend_params
+from helpers import DEVICE, backend_params, emulated_cuda_params
 from naive import naive_attention, naive_block, naive_select
 
 from dtop_kernels import (
@@ -61,6 +61,35 @@ def test_attention_nonfinite_rule(backend, where, bad):
     assert torch.equal(out.isnan().any(-1), expect_nan)
     ok = ~expect_nan
     torch.testing.assert_close(out[ok].double(), ref[ok], atol=2e-4, rtol=2e-4)
+    assert not out[7:].any(), "an image without keys gets zero rows"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("backend", emulated_cuda_params())
+def test_attention_nonfinite_rule_cuda(backend, where, bad, dtype):
+    """The same rule on the CUDA kernels (head dim 32, half precision): the rule's own kernel
+    (attention_nonfinite_kernel) after the forward."""
+    h, d = 2, 32
+    counts = [3, 4, 2]
+    cu_q, cu_k = _cu(0, 3, 7, 9), _cu(0, 3, 7, 7)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(9, h, d, generator=gen).to(DEVICE, dtype) for _ in range(3))
+    ref = naive_attention(q.double(), k.double(), v.double(), counts, [3, 4, 0])
+    t = {"q": q, "k": k, "v": v}[where]
+    t[4, 1, 5] = bad
+    t[8, 0, 0] = bad
+    out = varlen_attention(q, k, v, cu_q, cu_k, 4, 4, backend=backend).cpu()
+    expect_nan = torch.zeros(9, h, dtype=torch.bool)
+    if where == "q":
+        expect_nan[4, 1] = True
+    else:
+        expect_nan[3:7, 1] = True
+    assert torch.equal(out.isnan().any(-1), expect_nan)
+    assert torch.equal(out.isnan().all(-1), expect_nan), "a NaN row is NaN throughout"
+    ok = ~expect_nan
+    torch.testing.assert_close(out[ok].double(), ref[ok], atol=2e-2, rtol=2e-2)
     assert not out[7:].any(), "an image without keys gets zero rows"
 
 

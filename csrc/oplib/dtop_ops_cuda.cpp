@@ -303,6 +303,67 @@ std::tuple<Tensor, Tensor, Tensor> select_cuda(Tensor class_logits, Tensor mask_
   return {next, next_cu, exited};
 }
 
+// ------------------------------------------------------------------ attention
+std::tuple<Tensor, Tensor, Tensor> varlen_attention_cuda(Tensor q, Tensor k, Tensor v,
+                                                         Tensor cu_seqlens_q,
+                                                         Tensor cu_seqlens_k,
+                                                         int64_t max_seqlen_q,
+                                                         int64_t max_seqlen_k, double scale,
+                                                         bool return_logits) {
+  const char* op = "varlen_attention";
+  check_device(q, op, "q");
+  check_device(k, op, "k");
+  check_device(v, op, "v");
+  check_device(cu_seqlens_q, op, "cu_seqlens_q");
+  check_device(cu_seqlens_k, op, "cu_seqlens_k");
+  DTOP_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, op,
+             ": q, k, v must be [tokens, heads, head_dim]");
+  DTOP_CHECK(k.size(1) == q.size(1) && k.size(2) == q.size(2) && v.size(0) == k.size(0) &&
+             v.size(1) == k.size(1) && v.size(2) == k.size(2), op, ": the CUDA kernels need "
+             "q [Tq, H, D], k and v [Tk, H, D] (one head dim)");
+  const ScalarType dt = q.scalar_type();
+  const int code = dtype_code(dt, op, "q", /*half_only=*/true);
+  DTOP_CHECK(k.scalar_type() == dt && v.scalar_type() == dt, op, ": q, k, v must share a dtype");
+  DTOP_CHECK(cu_seqlens_q.scalar_type() == ScalarType::Int && cu_seqlens_k.scalar_type() ==
+             ScalarType::Int && cu_seqlens_q.dim() == 1 && cu_seqlens_k.dim() == 1 &&
+             cu_seqlens_q.size(0) == cu_seqlens_k.size(0) && cu_seqlens_k.size(0) >= 1, op,
+             ": cu_seqlens_q and cu_seqlens_k must be int32 [B + 1]");
+  const int64_t tq = q.size(0), tk = k.size(0), h = q.size(1), d = q.size(2);
+  const int64_t b = cu_seqlens_k.size(0) - 1;
+  bool supported = false;
+  for (int hd : dtop::attention_head_dims()) supported |= hd == d;
+  DTOP_CHECK(supported, op, ": head dim ", d, " is not one the CUDA kernels are built for "
+             "(32, 64, 80, 96, 128)");
+  DTOP_CHECK(h >= 1 && h <= 65535 && b <= 65535, op, ": heads and batch must be <= 65535");
+  DTOP_CHECK(max_seqlen_q >= 0 && max_seqlen_k >= 0, op, ": max_seqlen_q/k must be >= 0");
+  DTOP_CHECK(!return_logits || tq == b * max_seqlen_q, op, ": the head-mean logits need "
+             "max_seqlen_q queries for each image (Tq = B * max_seqlen_q)");
+  Tensor qa = aligned(q), ka = aligned(k), va = aligned(v);
+  Tensor cq = contig(cu_seqlens_q), ck = contig(cu_seqlens_k);
+  Tensor out = new_zeros(qa, {tq, h, d}, dt);
+  Tensor logits = return_logits ? new_zeros(qa, {max_seqlen_q, tk}, dt) : new_empty(qa, {0}, dt);
+  Tensor lse_out = new_empty(qa, {0}, ScalarType::Float);  // the op returns none (as on CPU)
+  if (b == 0 || tq == 0) return {out, lse_out, logits};
+  Launch launch(qa);
+  const int64_t st = h * d;  // token stride of the contiguous q, k, v, out; head stride d
+  if (max_seqlen_q > 0) {
+    Tensor lse = new_empty(qa, {h, tq}, ScalarType::Float);  // the forward's workspace
+    dtop::attention_fwd(qa.const_data_ptr(), ka.const_data_ptr(), va.const_data_ptr(),
+                        out.data_ptr(), ptr<float>(lse), ptr<const int32_t>(cq),
+                        ptr<const int32_t>(ck), b, h, d, tq, tk, max_seqlen_q, st, d, st, d, st,
+                        d, st, d, scale, code, launch.stream);
+    dtop::attention_nonfinite_rows(qa.const_data_ptr(), ka.const_data_ptr(), va.const_data_ptr(),
+                                   out.data_ptr(), ptr<const int32_t>(cq),
+                                   ptr<const int32_t>(ck), b, h, d, tq, tk, st, d, st, d, st, d,
+                                   st, d, code, launch.stream);
+  }
+  if (return_logits && max_seqlen_q > 0 && tk > 0 && max_seqlen_k > 0)
+    dtop::attention_head_mean_logits(qa.const_data_ptr(), ka.const_data_ptr(), logits.data_ptr(),
+                                     ptr<const int32_t>(ck), b, h, d, max_seqlen_q, tk,
+                                     max_seqlen_k, st, d, st, d, tk, scale, code, launch.stream);
+  return {out, lse_out, logits};
+}
+
 }  // namespace
 
 // The emulator's builds define the ops anew in a namespace of their own (DTOP_OPS_EMULATED names
@@ -320,4 +381,5 @@ DTOP_IMPL(dtop, CUDA, m) {
   m.impl("layer_norm", TORCH_BOX(&layer_norm_cuda));
   m.impl("packed_linear", TORCH_BOX(&packed_linear_cuda));
   m.impl("select", TORCH_BOX(&select_cuda));
+  m.impl("varlen_attention", TORCH_BOX(&varlen_attention_cuda));
 }

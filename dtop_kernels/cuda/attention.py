@@ -117,6 +117,29 @@ def attention_fwd(
     return out, lse
 
 
+def nonfinite_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                   cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor) -> torch.Tensor:
+    """The non-finite rule on :func:`attention_fwd`'s ``out``, in place (one kernel, no host
+    sync): every row of an image and head becomes NaN when a key or value row of that image and
+    head holds a NaN or Inf, and so does each query row holding one; images without keys keep
+    their rows. The same rule as ``reference.attention.nonfinite_rows``. Returns ``out``."""
+    op = "attention_nonfinite_rows"
+    _check_qkv(op, q, k, v)
+    b = _check_cu(op, cu_seqlens_q, cu_seqlens_k)
+    _check_out(op, "out", out, q)
+    tq, h, d = q.shape
+    if b == 0 or tq == 0 or k.shape[0] == 0:
+        return out
+    dev = _args.on_cuda(op, q=q, k=k, v=v, out=out)
+    with _args.device_guard(dev):
+        load_C().attention_nonfinite_rows(
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), cu_seqlens_q.data_ptr(),
+            cu_seqlens_k.data_ptr(), b, h, d, tq, k.shape[0], *_strides(q), *_strides(k),
+            *_strides(v), *_strides(out), DTYPE_CODES[q.dtype], _args.stream(dev),
+        )
+    return out
+
+
 def attention_bwd(
     do: torch.Tensor,
     q: torch.Tensor,

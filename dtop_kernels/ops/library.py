@@ -253,9 +253,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     kern = _module(backend, "attention")
     out, lse = kern.attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale)
     if backend == "cuda":  # the Triton kernel applies the non-finite rule itself
-        from dtop_kernels.reference import attention as ref
-
-        out += ref.nonfinite_rows(q, k, v, cu_seqlens_q, cu_seqlens_k)
+        kern.nonfinite_rows(q, k, v, out, cu_seqlens_q, cu_seqlens_k)
     logits = kern.head_mean_logits(q, k, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale) \
         if return_logits else _empty(q)
     return out, lse, logits
