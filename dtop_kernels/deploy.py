@@ -73,10 +73,11 @@ def _check(model: nn.Module, example_inputs: tuple, dynamic_batch: bool) -> None
                           "model.tighten = False (or None)")
     devices = {t.device.type for t in example_inputs}
     devices |= {p.device.type for p in model.parameters()}
-    if devices - {"cpu"}:
-        raise ExportError(f"the model or its inputs are on {sorted(devices - {'cpu'})}: the op "
-                          "library implements the dtop:: ops on the CPU only so far; export a "
-                          "CPU model (model.cpu(), inputs on the CPU)")
+    if len(devices) > 1:
+        raise ExportError(f"the model and its inputs are on {sorted(devices)}: put them on one "
+                          "device")
+    if devices - {"cpu", "cuda"}:
+        raise ExportError(f"export takes a CPU or CUDA model; got {sorted(devices)}")
     if dynamic_batch and any(t.dim() == 0 for t in example_inputs):
         raise ExportError("dynamic_batch needs a batch dimension (dim 0) on every input")
     if dynamic_batch and any(t.shape[0] < 2 for t in example_inputs):
@@ -100,16 +101,23 @@ def export(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tens
     Load the package with ``torch._inductor.aoti_load_package(path)`` after
     ``torch.ops.load_library(dtop_kernels.ops_library_path())`` (no ``import dtop_kernels``
     needed), or from C++ (``examples/cpp``). Raises :class:`ExportError` before tracing for what
-    cannot be exported (training mode, ``tighten``, a device without the ops' kernels).
+    cannot be exported (training mode, ``tighten``, a device without the ops' kernels); the
+    example inputs run once, eagerly, on the op library's kernels first.
     """
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
     _check(model, example_inputs, dynamic_batch)
     module = PackedForward(model, threshold, backend) if _is_dtop_model(model) else model
-    with torch.no_grad():  # the inputs' own errors (sizes, dtypes) before any tracing
-        module(*example_inputs)
     lib_path = native.load()
+    if "cuda" in {t.device.type for t in example_inputs} and not native.has_cuda_kernels():
+        raise ExportError(f"the op library {lib_path} has no CUDA kernels (it was built without "
+                          "nvcc or against a CPU build of torch): reinstall the package with a "
+                          "CUDA build of torch and nvcc, or export a CPU model")
+    # One eager call on the op library's own kernels: the inputs' errors (sizes, dtypes) and what
+    # those kernels refuse (a dtype, a head dim) surface here, before any tracing.
+    with torch.no_grad(), library.native_ops():
+        module(*example_inputs)
     dynamic = None
     if dynamic_image and not _is_dtop_model(model):
         raise ExportError("dynamic_image needs a ViTDToP (its patch size sets the steps)")

@@ -84,6 +84,15 @@ def _compiled_module() -> str:
             f"(nvcc {info.get('nvcc_version', '?')})")
 
 
+def _has_cuda_kernels() -> bool:
+    from dtop_kernels.ops import native
+
+    try:
+        return native.has_cuda_kernels()
+    except (native.OpsLibraryError, RuntimeError):
+        return False
+
+
 def ops_library_line() -> str:
     """The op library (export, deployment): "op library: <path> (<version>)" or why not."""
     from dtop_kernels.ops import native
@@ -93,7 +102,8 @@ def ops_library_line() -> str:
     except native.OpsLibraryError as e:
         return f"op library: not built ({e})"
     try:
-        return f"op library: {path} ({native.library_version(path)}; CPU kernels)"
+        kernels = "CPU and CUDA kernels" if _has_cuda_kernels() else "CPU kernels"
+        return f"op library: {path} ({native.library_version(path)}; {kernels})"
     except OSError as e:
         return f"op library: {path} fails to load: {e}"
 

@@ -179,6 +179,11 @@ def test_export_refuses_before_tracing(tmp_path, library):
         export(model, (), tmp_path / "a.pt2")
     with pytest.raises(ValueError, match="multiples of the patch size"):  # the model's own check
         export(model, (torch.randn(2, 3, 90, 90),), tmp_path / "a.pt2")
+    with pytest.raises(ExportError, match="a CPU or CUDA model"):
+        export(_model().to("meta"), (torch.randn(2, 3, RES, RES, device="meta"),),
+               tmp_path / "a.pt2")
+    with pytest.raises(ExportError, match="put them on one device"):
+        export(_model().to("meta"), (img,), tmp_path / "a.pt2")
     assert not (tmp_path / "a.pt2").exists()
 
 

@@ -83,6 +83,13 @@ def load() -> str:
     return path
 
 
+def has_cuda_kernels() -> bool:
+    """Whether the loaded op library registers the ops' CUDA implementations."""
+    load()
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"dtop::{op}", "CUDA")
+               for op in OPS)
+
+
 def _defined() -> bool:
     try:
         torch.ops.dtop.gather.default  # noqa: B018 - raises when the schema is absent
