@@ -5,9 +5,10 @@
 // stable ABI (2.10 and later), from Python (`torch.ops.load_library`) or from C++
 // (AOTIModelPackageLoader) alike.
 //
-// The CPU implementations are deliberately plain (loops, and aten::matmul through the dispatcher
-// for the two products of attention and the linear layer), computed in float32 (float64 for
-// float64 inputs) and rounded once to the input dtype. Their semantics are those of the package's
+// The CPU implementations are deliberately plain: loops, and PyTorch's own operators through the
+// dispatcher where they are the fast way (aten::matmul for the linear layer and the head-mean
+// logits, aten::scaled_dot_product_attention per image as the reference does), computed in
+// float32 (float64 for float64 inputs) and rounded once to the input dtype. Their semantics are those of the package's
 // PyTorch reference (dtop_kernels/reference), which the tests compare them against:
 //   - a token set is (indices int32 [capacity], cu_seqlens int32 [B + 1], seq_len N); slots
 //     i < T = min(cu_seqlens[B], capacity) are tokens, the rest padding (zero in every output);
@@ -257,6 +258,17 @@ bool finite_row(const A* p, int64_t n) {
   return true;
 }
 
+// aten::scaled_dot_product_attention(q, k, v, scale=scale) through the dispatcher.
+Tensor sdpa(const Tensor& q, const Tensor& k, const Tensor& v, double scale) {
+  using torch::stable::detail::from;
+  std::array<StableIValue, 8> stack{from(q), from(k), from(v), from(std::optional<Tensor>()),
+                                    from(0.0), from(false), from(std::optional<double>(scale)),
+                                    from(false)};
+  STABLE_TORCH_ERROR_CODE_CHECK(torch_call_dispatcher("aten::scaled_dot_product_attention", "",
+                                                      stack.data(), TORCH_ABI_VERSION));
+  return torch::stable::detail::to<Tensor>(stack[0]);
+}
+
 // out [cap_q, H, Dv] (acc, zeroed), logits [max_q, cap_k] (acc, zeroed) or null.
 template <typename A>
 void attention_image(const Tensor& qf, const Tensor& kf, const Tensor& vf, A* out, A* logits,
@@ -269,10 +281,10 @@ void attention_image(const Tensor& qf, const Tensor& kf, const Tensor& vf, A* ou
   Tensor qi = so::transpose(so::narrow(qa, 0, q0, nq), 0, 1);          // [H, nq, D]
   Tensor kt = so::transpose(so::transpose(so::narrow(ka, 0, k0, nk), 0, 1), 1, 2);  // [H, D, nk]
   Tensor vi = so::transpose(so::narrow(va, 0, k0, nk), 0, 1);          // [H, nk, Dv]
-  Tensor s = contig(so::matmul(qi, kt));                               // [H, nq, nk]
-  A* sp = static_cast<A*>(s.mutable_data_ptr());
   const A sc = static_cast<A>(scale);
   if (logits) {  // head-mean pre-softmax logits of the first max_q queries
+    Tensor s = contig(so::matmul(qi, kt));  // [H, nq, nk]
+    const A* sp = static_cast<const A*>(s.const_data_ptr());
     for (int64_t r = 0; r < std::min(nq, max_q); ++r)
       for (int64_t j = 0; j < nk; ++j) {
         A acc = 0;
@@ -280,18 +292,9 @@ void attention_image(const Tensor& qf, const Tensor& kf, const Tensor& vf, A* ou
         logits[r * cap_k + k0 + j] = acc / static_cast<A>(h) * sc;
       }
   }
-  for (int64_t row = 0; row < h * nq; ++row) {  // softmax of each (head, query) row
-    A* p = sp + row * nk;
-    A mx = -std::numeric_limits<A>::infinity();
-    for (int64_t j = 0; j < nk; ++j) mx = std::max(mx, p[j] * sc);
-    A sum = 0;
-    for (int64_t j = 0; j < nk; ++j) {
-      p[j] = std::exp(p[j] * sc - mx);
-      sum += p[j];
-    }
-    for (int64_t j = 0; j < nk; ++j) p[j] /= sum;
-  }
-  Tensor o = contig(so::matmul(s, vi));  // [H, nq, Dv]
+  // softmax(q k^T * scale) v: PyTorch's fused CPU attention (4-D inputs), as the reference
+  Tensor o = contig(sdpa(so::unsqueeze(qi, 0), so::unsqueeze(so::transpose(kt, 1, 2), 0),
+                         so::unsqueeze(vi, 0), scale));  // [1, H, nq, Dv]
   const A* op = static_cast<const A*>(o.const_data_ptr());
   // the non-finite rule (as every backend): a non-finite query row, or a non-finite key or value
   // row of the image (per head), makes the output row NaN
