@@ -96,7 +96,11 @@ def export(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tens
     or any module built from the public ops, called as ``model(*example_inputs)``.
     ``dynamic_batch``: dimension 0 of every input is dynamic (1 .. ``max_batch``).
     ``dynamic_image`` (a ViTDToP only): height and width are dynamic too (multiples of the patch
-    size, up to 64 patches each); the capacity is then ``B * N`` of each call. ``backend``: the op backend traced ("torch": the op library's CPU implementations).
+    size, up to 64 patches each); the capacity is then ``B * N`` of each call. ``backend``: the op
+    backend traced: "torch" (the default; the op library's CPU or CUDA kernels for the pruning
+    ops, PyTorch's operators for the rest), "cuda" (the op library's CUDA kernels for every op
+    they take) or "triton" (the package's Triton kernels, compiled into the package); the last
+    two on a GPU only.
 
     Load the package with ``torch._inductor.aoti_load_package(path)`` after
     ``torch.ops.load_library(dtop_kernels.ops_library_path())`` (no ``import dtop_kernels``
@@ -110,7 +114,13 @@ def export(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tens
     _check(model, example_inputs, dynamic_batch)
     module = PackedForward(model, threshold, backend) if _is_dtop_model(model) else model
     lib_path = native.load()
-    if "cuda" in {t.device.type for t in example_inputs} and not native.has_cuda_kernels():
+    on_gpu = "cuda" in {t.device.type for t in example_inputs}
+    if backend not in ("torch", "cuda", "triton"):
+        raise ExportError(f"backend must be 'torch', 'cuda' or 'triton'; got {backend!r}")
+    if backend != "torch" and not on_gpu:
+        raise ExportError(f"backend {backend!r} runs on a GPU; a CPU model exports with the "
+                          "'torch' backend (the op library's CPU kernels)")
+    if on_gpu and not native.has_cuda_kernels():
         raise ExportError(f"the op library {lib_path} has no CUDA kernels (it was built without "
                           "nvcc or against a CPU build of torch): reinstall the package with a "
                           "CUDA build of torch and nvcc, or export a CPU model")
@@ -137,10 +147,9 @@ def export(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tens
                   if n.op == "call_function" and str(n.target).startswith("dtop")})
     python_ops = [str(n.target) for n in program.graph.nodes
                   if n.op == "call_function" and str(n.target).startswith(f"{library.NS}.")]
-    if python_ops:
-        raise ExportError(f"the traced graph calls Python-only ops {sorted(set(python_ops))}; "
-                          f"backend {backend!r} has no op-library implementation: export with "
-                          "backend='torch'")
+    if python_ops:  # an op without a package implementation (a bug: every op is routed)
+        raise ExportError(f"the traced graph calls Python-only ops {sorted(set(python_ops))}, "
+                          "which no package can hold")
     metadata = {
         "dtop_kernels.version": _version(),
         "dtop_kernels.torch": torch.__version__,

@@ -387,3 +387,64 @@ def test_cuda_varlen_attention_nonfinite_rule(cuda_ops, dtype, gen):
     ok = ~want.isnan()
     _close(got[ok], want[ok], dtype)
     assert (got[14:] == 0).all()
+
+
+# ---------------------------------------------------------------------- the Triton backend's ops
+# dtop_kernels.ops.triton_ops: the triton_ops an export on a GPU traces for backend="triton".
+# Here eagerly, under Triton's CPU interpreter: the same kernels, launched through wrap_triton,
+# as the dtop_py:: ops on the Triton backend.
+def _triton_ops():
+    pytest.importorskip("triton")
+    from dtop_kernels.ops import triton_ops
+
+    return triton_ops
+
+
+def _same(got, want):
+    got = got if isinstance(got, tuple) else (got,)
+    want = want if isinstance(want, tuple) else (want,)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        torch.testing.assert_close(g, w, atol=0, rtol=0, equal_nan=True)
+
+
+def test_triton_ops_match_the_triton_backend(gen):
+    T = _triton_ops()
+    cases = _opcheck_cases(gen)
+    cases.pop("packed_linear")  # its Triton kernel takes float16 / bfloat16 on a GPU only
+    for name, arg_sets in cases.items():
+        for args in arg_sets:
+            _same(T.op(name)(*args), getattr(L, name)(*args, "triton"))
+
+
+def test_triton_ops_schemas():
+    """The op library's schemas, namespace dtop_triton (no backend argument)."""
+    T = _triton_ops()
+    assert {fn._name.split("::")[-1] for fn in T.OPS} == set(native.OPS)
+    for name in native.OPS:
+        mine, lib = T.op(name).default._schema, getattr(D, name).default._schema
+        assert mine.name == f"dtop_triton::{name}"
+        assert [a.name for a in mine.arguments] == [a.name for a in lib.arguments]
+
+
+def test_triton_ops_launch_through_wrap_triton(monkeypatch, gen):
+    """Inside the triton_ops every launch goes through wrap_triton (what makes it a graph node
+    under export); the dtop_py:: ops launch the kernels as they are."""
+    T = _triton_ops()
+    import torch.library as tl_
+
+    seen = []
+    real = tl_.wrap_triton
+
+    def spy(kernel):
+        seen.append(kernel)
+        return real(kernel)
+
+    monkeypatch.setattr(tl_, "wrap_triton", spy)
+    args = _opcheck_cases(gen)["select"][0]
+    T.op("select")(*args)
+    assert len(seen) == 2  # the score and rank kernels
+    seen.clear()
+    L.select(*args, "triton")
+    assert seen == []

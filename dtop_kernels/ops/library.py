@@ -465,8 +465,8 @@ _native_depth = 0
 @contextlib.contextmanager
 def native_ops():
     """While active, :data:`call` runs the op library's ``dtop::`` ops (loaded on entry) for the
-    torch and CUDA backends: what ``dtop_kernels.export`` traces under. Not thread-safe (export
-    is not either)."""
+    torch and CUDA backends, and the ``dtop_triton::`` triton_ops for the Triton backend: what
+    ``dtop_kernels.export`` traces under. Not thread-safe (export is not either)."""
     global _native_depth
     from dtop_kernels.ops import native
 
@@ -482,11 +482,16 @@ def _routed(py_op, name: str):
     def run(*args):
         if _native_depth and args[-1] in NATIVE_BACKENDS:
             return getattr(torch.ops.dtop, name)(*args[:-1])
+        if _native_depth and args[-1] == "triton":
+            from dtop_kernels.ops import triton_ops
+
+            return triton_ops.op(name)(*args[:-1])
         return py_op(*args)
 
     run.__name__ = name
-    run.__doc__ = f"``{NS}::{name}`` (last argument: the backend), or ``dtop::{name}`` " \
-        "(the same arguments without it) under :func:`native_ops`."
+    run.__doc__ = f"``{NS}::{name}`` (last argument: the backend), or under :func:`native_ops` " \
+        f"``dtop::{name}`` (torch, cuda) / ``dtop_triton::{name}`` (triton), the same " \
+        "arguments without it."
     return run
 
 

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dtop_kernels.triton._utils import dot_precision, interpret_blocks
+from dtop_kernels.triton._utils import dot_precision, interpret_blocks, wrapped
 
 LOG2E = 1.4426950408889634
 
@@ -247,7 +247,7 @@ def attention_fwd(
     max_q = min(max_q, tq)  # a bound above the rows is valid; no program past them
     grid = (triton.cdiv(max_q, bm), b, h)
     if tq and b and max_q:
-        _fwd_kernel[grid](
+        wrapped(_fwd_kernel)[grid](
             q, k, v, out, lse, cu_q, cu_k, tq, k.shape[0], scale * LOG2E,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), lse.stride(0),
@@ -274,13 +274,13 @@ def attention_bwd(
               q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
               do.stride(0), do.stride(1), lse.stride(0))
     if b and max_k and tq:
-        _bwd_dkdv_kernel[(triton.cdiv(max_k, bn), b, h)](
+        wrapped(_bwd_dkdv_kernel)[(triton.cdiv(max_k, bn), b, h)](
             q, k, v, do, lse, delta, dk, dv, *common,
             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
             D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PREC=prec, num_warps=warps,
         )
     if b and max_q and k.shape[0]:
-        _bwd_dq_kernel[(triton.cdiv(max_q, bm), b, h)](
+        wrapped(_bwd_dq_kernel)[(triton.cdiv(max_q, bm), b, h)](
             q, k, v, do, lse, delta, dq, *common, dq.stride(0), dq.stride(1),
             D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PREC=prec, num_warps=warps,
         )
@@ -298,7 +298,7 @@ def head_mean_logits(
     bm = min(bm, max(16, triton.next_power_of_2(num_q)))
     max_k = min(max_k, k.shape[0])
     if b and num_q and max_k:
-        _logits_kernel[(triton.cdiv(num_q, bm), triton.cdiv(max_k, bn), b)](
+        wrapped(_logits_kernel)[(triton.cdiv(num_q, bm), triton.cdiv(max_k, bn), b)](
             q, k, out, cu_k, k.shape[0], num_q, scale / h,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0),
             h, D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PREC=dot_precision(q.dtype),

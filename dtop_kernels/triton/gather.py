@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from dtop_kernels.tokens import TokenSet
+from dtop_kernels.triton._utils import wrapped
 
 
 @triton.jit
@@ -62,7 +63,7 @@ def gather_rows(x2d: torch.Tensor, tokens: TokenSet) -> torch.Tensor:
     if cap == 0 or c == 0:
         return out
     rows, block_c = _launch_cfg(c)
-    _gather_kernel[(triton.cdiv(cap, rows),)](
+    wrapped(_gather_kernel)[(triton.cdiv(cap, rows),)](
         x2d, tokens.indices, tokens.cu_seqlens, out, tokens.batch_size, cap, c,
         x2d.stride(0), out.stride(0), x2d.shape[0], ROWS=rows, BLOCK_C=block_c,
     )
@@ -75,7 +76,7 @@ def scatter_rows(packed: torch.Tensor, tokens: TokenSet, out2d: torch.Tensor, ad
     if cap == 0 or c == 0:
         return
     rows, block_c = _launch_cfg(c)
-    _scatter_kernel[(triton.cdiv(cap, rows),)](
+    wrapped(_scatter_kernel)[(triton.cdiv(cap, rows),)](
         packed, tokens.indices, tokens.cu_seqlens, out2d, tokens.batch_size, cap, c,
         packed.stride(0), out2d.stride(0), out2d.shape[0], ADD=add, ROWS=rows, BLOCK_C=block_c,
     )

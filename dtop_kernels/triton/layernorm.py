@@ -18,6 +18,7 @@ import triton.language as tl
 from dtop_kernels import _gpu
 from dtop_kernels.tokens import TokenSet
 from dtop_kernels.triton import _utils, interpret
+from dtop_kernels.triton._utils import wrapped
 
 BWD_PROGRAMS_PER_SM = 4
 BWD_MIN_ROWS = 4  # rows per backward program at least: bounds the partial dweight / dbias rows
@@ -122,7 +123,7 @@ def layer_norm_fwd(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     mean = torch.zeros(cap, device=dev, dtype=torch.float32)
     rstd = torch.zeros(cap, device=dev, dtype=torch.float32)
     if cap:
-        _ln_fwd_kernel[(cap,)](
+        wrapped(_ln_fwd_kernel)[(cap,)](
             x2d, tokens.indices, tokens.cu_seqlens, y, xout, weight, bias, mean, rstd,
             tokens.batch_size, cap, c, x2d.stride(0), y.stride(0), eps, x2d.shape[0],
             GATHER=gather, STORE_X=store_x, BLOCK_C=_block_c(c),
@@ -142,7 +143,7 @@ def layer_norm_bwd(dy: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor,
     dw = torch.zeros(progs, c, device=dy.device, dtype=torch.float32)
     db = torch.zeros(progs, c, device=dy.device, dtype=torch.float32)
     if cap:
-        _ln_bwd_kernel[(progs,)](
+        wrapped(_ln_bwd_kernel)[(progs,)](
             dy, x2d, tokens.indices, tokens.cu_seqlens, weight, mean, rstd, dx, dw, db,
             tokens.batch_size, cap, c, dy.stride(0), x2d.stride(0), dx.stride(0),
             rows_per_prog, x2d.shape[0], GATHER=gather, BLOCK_C=_block_c(c),

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from dtop_kernels.tokens import TokenSet
-from dtop_kernels.triton._utils import dot_precision, interpret_blocks
+from dtop_kernels.triton._utils import dot_precision, interpret_blocks, wrapped
 
 ACT_NONE, ACT_GELU = 0, 1
 
@@ -145,7 +145,7 @@ def linear_fwd(
     grid = (triton.cdiv(cap, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     r = residual if residual is not None else x
     i64 = max(t.numel() for t in (x, weight, r, y, z)) >= 2**30  # margin for masked tiles
-    _linear_kernel[grid](
+    wrapped(_linear_kernel)[grid](
         x, weight, bias if bias is not None else weight, r, y, z, tokens.indices,
         tokens.cu_seqlens, tokens.batch_size, cap, n, k, x.stride(0), weight.stride(0),
         r.stride(0), y.stride(0), z.stride(0), tokens.batch_size * tokens.seq_len,
@@ -253,7 +253,7 @@ def linear_bwd_weight(
     grid = (triton.cdiv(n, cfg["BLOCK_N"]) * num_k,)
     i64 = max(dz.numel(), x.numel(), n * k) >= 2**30  # margin for masked tiles
     out_w = dw if compute_dw else dz
-    _linear_dw_kernel[grid](
+    wrapped(_linear_dw_kernel)[grid](
         dz, x, tokens.indices, tokens.cu_seqlens, out_w, db if need_db else dz,
         tokens.batch_size, cap, n, k, dz.stride(0), x.stride(0), out_w.stride(0),
         tokens.batch_size * tokens.seq_len, COMPUTE_DW=compute_dw, COMPUTE_DB=need_db,

@@ -18,7 +18,7 @@ from triton.language.extra import libdevice
 
 from dtop_kernels.tokens import TokenSet
 from dtop_kernels.triton import interpret
-from dtop_kernels.triton._utils import interpret_blocks
+from dtop_kernels.triton._utils import interpret_blocks, wrapped
 
 TINY = 2.0**-126  # scores below the smallest normal float32 count as 0 (every backend)
 
@@ -114,11 +114,11 @@ def exit_slots(
     ml = mask_logits if mask_logits.stride(-1) == 1 else mask_logits.contiguous()
     max_seqlen = min(tokens.max_seqlen, cap)
     grid = (triton.cdiv(max_seqlen, block), b)
-    _score_kernel[grid](cls, ml, tokens.cu_seqlens, conf, label, cap, k, cls.stride(0),
+    wrapped(_score_kernel)[grid](cls, ml, tokens.cu_seqlens, conf, label, cap, k, cls.stride(0),
                         cls.stride(1), ml.stride(0), TINY, BLOCK=block,
                         LIBDEVICE=not interpret())
     bi, bj = (small, small) if small else (64, 128)
-    _rank_kernel[(triton.cdiv(max_seqlen, bi), b)](
+    wrapped(_rank_kernel)[(triton.cdiv(max_seqlen, bi), b)](
         conf, label, tokens.cu_seqlens, exits, cap, float(threshold), int(top_k),
         BLOCK_I=bi, BLOCK_J=bj)
     return exits.bool()
