@@ -17,7 +17,7 @@ import triton.language as tl
 
 from dtop_kernels import _gpu
 from dtop_kernels.tokens import TokenSet
-from dtop_kernels.triton import _utils, interpret
+from dtop_kernels.triton import interpret
 from dtop_kernels.triton._utils import wrapped
 
 BWD_PROGRAMS_PER_SM = 4
