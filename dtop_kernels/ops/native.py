@@ -1,11 +1,14 @@
 """The op library: ``libdtop_ops.so``, the ``dtop::`` ops defined and implemented in C++.
 
-The library (``csrc/oplib/``) is built by ``pip install .`` with the host C++ compiler against
-PyTorch's stable ABI only, and links to nothing of PyTorch's C++ API: it loads into any PyTorch
-that keeps that ABI, from Python (``torch.ops.load_library``) and from C++ (an AOTInductor package
-loaded by ``AOTIModelPackageLoader``). It defines one schema per op (gather, scatter, layer_norm,
-varlen_attention, packed_linear, select) and registers their CPU implementations; this module
-registers each op's fake (meta) implementation, which export and ``torch.compile`` trace with.
+The library (``csrc/oplib/``) is built by ``pip install .`` against PyTorch's stable ABI only
+and links to nothing of PyTorch's C++ API (only to the C functions of its shim): it loads into
+any PyTorch that keeps that ABI, from Python (``torch.ops.load_library``) and from C++ (an
+AOTInductor package loaded by ``AOTIModelPackageLoader``). It defines one schema per op (gather,
+scatter, layer_norm, varlen_attention, packed_linear, select) and registers their CPU
+implementations (built with the host C++ compiler) and, when the package is built with nvcc
+against a CUDA build of torch, their CUDA implementations over the kernels of ``csrc/`` (built by
+CMake). This module registers each op's fake (meta) implementation, which export and
+``torch.compile`` trace with.
 
 A package exported by :func:`dtop_kernels.export` calls these ops; to run it, load this library
 first (:func:`ops_library_path` says where it is; a process without ``dtop_kernels`` can copy it).
