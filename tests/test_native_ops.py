@@ -448,3 +448,80 @@ def test_triton_ops_launch_through_wrap_triton(monkeypatch, gen):
     seen.clear()
     L.select(*args, "triton")
     assert seen == []
+
+
+# ---------------------------------------------------------------------- autograd of the dtop:: ops
+# Registered in Python (dtop_kernels/ops/native.py) with the op library's own ops and PyTorch
+# operators: gradcheck in float64 against finite differences of the C++ forward.
+def _grad(t):
+    return t.double().requires_grad_(True)
+
+
+def test_gradcheck_gather_scatter(gen):
+    ts = _tokens(gen, n=6, counts=(6, 3, 0), capacity=12)
+    i, c = ts.indices, ts.cu_seqlens
+    x = _grad(torch.randn(18, 4, generator=gen))
+    assert torch.autograd.gradcheck(lambda x: D.gather(x, i, c, 6), (x,))
+    p = _grad(torch.randn(12, 4, generator=gen))
+    base = _grad(torch.randn(18, 4, generator=gen))
+    for add in (False, True):
+        assert torch.autograd.gradcheck(lambda p, b: D.scatter(p, i, c, b, 6, add), (p, base))
+    assert torch.autograd.gradcheck(lambda p: D.scatter(p, i, c, None, 6, False), (p,))
+
+
+@pytest.mark.parametrize("gather_rows", [False, True])
+def test_gradcheck_layer_norm(gather_rows, gen):
+    ts = _tokens(gen, n=6, counts=(6, 3, 0), capacity=12)
+    x = _grad(torch.randn(18 if gather_rows else 12, 8, generator=gen))
+    w, b = _grad(torch.randn(8, generator=gen)), _grad(torch.randn(8, generator=gen))
+
+    def f(x, w, b):
+        y, xp, _, _ = D.layer_norm(x, w, b, ts.indices, ts.cu_seqlens, 6, 1e-5, gather_rows)
+        return (y, xp) if gather_rows else y
+
+    assert torch.autograd.gradcheck(f, (x, w, b))
+
+
+@pytest.mark.parametrize("logits", [False, True])
+def test_gradcheck_varlen_attention(logits, gen):
+    if logits:
+        cu_q, mq, tq = torch.arange(4, dtype=torch.int32) * 2, 2, 6
+    else:
+        cu_q, mq, tq = torch.tensor([0, 3, 5, 5], dtype=torch.int32), 3, 7
+    cu_k = torch.tensor([0, 4, 6, 6], dtype=torch.int32)
+    q = _grad(torch.randn(tq, 2, 4, generator=gen))
+    k, v = _grad(torch.randn(7, 2, 4, generator=gen)), _grad(torch.randn(7, 2, 4, generator=gen))
+
+    def f(q, k, v):
+        out, _, lg = D.varlen_attention(q, k, v, cu_q, cu_k, mq, 4, 0.5, logits)
+        return (out, lg) if logits else out
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+@pytest.mark.parametrize("act", [0, 1])
+@pytest.mark.parametrize(("gather_rows", "scatter"), [(False, False), (True, True)])
+def test_gradcheck_packed_linear(act, gather_rows, scatter, gen):
+    ts = _tokens(gen, n=6, counts=(6, 3, 0), capacity=12)
+    x = _grad(torch.randn(18 if gather_rows else 12, 8, generator=gen))
+    w, b = _grad(torch.randn(5, 8, generator=gen)), _grad(torch.randn(5, generator=gen))
+    res = _grad(torch.randn(12, 5, generator=gen))
+    base = _grad(torch.randn(18, 5, generator=gen)) if scatter else None
+
+    def f(x, w, b, res, *base):
+        y, pre = D.packed_linear(x, w, b, res, base[0] if base else None, ts.indices,
+                                 ts.cu_seqlens, 6, act, gather_rows, True)
+        return y, pre
+
+    assert torch.autograd.gradcheck(f, (x, w, b, res) + ((base,) if scatter else ()))
+
+
+def test_opcheck_with_gradients(gen):
+    """opcheck's autograd-registration test needs inputs that require grad."""
+    for name, arg_sets in _opcheck_cases(gen).items():
+        if name == "select":
+            continue
+        for args in arg_sets:
+            args = tuple(a.detach().requires_grad_(True) if isinstance(a, torch.Tensor)
+                         and a.is_floating_point() else a for a in args)
+            torch.library.opcheck(getattr(D, name).default, args)
