@@ -465,7 +465,8 @@ def test_gradcheck_gather_scatter(gen):
     p = _grad(torch.randn(12, 4, generator=gen))
     base = _grad(torch.randn(18, 4, generator=gen))
     for add in (False, True):
-        assert torch.autograd.gradcheck(lambda p, b: D.scatter(p, i, c, b, 6, add), (p, base))
+        assert torch.autograd.gradcheck(lambda p, b, add=add: D.scatter(p, i, c, b, 6, add),
+                                        (p, base))
     assert torch.autograd.gradcheck(lambda p: D.scatter(p, i, c, None, 6, False), (p,))
 
 
