@@ -159,7 +159,7 @@ class HostSyncCheck(TorchDispatchMode):
                            "device first)")
         if problem is not None:
             raise HostSync(f"{func} {problem}; on a GPU the host waits for the device here")
-        if self.real_custom_ops and func.namespace == "dtop":
+        if self.real_custom_ops and func.namespace == "dtop_py":
             real = _REAL_OPS.get(func._schema.name)
             if real is not None:
                 with self:
@@ -422,7 +422,7 @@ def _real_ops_only():
 class _PermissiveCheck(HostSyncCheck):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func.namespace == "dtop":
+        if func.namespace == "dtop_py":
             real = _REAL_OPS.get(func._schema.name)
             if real is not None:
                 with self:

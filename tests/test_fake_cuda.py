@@ -293,3 +293,34 @@ def test_own_backbone_packed_forward_backward_and_capture(kind, backend, dtype, 
     assert fwd.graphed and fwd.graph.replays == 1 and len(launches) == n
     if backend in KERNELS:
         assert launches.names(backend) & {"_fwd_kernel", "_linear_kernel"}
+
+
+# ---------------------------------------------------------------------- export on a GPU
+@pytest.mark.parametrize("backend, dtype", [BACKENDS[0], BACKENDS[1], BACKENDS[2]])
+def test_export_on_cuda_calls_package_ops_only(backend, dtype):
+    """torch.export of the packed forward on (fake) CUDA tensors with a dynamic batch, as
+    ``dtop_kernels.export`` traces it: the graph calls the op library's dtop:: ops (torch, cuda
+    backends) or the Triton backend's triton_ops (dtop_triton::), never a Python-only dtop_py::
+    op. (The op library's CUDA kernels are not needed to trace: the ops' fakes are.)"""
+    from dtop_kernels.deploy import PackedForward
+    from dtop_kernels.ops import library, native
+
+    try:
+        native.load()
+    except native.OpsLibraryError as e:
+        pytest.skip(str(e))
+    with fake_cuda((8, 0), check=False):
+        module = PackedForward(_model(dtype).eval(), None, backend)
+        batch = torch.export.Dim("batch", min=1, max=16)
+        with torch.no_grad(), library.native_ops():
+            prog = torch.export.export(module, (_image(dtype),), dynamic_shapes=({0: batch},),
+                                       strict=False)
+    ns = {str(n.target).split(".")[0] for n in prog.graph.nodes if n.op == "call_function"
+          and str(n.target).startswith("dtop")}
+    ops = {str(n.target).split(".")[1] for n in prog.graph.nodes if n.op == "call_function"
+           and str(n.target).startswith("dtop")}
+    assert ns == {"dtop_triton" if backend == "triton" else "dtop"}, ns
+    want = {"scatter", "select", "varlen_attention"}
+    if backend != "torch":  # the kernel backends run the blocks' ops too
+        want |= {"layer_norm", "packed_linear"}  # gathers fused into their loads
+    assert want <= ops, sorted(want - ops)
