@@ -14,6 +14,9 @@ namespace dtop {
 // ---------------------------------------------------------------------------- errors
 inline void check_cuda(cudaError_t err, const char* expr, const char* file, int line) {
   if (err != cudaSuccess) {
+    // A failed runtime call also leaves its error pending for cudaGetLastError: clear it, or the
+    // next launch's check (DTOP_CHECK_LAUNCH) would report this error as its own.
+    (void)cudaGetLastError();
     throw std::runtime_error(std::string("CUDA error ") + cudaGetErrorName(err) + ": " +
                              cudaGetErrorString(err) + " (" + expr + ") at " + file + ":" +
                              std::to_string(line));

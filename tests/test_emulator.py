@@ -166,11 +166,22 @@ def test_shared_memory_above_48_kb_needs_the_opt_in():
 
 
 def test_shared_memory_above_the_device_limit_fails():
+    """... and the failure is reported once: the next launch does not find it pending (the
+    runtime keeps a failed call's error for cudaGetLastError, which the launch checks read)."""
     small = cuda_emulator.Device(sm=86, sm_count=84, smem_default=48 * 1024,
                                  smem_optin=64 * 1024)
-    with cuda_emulator.active(cuda_emulator.load("race"), device=small), \
+    module = cuda_emulator.load("race")
+    with cuda_emulator.active(module, device=small), \
             pytest.raises(RuntimeError, match="cudaErrorInvalidValue"):
         linear_case()
+    x = torch.randn(1, 8, 8)
+    indices = torch.arange(8, dtype=torch.int32)
+    cu = torch.tensor([0, 8], dtype=torch.int32)
+    out = torch.empty(8, 8)
+    with cuda_emulator.active(module):
+        load_C().gather_rows(x.data_ptr(), indices.data_ptr(), cu.data_ptr(), out.data_ptr(), 1,
+                             8, 8, 8, DTYPE_CODES[torch.float32], _args.stream(x.device))
+    assert torch.equal(out, x[0])
 
 
 # ---------------------------------------------------------------------- contracts
