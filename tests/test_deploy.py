@@ -298,3 +298,33 @@ def test_onnx_stops_at_searchsorted_on_plain_aten_ops(tmp_path):
     msg = _onnx_error(Select(), (torch.randn(2, 3, 2), torch.randn(3, 16), ts.indices,
                                  ts.cu_seqlens), tmp_path)
     assert "No ONNX function found for <OpOverload(op='aten.searchsorted'" in msg, msg[-2000:]
+
+
+# ---------------------------------------------------------------------- on a GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "cuda", "triton"])
+def test_export_on_gpu_matches_eager(backend, library, tmp_path):
+    """A float16 model on the GPU exported on each backend (the op library's CUDA kernels, or the
+    triton_ops compiled into the package), run at batch 1 and 3 from one package, against the
+    eager packed forward on the same backend."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if not native.has_cuda_kernels():
+        pytest.fail(f"{library} has no CUDA kernels: build the package with nvcc against a CUDA "
+                    "build of torch")
+    from torch._inductor import aoti_load_package
+
+    torch.manual_seed(0)  # head width 64: head dim 32, which the CUDA attention kernels take
+    model = vit_dtop_tiny(threshold=THRESHOLD, head_width=64, head_attn_drop=0.0)
+    model = model.to("cuda", torch.float16).eval()
+    path = export(model, (_image(2).to("cuda", torch.float16),), tmp_path / "gpu.pt2",
+                  backend=backend, max_batch=8)
+    runner = aoti_load_package(path)
+    for batch in (1, 3):
+        img = _image(batch).to("cuda", torch.float16)
+        with torch.no_grad():
+            pred, stage = runner(img)
+            want = model(img, mode="packed", backend=backend, tighten=False)
+        torch.testing.assert_close(pred.float(), want.pred.float(), atol=2e-2, rtol=2e-2)
+        agree = (stage == want.exit_stage).float().mean().item()
+        assert agree > 0.97, f"{backend}, batch {batch}: exit stages agree on {agree:.1%}"
