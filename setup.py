@@ -406,9 +406,9 @@ class CMakeBuild(build_ext):
         ]
         if self.torch and self.torch.get("dir") and not ops_library_skip_reason(
                 os.environ, self.torch, "c++"):  # the op library's CUDA implementations
+            version = f"{_package_version()} torch {self.torch.get('version')}"
             configure += [f"-DDTOP_TORCH_DIR={self.torch['dir']}",
-                          f"-DDTOP_OPS_VERSION={_package_version()} torch "
-                          f"{self.torch.get('version')}"]
+                          f"-DDTOP_OPS_VERSION={version}"]
         build = ["cmake", "--build", str(build_dir), "-j", jobs]
         for step, cmd in (("configure", configure), ("build", build)):
             rc, tail = _run_logged(cmd)
