@@ -22,6 +22,7 @@
 #include <torch/headeronly/core/ScalarType.h>
 
 #include "schemas.h"
+#include "stable_util.h"
 
 #include <algorithm>
 #include <array>
@@ -36,11 +37,8 @@
 
 namespace {
 
-using torch::headeronly::ScalarType;
-using torch::stable::Tensor;
+using namespace dtop_oplib;  // NOLINT: Tensor, ScalarType, Sizes, contig, new_empty, ...
 namespace so = torch::stable;
-
-#define DTOP_CHECK(cond, ...) STD_TORCH_CHECK(cond, "dtop::", __VA_ARGS__)
 
 constexpr float kTiny = 1.1754943508222875e-38f;  // 2**-126: smaller scores count as 0
 
@@ -59,8 +57,6 @@ Tensor as_type(const Tensor& t, ScalarType dt) {
   Tensor r = t.scalar_type() == dt ? t : so::to(t, dt);
   return r.is_contiguous() ? r : so::contiguous(r);
 }
-
-Tensor contig(const Tensor& t) { return t.is_contiguous() ? t : so::contiguous(t); }
 
 Tensor call1(const char* op, const char* overload, const Tensor& a) {
   std::array<StableIValue, 1> stack{torch::stable::detail::from(a)};
@@ -87,38 +83,27 @@ struct Tokens {
   bool in_range(int64_t r) const { return r >= 0 && r < rows(); }
 };
 
+// The offsets on the host (CPU tensors: reading them costs nothing).
+std::vector<int32_t> read_offsets(const Tensor& cu_seqlens) {
+  Tensor cu = contig(cu_seqlens);
+  const int32_t* c = static_cast<const int32_t*>(cu.const_data_ptr());
+  return std::vector<int32_t>(c, c + cu.size(0));
+}
+
 Tokens token_set(const Tensor& indices, const Tensor& cu_seqlens, int64_t seq_len,
                  const char* op) {
   check_cpu(indices, op, "indices");
   check_cpu(cu_seqlens, op, "cu_seqlens");
-  DTOP_CHECK(indices.scalar_type() == ScalarType::Int && cu_seqlens.scalar_type() ==
-             ScalarType::Int, op, ": indices and cu_seqlens must be int32");
-  DTOP_CHECK(indices.dim() == 1 && cu_seqlens.dim() == 1 && cu_seqlens.size(0) >= 1, op,
-             ": indices must be 1-D [capacity] and cu_seqlens 1-D [B + 1]");
-  DTOP_CHECK(seq_len > 0, op, ": seq_len must be positive; got ", seq_len);
+  check_token_set(indices, cu_seqlens, seq_len, op);
   Tokens t;
   t.keep_indices = contig(indices);
   t.indices = static_cast<const int32_t*>(t.keep_indices.const_data_ptr());
   t.capacity = indices.size(0);
   t.batch = cu_seqlens.size(0) - 1;
   t.seq_len = seq_len;
-  Tensor cu = contig(cu_seqlens);
-  const int32_t* c = static_cast<const int32_t*>(cu.const_data_ptr());
-  t.cu.assign(c, c + cu.size(0));
+  t.cu = read_offsets(cu_seqlens);
   t.total = std::min<int64_t>(std::max(t.cu.back(), 0), t.capacity);
   return t;
-}
-
-std::vector<int64_t> shape(std::initializer_list<int64_t> s) { return std::vector<int64_t>(s); }
-
-Tensor new_zeros(const Tensor& like, std::vector<int64_t> size, ScalarType dt) {
-  return so::new_zeros(like, torch::headeronly::IntHeaderOnlyArrayRef(size.data(), size.size()),
-                       dt);
-}
-
-Tensor new_empty(const Tensor& like, std::vector<int64_t> size, ScalarType dt) {
-  return so::new_empty(like, torch::headeronly::IntHeaderOnlyArrayRef(size.data(), size.size()),
-                       dt);
 }
 
 // ------------------------------------------------------------------ gather / scatter
@@ -131,7 +116,7 @@ Tensor gather_cpu(Tensor x2d, Tensor indices, Tensor cu_seqlens, int64_t seq_len
   Tensor x = contig(x2d);
   const int64_t c = x.size(1);
   const size_t row_bytes = static_cast<size_t>(c) * x.element_size();
-  Tensor out = new_zeros(x, shape({tk.capacity, c}), x.scalar_type());
+  Tensor out = new_zeros(x, Sizes({tk.capacity, c}), x.scalar_type());
   const char* src = static_cast<const char*>(x.const_data_ptr());
   char* dst = static_cast<char*>(out.mutable_data_ptr());
   for (int64_t i = 0; i < tk.total; ++i) {
@@ -167,8 +152,10 @@ Tensor scatter_cpu(Tensor packed, Tensor indices, Tensor cu_seqlens, std::option
   }
   if (add) {  // summed in the accumulation type, rounded once
     const ScalarType acc = acc_type(dt);
-    Tensor out = base.has_value() ? so::clone(as_type(*base, acc))
-                                  : new_zeros(packed, shape({tk.rows(), c}), acc);
+    Tensor out = base.has_value() ? as_type(*base, acc)
+                                  : new_zeros(packed, Sizes({tk.rows(), c}), acc);
+    if (base.has_value() && out.const_data_ptr() == base->const_data_ptr())
+      out = so::clone(out);  // as_type returned base itself: the output is a new tensor
     Tensor p = as_type(packed, acc);
     if (acc == ScalarType::Double)
       add_rows(static_cast<double*>(out.mutable_data_ptr()),
@@ -179,7 +166,7 @@ Tensor scatter_cpu(Tensor packed, Tensor indices, Tensor cu_seqlens, std::option
     return out.scalar_type() == dt ? out : so::to(out, dt);
   }
   Tensor out = base.has_value() ? so::contiguous(so::clone(*base))
-                                : new_zeros(packed, shape({tk.rows(), c}), dt);
+                                : new_zeros(packed, Sizes({tk.rows(), c}), dt);
   Tensor p = contig(packed);
   const size_t row_bytes = static_cast<size_t>(c) * p.element_size();
   const char* src = static_cast<const char*>(p.const_data_ptr());
@@ -227,11 +214,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_cpu(Tensor x2d, Tensor wei
              gather_rows ? "B * N" : "capacity", " rows");
   const ScalarType dt = x2d.scalar_type(), acc = acc_type(dt);
   Tensor rows = gather_rows ? gather_cpu(x2d, indices, cu_seqlens, seq_len) : contig(x2d);
-  // rows past T are normalized as well, then zeroed: the work is the capacity's
+  // only the T token rows are normalized; the padding rows stay zero
   Tensor xf = as_type(rows, acc), wf = as_type(weight, acc), bf = as_type(bias, acc);
-  Tensor y = new_zeros(xf, shape({tk.capacity, c}), acc);
-  Tensor mean = new_zeros(xf, shape({tk.capacity}), acc);
-  Tensor rstd = new_zeros(xf, shape({tk.capacity}), acc);
+  Tensor y = new_zeros(xf, Sizes({tk.capacity, c}), acc);
+  Tensor mean = new_zeros(xf, Sizes({tk.capacity}), acc);
+  Tensor rstd = new_zeros(xf, Sizes({tk.capacity}), acc);
   if (acc == ScalarType::Double)
     layer_norm_rows(static_cast<const double*>(xf.const_data_ptr()),
                     static_cast<const double*>(wf.const_data_ptr()),
@@ -246,7 +233,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_cpu(Tensor x2d, Tensor wei
                     static_cast<float*>(y.mutable_data_ptr()),
                     static_cast<float*>(mean.mutable_data_ptr()),
                     static_cast<float*>(rstd.mutable_data_ptr()), tk.total, c, eps);
-  Tensor xp = gather_rows ? rows : new_empty(x2d, shape({0}), dt);
+  Tensor xp = gather_rows ? rows : new_empty(x2d, Sizes({0}), dt);
   return {y.scalar_type() == dt ? y : so::to(y, dt), xp, mean, rstd};
 }
 
@@ -331,21 +318,24 @@ std::tuple<Tensor, Tensor, Tensor> varlen_attention_cpu(Tensor q, Tensor k, Tens
   const ScalarType dt = q.scalar_type(), acc = acc_type(dt);
   DTOP_CHECK(is_float_type(dt) && k.scalar_type() == dt && v.scalar_type() == dt, op,
              ": q, k, v must share one floating-point dtype");
-  Tokens tq = token_set(new_empty(cu_seqlens_q, shape({0}), ScalarType::Int), cu_seqlens_q, 1, op);
-  Tokens tkk = token_set(new_empty(cu_seqlens_k, shape({0}), ScalarType::Int), cu_seqlens_k, 1, op);
-  DTOP_CHECK(tq.batch == tkk.batch, op, ": cu_seqlens_q and cu_seqlens_k must have B + 1 "
+  check_cpu(cu_seqlens_q, op, "cu_seqlens_q");
+  check_cpu(cu_seqlens_k, op, "cu_seqlens_k");
+  check_offsets(cu_seqlens_q, op, "cu_seqlens_q");
+  check_offsets(cu_seqlens_k, op, "cu_seqlens_k");
+  const std::vector<int32_t> cuq = read_offsets(cu_seqlens_q), cuk = read_offsets(cu_seqlens_k);
+  DTOP_CHECK(cuq.size() == cuk.size(), op, ": cu_seqlens_q and cu_seqlens_k must have B + 1 "
              "entries each");
   DTOP_CHECK(max_seqlen_q >= 0 && max_seqlen_k >= 0, op, ": max_seqlen_q/k must be >= 0");
   const int64_t cap_q = q.size(0), cap_k = k.size(0), h = q.size(1), dv = v.size(2);
   Tensor qf = as_type(q, acc), kf = as_type(k, acc), vf = as_type(v, acc);
-  Tensor out = new_zeros(qf, shape({cap_q, h, dv}), acc);
-  Tensor logits = return_logits ? new_zeros(qf, shape({max_seqlen_q, cap_k}), acc)
-                                : new_empty(q, shape({0}), dt);
-  for (int64_t b = 0; b < tq.batch; ++b) {
-    const int64_t q0 = std::min<int64_t>(std::max(tq.cu[b], 0), cap_q);
-    const int64_t q1 = std::min<int64_t>(std::max(tq.cu[b + 1], 0), cap_q);
-    const int64_t k0 = std::min<int64_t>(std::max(tkk.cu[b], 0), cap_k);
-    const int64_t k1 = std::min<int64_t>(std::max(tkk.cu[b + 1], 0), cap_k);
+  Tensor out = new_zeros(qf, Sizes({cap_q, h, dv}), acc);
+  Tensor logits = return_logits ? new_zeros(qf, Sizes({max_seqlen_q, cap_k}), acc)
+                                : new_empty(q, Sizes({0}), dt);
+  for (size_t b = 0; b + 1 < cuq.size(); ++b) {
+    const int64_t q0 = std::min<int64_t>(std::max(cuq[b], 0), cap_q);
+    const int64_t q1 = std::min<int64_t>(std::max(cuq[b + 1], 0), cap_q);
+    const int64_t k0 = std::min<int64_t>(std::max(cuk[b], 0), cap_k);
+    const int64_t k1 = std::min<int64_t>(std::max(cuk[b + 1], 0), cap_k);
     if (acc == ScalarType::Double)
       attention_image<double>(qf, kf, vf, static_cast<double*>(out.mutable_data_ptr()),
                               return_logits ? static_cast<double*>(logits.mutable_data_ptr())
@@ -358,7 +348,7 @@ std::tuple<Tensor, Tensor, Tensor> varlen_attention_cpu(Tensor q, Tensor k, Tens
                              q0, q1, k0, k1, max_seqlen_q, cap_k, scale);
   }
   if (return_logits && dt != acc) logits = so::to(logits, dt);
-  Tensor lse = new_empty(q, shape({0}), ScalarType::Float);
+  Tensor lse = new_empty(q, Sizes({0}), ScalarType::Float);
   return {dt == acc ? out : so::to(out, dt), lse, logits};
 }
 
@@ -380,7 +370,9 @@ std::tuple<Tensor, Tensor> packed_linear_cpu(Tensor x2d, Tensor weight, std::opt
   const ScalarType dt = x2d.scalar_type(), acc = acc_type(dt);
   const int64_t n = weight.size(0), cap = tk.capacity;
   Tensor rows = gather_rows ? gather_cpu(x2d, indices, cu_seqlens, seq_len) : x2d;
-  Tensor z = contig(so::matmul(as_type(rows, acc), so::transpose(as_type(weight, acc), 0, 1)));
+  // the product on the T token rows only: the padding rows (the pruned tokens) cost nothing
+  Tensor z = contig(so::matmul(as_type(so::narrow(rows, 0, 0, tk.total), acc),
+                               so::transpose(as_type(weight, acc), 0, 1)));
   auto run = [&](auto* zp) {
     using A = std::remove_pointer_t<decltype(zp)>;
     const A* bp = nullptr;
@@ -397,9 +389,9 @@ std::tuple<Tensor, Tensor> packed_linear_cpu(Tensor x2d, Tensor weight, std::opt
       rf = as_type(*residual, acc);
       rp = static_cast<const A*>(rf.const_data_ptr());
     }
-    Tensor pre = save_pre ? new_zeros(z, shape({cap, n}), acc) : new_empty(x2d, shape({0}), dt);
+    Tensor pre = save_pre ? new_zeros(z, Sizes({cap, n}), acc) : new_empty(x2d, Sizes({0}), dt);
     A* pp = save_pre ? static_cast<A*>(pre.mutable_data_ptr()) : nullptr;
-    Tensor y = new_zeros(z, shape({cap, n}), acc);
+    Tensor y = new_zeros(z, Sizes({cap, n}), acc);
     A* yp = static_cast<A*>(y.mutable_data_ptr());
     for (int64_t i = 0; i < tk.total; ++i)
       for (int64_t j = 0; j < n; ++j) {
@@ -439,7 +431,7 @@ std::tuple<Tensor, Tensor, Tensor> select_cpu(Tensor class_logits, Tensor mask_l
   // sigmoid through aten (bit for bit the reference's); products and comparisons in float32
   Tensor cl = as_type(class_logits, ScalarType::Float);
   const float* clp = static_cast<const float*>(cl.const_data_ptr());
-  Tensor diff = new_empty(cl, shape({tk.batch, kc}), ScalarType::Float);
+  Tensor diff = new_empty(cl, Sizes({tk.batch, kc}), ScalarType::Float);
   float* dp = static_cast<float*>(diff.mutable_data_ptr());
   for (int64_t i = 0; i < tk.batch * kc; ++i) dp[i] = clp[2 * i] - clp[2 * i + 1];
   Tensor present = contig(call1("aten::sigmoid", "", diff));
@@ -480,9 +472,9 @@ std::tuple<Tensor, Tensor, Tensor> select_cpu(Tensor class_logits, Tensor mask_l
     std::stable_sort(g.begin(), g.end(), [&](int64_t a, int64_t b) { return conf[a] > conf[b]; });
     for (size_t r = static_cast<size_t>(top_k); r < g.size(); ++r) exits[g[r]] = 1;
   }
-  Tensor next = new_empty(indices, shape({cap}), ScalarType::Int);
-  Tensor next_cu = new_zeros(indices, shape({tk.batch + 1}), ScalarType::Int);
-  Tensor exited = new_zeros(indices, shape({tk.batch, tk.seq_len}), ScalarType::Bool);
+  Tensor next = new_empty(indices, Sizes({cap}), ScalarType::Int);
+  Tensor next_cu = new_zeros(indices, Sizes({tk.batch + 1}), ScalarType::Int);
+  Tensor exited = new_zeros(indices, Sizes({tk.batch, tk.seq_len}), ScalarType::Bool);
   int32_t* np = static_cast<int32_t*>(next.mutable_data_ptr());
   int32_t* cp = static_cast<int32_t*>(next_cu.mutable_data_ptr());
   bool* ep = static_cast<bool*>(exited.mutable_data_ptr());

@@ -30,14 +30,12 @@
 
 #include "../ops.h"
 #include "schemas.h"
+#include "stable_util.h"
 
 namespace {
 
-using torch::headeronly::ScalarType;
-using torch::stable::Tensor;
+using namespace dtop_oplib;  // NOLINT: Tensor, ScalarType, Sizes, contig, new_empty, ...
 namespace so = torch::stable;
-
-#define DTOP_CHECK(cond, ...) STD_TORCH_CHECK(cond, "dtop::", __VA_ARGS__)
 
 #ifdef DTOP_OPS_EMULATED
 constexpr bool kEmulated = true;
@@ -78,25 +76,11 @@ int dtype_code(ScalarType t, const char* op, const char* name, bool half_only = 
   return 0;
 }
 
-Tensor contig(const Tensor& t) { return t.is_contiguous() ? t : so::contiguous(t); }
-
 // Contiguous with a 16-byte aligned base (the 16-byte loads of the tensor-core kernels).
 Tensor aligned(const Tensor& t) {
   Tensor c = contig(t);
   if (reinterpret_cast<std::uintptr_t>(c.const_data_ptr()) % 16 != 0) c = so::clone(c);
   return c;
-}
-
-using Sizes = std::vector<int64_t>;
-
-Tensor new_empty(const Tensor& like, Sizes size, ScalarType dt) {
-  return so::new_empty(like, torch::headeronly::IntHeaderOnlyArrayRef(size.data(), size.size()),
-                       dt);
-}
-
-Tensor new_zeros(const Tensor& like, Sizes size, ScalarType dt) {
-  return so::new_zeros(like, torch::headeronly::IntHeaderOnlyArrayRef(size.data(), size.size()),
-                       dt);
 }
 
 template <typename T>
@@ -115,11 +99,7 @@ Tokens token_set(const Tensor& indices, const Tensor& cu_seqlens, int64_t seq_le
                  const char* op) {
   check_device(indices, op, "indices");
   check_device(cu_seqlens, op, "cu_seqlens");
-  DTOP_CHECK(indices.scalar_type() == ScalarType::Int && cu_seqlens.scalar_type() ==
-             ScalarType::Int, op, ": indices and cu_seqlens must be int32");
-  DTOP_CHECK(indices.dim() == 1 && cu_seqlens.dim() == 1 && cu_seqlens.size(0) >= 1, op,
-             ": indices must be 1-D [capacity] and cu_seqlens 1-D [B + 1]");
-  DTOP_CHECK(seq_len > 0, op, ": seq_len must be positive; got ", seq_len);
+  check_token_set(indices, cu_seqlens, seq_len, op);
   return {contig(indices), contig(cu_seqlens), cu_seqlens.size(0) - 1, indices.size(0), seq_len};
 }
 
@@ -324,10 +304,10 @@ std::tuple<Tensor, Tensor, Tensor> varlen_attention_cuda(Tensor q, Tensor k, Ten
   const ScalarType dt = q.scalar_type();
   const int code = dtype_code(dt, op, "q", /*half_only=*/true);
   DTOP_CHECK(k.scalar_type() == dt && v.scalar_type() == dt, op, ": q, k, v must share a dtype");
-  DTOP_CHECK(cu_seqlens_q.scalar_type() == ScalarType::Int && cu_seqlens_k.scalar_type() ==
-             ScalarType::Int && cu_seqlens_q.dim() == 1 && cu_seqlens_k.dim() == 1 &&
-             cu_seqlens_q.size(0) == cu_seqlens_k.size(0) && cu_seqlens_k.size(0) >= 1, op,
-             ": cu_seqlens_q and cu_seqlens_k must be int32 [B + 1]");
+  check_offsets(cu_seqlens_q, op, "cu_seqlens_q");
+  check_offsets(cu_seqlens_k, op, "cu_seqlens_k");
+  DTOP_CHECK(cu_seqlens_q.size(0) == cu_seqlens_k.size(0), op, ": cu_seqlens_q and "
+             "cu_seqlens_k must have B + 1 entries each");
   const int64_t tq = q.size(0), tk = k.size(0), h = q.size(1), d = q.size(2);
   const int64_t b = cu_seqlens_k.size(0) - 1;
   bool supported = false;

@@ -154,12 +154,6 @@ def _tokens(indices, cu_seqlens, seq_len):
     return tokens(indices, cu_seqlens, seq_len)
 
 
-def _valid(indices, cu_seqlens):
-    """Bool [capacity, 1]: the token rows (slots < T), on the device."""
-    slots = torch.arange(indices.shape[0], device=indices.device, dtype=torch.int32)
-    return (slots < cu_seqlens[-1])[:, None]
-
-
 def _register_autograd() -> None:
     D = torch.ops.dtop
 
@@ -254,7 +248,7 @@ def _register_autograd() -> None:
     def linear_backward(ctx, dy, dpre):
         x2d, weight, bias, indices, cu_seqlens = ctx.saved_tensors
         n = ctx.seq_len
-        valid = _valid(indices, cu_seqlens)
+        valid = _tokens(indices, cu_seqlens, n).valid_slots()[:, None]
         rows = D.gather(x2d, indices, cu_seqlens, n) if ctx.gather_rows else x2d
         dy = dy.contiguous()
         dy_dense = None

@@ -132,7 +132,7 @@ def build(variant: str, mutate=None, tag: str = "", target: str = "module") -> P
         staging.replace(src)
     headers = _digest(*[f.read_text() for f in sorted(src.glob("*.h*")) if f.suffix != ".cu"],
                       *[f.read_text() for f in sorted(RUNTIME.rglob("*.h*"))],
-                      (CSRC / "oplib" / "schemas.h").read_text())
+                      *[f.read_text() for f in sorted((CSRC / "oplib").glob("*.h"))])
 
     import pybind11
 
