@@ -8,6 +8,7 @@ from dtop_kernels import _checks, cuda, triton
 from dtop_kernels.backends import Dispatcher, register
 from dtop_kernels.ops import library
 from dtop_kernels.reference import attention as ref
+from dtop_kernels.tokens import _is_int
 
 
 def _why_not_triton(q, k, v, dropout_p=0.0) -> list[str]:
@@ -39,8 +40,7 @@ def _check_cu(name: str, cu: torch.Tensor, rows: int, max_seqlen: int) -> None:
         raise TypeError(f"{name} must be int32; got {cu.dtype} (use .int())")
     if cu.shape[0] < 1:
         raise ValueError(f"{name} must have B + 1 >= 1 entries")
-    if not isinstance(max_seqlen, (int, torch.SymInt)) or isinstance(max_seqlen, bool) \
-            or max_seqlen < 0:
+    if not _is_int(max_seqlen) or max_seqlen < 0:
         raise ValueError(f"max_seqlen for {name} must be a non-negative int; got {max_seqlen!r}")
 
 
@@ -62,7 +62,7 @@ def attention_on(backend: str):
         if _eager_autograd(backend, q, k, v):
             return ref.varlen_attention(q, k, v, cu_q, cu_k, mq, mk, scale)
         return library.call.varlen_attention(q, k, v, cu_q, cu_k, mq, mk, float(scale), False,
-                                        backend)[0]
+                                             backend)[0]
 
     return attention
 
@@ -164,8 +164,8 @@ def varlen_attention(
                                    max_seqlen_k, scale, return_logits)
     else:  # the custom op: its outputs always have a gradient path to q, k, v
         out, _, logits = library.call.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k,
-                                                  max_seqlen_q, max_seqlen_k, float(scale),
-                                                  return_logits, be)
+                                                       max_seqlen_q, max_seqlen_k, float(scale),
+                                                       return_logits, be)
         return (out, logits) if return_logits else out
     if return_logits:
         return _with_grad_path(res[0], q, k, v), _with_grad_path(res[1], q, k)

@@ -262,7 +262,8 @@ def _run_stage(x, tokens, layers: Sequence[LayerParts], plan: dict[str, str],
         normed1 = None
     if not dense:
         return packed
-    return library.call.scatter(packed, idx, cu, x2d, n, False, plan["scatter_tokens"]).view(x.shape)
+    return library.call.scatter(packed, idx, cu, x2d, n, False,
+                                plan["scatter_tokens"]).view(x.shape)
 
 
 def pruned_block(

@@ -52,7 +52,7 @@ def gather_tokens(x: torch.Tensor, tokens: TokenSet, *, backend: str = "auto",
     x = _checks.last_dim_contiguous(x)
     be = _gather.select(backend, x, tokens)
     return library.call.gather(x.reshape(-1, x.shape[-1]), tokens.indices, tokens.cu_seqlens,
-                          tokens.seq_len, be)
+                               tokens.seq_len, be)
 
 
 def scatter_tokens(
@@ -92,6 +92,6 @@ def scatter_tokens(
     packed = _checks.last_dim_contiguous(packed)
     be = _scatter.select(backend, packed, tokens, out)
     res = library.call.scatter(packed, tokens.indices, tokens.cu_seqlens,
-                          out.reshape(-1, out.shape[-1]) if given else None, tokens.seq_len, add,
-                          be).view(out.shape)
+                               out.reshape(-1, out.shape[-1]) if given else None,
+                               tokens.seq_len, add, be).view(out.shape)
     return out.copy_(res) if given else res

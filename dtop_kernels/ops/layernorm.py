@@ -23,5 +23,5 @@ def layer_norm_tokens(
     if store_x and not gather:
         raise ValueError("store_x=True returns the gathered rows: it needs gather=True")
     y, xp, _, _ = library.call.layer_norm(x2d, weight, bias, tokens.indices, tokens.cu_seqlens,
-                                     tokens.seq_len, float(eps), gather, backend)
+                                          tokens.seq_len, float(eps), gather, backend)
     return y, (xp if store_x else None)

@@ -131,8 +131,8 @@ def linear_tokens(
         act = ACTIVATIONS[activation]
         save_pre = act != library.ACT_NONE and torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, weight, bias, residual, out))
-        y, _ = library.call.packed_linear(x2d, weight, bias, residual, base, idx, cu, n, act, gather,
-                                     save_pre, backend)
+        y, _ = library.call.packed_linear(x2d, weight, bias, residual, base, idx, cu, n, act,
+                                          gather, save_pre, backend)
     if out is None:
         return y
     y = y.view(out.shape)

@@ -96,6 +96,6 @@ def dtop_select(
         none = torch.zeros(b, tokens.seq_len, dtype=torch.bool, device=tokens.device)
         return Selection(tokens, none)
     idx, cu, exited = library.call.select(class_logits, mask_logits, tokens.indices,
-                                     tokens.cu_seqlens, tokens.seq_len, tokens.max_seqlen,
-                                     threshold, top_k, be)
+                                          tokens.cu_seqlens, tokens.seq_len, tokens.max_seqlen,
+                                          threshold, top_k, be)
     return Selection(TokenSet(idx, cu, b, tokens.seq_len, tokens.max_seqlen), exited)
