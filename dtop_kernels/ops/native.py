@@ -75,7 +75,7 @@ def load() -> str:
     if _loaded is not None:
         return _loaded
     path = ops_library_path()
-    if not hasattr(torch.ops.dtop, "gather") or not _defined():
+    if not _defined():  # not loaded by this process yet (by us or by someone else)
         try:
             torch.ops.load_library(path)
         except OSError as e:
